@@ -1,0 +1,62 @@
+"""Torch twins of the LoRA kernels: the written specification, and the CPU path."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.metadata import LoRAMeta
+
+
+def _rows(meta: LoRAMeta, i: int) -> slice | torch.Tensor:
+    start, n = meta.starts[i], meta.lens[i]
+    if meta.contiguous:
+        first = int(meta.token_indices[start]) if n else 0
+        return slice(first, first + n)
+    return meta.token_indices[start:start + n]
+
+
+def lora_shrink_ref(
+    x: torch.Tensor,  # [T, K]
+    a: torch.Tensor,  # [S, R_max, K] stacked A of every slot
+    ranks: torch.Tensor,  # [S] int32 (host list also accepted via ranks.tolist())
+    meta: LoRAMeta,
+    out: torch.Tensor | None = None,  # [T, R_max]
+) -> torch.Tensor:
+    """Semantics: for each token t with slot s >= 0: out[t, :r_s] = x[t] @ a[s, :r_s].T.
+
+    Rows of base tokens and columns >= r_s are left untouched (zeros if out is fresh).
+    """
+    if out is None:
+        out = torch.zeros(x.shape[0], a.shape[1], dtype=x.dtype, device=x.device)
+    rl = ranks.tolist()
+    for i, s in enumerate(meta.slots):
+        r = rl[s]
+        if r == 0 or meta.lens[i] == 0:
+            continue
+        rows = _rows(meta, i)
+        out[rows, :r] = x[rows] @ a[s, :r].T
+    return out
+
+
+def lora_expand_ref(
+    h: torch.Tensor,  # [T, R_max] output of lora_shrink
+    b: torch.Tensor,  # [S, N, R_max] stacked B of every slot
+    ranks: torch.Tensor,  # [S] int32
+    scales: torch.Tensor,  # [S] float32
+    meta: LoRAMeta,
+    y: torch.Tensor,  # [T, N] (may be a column slice of a wider tensor; stride(1) == 1)
+) -> torch.Tensor:
+    """Semantics: for each token t with slot s >= 0: y[t] += scales[s] * (h[t, :r_s] @ b[s, :, :r_s].T)."""
+    rl = ranks.tolist()
+    sl = scales.tolist()
+    for i, s in enumerate(meta.slots):
+        r = rl[s]
+        if r == 0 or meta.lens[i] == 0:
+            continue
+        rows = _rows(meta, i)
+        delta = (h[rows, :r] @ b[s, :, :r].T) * sl[s]
+        if isinstance(rows, slice):
+            y[rows] += delta.to(y.dtype)
+        else:
+            y.index_add_(0, rows, delta.to(y.dtype))
+    return y
