@@ -1,0 +1,381 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.api.errors import APIError, error_body
+from server.api.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
+from server.api.state import ServerState
+from server.engine.async_engine import Delta, EngineDeadError, StepError
+from server.engine.registry import AdapterHandle
+from server.engine.sampler import SampleResult
+from server.engine.sequence import SamplingParams
+
+router = APIRouter()
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.peft
+
+
+# ---- request → engine inputs ----------------------------------------------------------------------
+def resolve_model(state: ServerState, model: str | None) -> AdapterHandle | None:
+    """The base model (None) or the named adapter; an unknown name is a 404, never the base model."""
+    if model is None or model == state.base_name:
+        return None
+    handle = state.registry.get(model)
+    if handle is None:
+        raise APIError(404, f"The model '{model}' does not exist. GET /v1/models lists the base model "
+                            "and every adapter.", param="model", code="model_not_found")
+    return handle
+
+
+def _num_virtual(adapter: AdapterHandle | None) -> int:
+    if adapter is not None and adapter.kind == "prompt":
+        return int(adapter.loaded.prompt_embeds.shape[0])
+    return 0
+
+
+def build_params(state: ServerState, body: _Sampling, prompt_ids: list[int], adapter: AdapterHandle | None,
+                 max_tokens: int | None, logprobs: int | None, prompt_param: str) -> SamplingParams:
+    s = state.settings
+    if not prompt_ids:
+        raise APIError(400, "the prompt is empty", param=prompt_param)
+    vocab = state.runner.info.vocab_size
+    bad = [t for t in prompt_ids if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=prompt_param)
+    limit = state.engine.max_model_len
+    virtual = _num_virtual(adapter)
+    used = len(prompt_ids) + virtual
+    if max_tokens is None:
+        max_tokens = min(16 if isinstance(body, CompletionRequest) else limit - used, s.max_tokens_limit)
+    if max_tokens < 1:
+        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+    if max_tokens > s.max_tokens_limit:
+        raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit {s.max_tokens_limit} "
+                            "(--max-tokens-limit)", param="max_tokens")
+    extra = f" ({virtual} of them virtual tokens of adapter '{adapter.name}')" if virtual else ""
+    if used >= limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {used} "
+                            f"tokens{extra}", param=prompt_param, code="context_length_exceeded")
+    if used + max_tokens > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens; you requested "
+                            f"{used + max_tokens} tokens ({used} in the prompt{extra}, {max_tokens} for the "
+                            "completion)", param="max_tokens", code="context_length_exceeded")
+    if not 1 <= body.n <= s.max_n:
+        raise APIError(400, f"n must be between 1 and {s.max_n} (--max-n), got {body.n}", param="n")
+    stop = body.stop_list()
+    if len(stop) > s.max_stop:
+        raise APIError(400, f"{len(stop)} stop strings exceed the limit {s.max_stop} (--max-stop)", param="stop")
+    if any(not x for x in stop):
+        raise APIError(400, "stop strings must not be empty", param="stop")
+    if body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens {body.min_tokens} exceeds max_tokens {max_tokens}", param="min_tokens")
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        seed=body.seed, stop=tuple(stop), stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos, min_tokens=body.min_tokens, logprobs=logprobs,
+    )
+
+
+def _choice_params(params: SamplingParams, i: int) -> SamplingParams:
+    if i == 0 or params.seed is None:
+        return params
+    from dataclasses import replace
+
+    return replace(params, seed=params.seed + i)
+
+
+# ---- running choices ----------------------------------------------------------------------------
+@dataclass
+class ChoiceResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[SampleResult] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+async def _merge(gens: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
+    """Interleave the choices' delta streams; closing this closes (aborts) all of them."""
+    if len(gens) == 1:
+        async for d in gens[0]:
+            yield 0, d
+        return
+    q: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, g: AsyncIterator[Delta]) -> None:
+        try:
+            async for d in g:
+                await q.put((i, d))
+        except BaseException as e:  # noqa: BLE001 - hand the failure to the consumer
+            await q.put((i, e))
+        finally:
+            await q.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        left = len(gens)
+        while left:
+            i, item = await q.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _start(state: ServerState, prompt_ids: list[int], params: SamplingParams, adapter: AdapterHandle | None,
+           n: int, request_id: str) -> list[AsyncIterator[Delta]]:
+    return [state.engine.generate(prompt_ids, _choice_params(params, i), adapter, f"{request_id}-{i}")
+            for i in range(n)]
+
+
+def _engine_error(e: BaseException) -> APIError:
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e), code="engine_dead")
+    if isinstance(e, StepError):
+        return APIError(500, str(e), code="step_failed")
+    return APIError(500, f"internal error: {e!r}", code="internal_error")
+
+
+async def _collect(gens: list[AsyncIterator[Delta]]) -> list[ChoiceResult]:
+    results = [ChoiceResult() for _ in gens]
+    async for i, d in _merge(gens):
+        r = results[i]
+        r.text += d.text
+        r.token_ids += d.token_ids
+        r.logprobs += d.logprobs
+        if d.finished:
+            r.finish_reason = d.finish_reason
+    return results
+
+
+async def _until_disconnect(request: Request, coro: Any) -> Any:
+    """Await coro, but cancel it (which aborts its sequences) as soon as the client goes away."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.2)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise APIError(499, "client disconnected", code="client_closed")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+# ---- formatting ---------------------------------------------------------------------------------
+def _tok_str(tok: Any, tid: int) -> str:
+    return tok.decode([tid])
+
+
+def completion_logprobs(tok: Any, lps: list[SampleResult]) -> dict[str, Any]:
+    tokens, offsets, text_len = [], [], 0
+    for r in lps:
+        s = _tok_str(tok, r.token_id)
+        tokens.append(s)
+        offsets.append(text_len)
+        text_len += len(s)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [r.logprob for r in lps],
+        "top_logprobs": [
+            {_tok_str(tok, t): lp for t, lp in (r.top_logprobs or [])} if r.top_logprobs is not None else None
+            for r in lps
+        ],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tok: Any, lps: list[SampleResult]) -> dict[str, Any]:
+    def entry(tid: int, lp: float) -> dict[str, Any]:
+        s = _tok_str(tok, tid)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    return {"content": [
+        {**entry(r.token_id, r.logprob or 0.0), "top_logprobs": [entry(t, lp) for t, lp in (r.top_logprobs or [])]}
+        for r in lps
+    ]}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+# ---- routes -------------------------------------------------------------------------------------
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    state = get_state(request)
+    data = [{"id": state.base_name, "object": "model", "created": state.created, "owned_by": "peftserve",
+             "root": state.base_name, "parent": None, "max_model_len": state.engine.max_model_len}]
+    for name in state.registry.names():
+        h = state.registry.get(name)
+        if h is None:
+            continue
+        data.append({"id": name, "object": "model", "created": state.created, "owned_by": "peftserve",
+                     "root": name, "parent": state.base_name, "adapter_type": h.kind, "version": h.version})
+    return {"object": "list", "data": data}
+
+
+def _encode_prompt(state: ServerState, prompt: Any) -> list[int]:
+    if isinstance(prompt, list) and prompt and all(isinstance(x, str) for x in prompt):
+        if len(prompt) != 1:
+            raise APIError(400, f"batched prompts are not supported: got {len(prompt)} strings; send one "
+                                "request per prompt", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return state.tokenizer(prompt)["input_ids"]
+    return list(prompt)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    state = get_state(request)
+    adapter = resolve_model(state, body.model)
+    prompt_ids = _encode_prompt(state, body.prompt)
+    params = build_params(state, body, prompt_ids, adapter, body.max_tokens, body.logprobs, "prompt")
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    model = body.model or state.base_name
+    tok = state.tokenizer
+
+    def base(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+
+    gens = _start(state, prompt_ids, params, adapter, body.n, rid)
+    if body.stream:
+        async def events() -> AsyncIterator[str]:
+            completion_tokens = 0
+            try:
+                async for i, d in _merge(gens):
+                    completion_tokens += len(d.token_ids)
+                    choice: dict[str, Any] = {"index": i, "text": d.text, "finish_reason": d.finish_reason,
+                                              "logprobs": completion_logprobs(tok, d.logprobs)
+                                              if params.logprobs is not None else None}
+                    if body.return_token_ids:
+                        choice["token_ids"] = d.token_ids
+                    yield _sse(base([choice]))
+            except Exception as e:  # noqa: BLE001 - report in-band, the status line is already sent
+                err = _engine_error(e)
+                yield _sse(error_body(err.status, err.message, code=err.code))
+            if body.stream_options and body.stream_options.include_usage:
+                yield _sse({**base([]), "usage": _usage(len(prompt_ids), completion_tokens)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    try:
+        results = await _until_disconnect(request, _collect(gens))
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise _engine_error(e) from e
+    choices = []
+    for i, r in enumerate(results):
+        c: dict[str, Any] = {"index": i, "text": r.text, "finish_reason": r.finish_reason,
+                             "logprobs": completion_logprobs(tok, r.logprobs) if params.logprobs is not None
+                             else None}
+        if body.return_token_ids:
+            c["token_ids"] = r.token_ids
+        choices.append(c)
+    resp = base(choices)
+    resp["usage"] = _usage(len(prompt_ids), sum(len(r.token_ids) for r in results))
+    if body.return_token_ids:
+        resp["prompt_token_ids"] = prompt_ids
+    return JSONResponse(resp)
+
+
+def render_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+    tok = state.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
+    msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=body.add_generation_prompt)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    state = get_state(request)
+    adapter = resolve_model(state, body.model)
+    prompt_ids = render_chat(state, body)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    top = body.top_logprobs or 0
+    params = build_params(state, body, prompt_ids, adapter, max_tokens, top if body.logprobs else None, "messages")
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    model = body.model or state.base_name
+    tok = state.tokenizer
+
+    def base(obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+
+    gens = _start(state, prompt_ids, params, adapter, body.n, rid)
+    if body.stream:
+        async def events() -> AsyncIterator[str]:
+            completion_tokens = 0
+            for i in range(body.n):
+                yield _sse(base("chat.completion.chunk", [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                             "finish_reason": None, "logprobs": None}]))
+            try:
+                async for i, d in _merge(gens):
+                    completion_tokens += len(d.token_ids)
+                    choice: dict[str, Any] = {"index": i, "delta": {"content": d.text} if d.text else {},
+                                              "finish_reason": d.finish_reason,
+                                              "logprobs": chat_logprobs(tok, d.logprobs) if body.logprobs else None}
+                    if body.return_token_ids:
+                        choice["token_ids"] = d.token_ids
+                    yield _sse(base("chat.completion.chunk", [choice]))
+            except Exception as e:  # noqa: BLE001
+                err = _engine_error(e)
+                yield _sse(error_body(err.status, err.message, code=err.code))
+            if body.stream_options and body.stream_options.include_usage:
+                yield _sse({**base("chat.completion.chunk", []), "usage": _usage(len(prompt_ids), completion_tokens)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    try:
+        results = await _until_disconnect(request, _collect(gens))
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise _engine_error(e) from e
+    choices = []
+    for i, r in enumerate(results):
+        c: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": r.text},
+                             "finish_reason": r.finish_reason,
+                             "logprobs": chat_logprobs(tok, r.logprobs) if body.logprobs else None}
+        if body.return_token_ids:
+            c["token_ids"] = r.token_ids
+        choices.append(c)
+    resp = base("chat.completion", choices)
+    resp["usage"] = _usage(len(prompt_ids), sum(len(r.token_ids) for r in results))
+    if body.return_token_ids:
+        resp["prompt_token_ids"] = prompt_ids
+    return JSONResponse(resp)

@@ -1,0 +1,81 @@
+"""Everything a route needs, built once at start-up from Settings."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.config import Settings
+from server.engine.async_engine import AsyncEngine
+from server.engine.registry import AdapterRegistry
+
+log = logging.getLogger("peftserve")
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    engine: AsyncEngine
+    registry: AdapterRegistry
+    base_name: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    store: Any = None  # adapters_store.AdapterStore when the store is enabled
+    metrics: Any = None  # server.metrics.Metrics
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def runner(self) -> Any:
+        return self.engine.runner
+
+
+def build_state(settings: Settings) -> ServerState:
+    """Load the base model (the embedded demo one when no --model), the start-up adapters, the engine."""
+    import torch
+
+    from adapters_store.loader import load_adapter
+    from server.model.default_model import ensure_default_model
+    from server.model.runner import ModelRunner
+
+    if settings.model is None:
+        model_dir = ensure_default_model()
+        log.info("no --model given: serving the built-in demo model from %s", model_dir)
+    else:
+        model_dir = settings.model
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("peftserve: error: --device cuda: no CUDA device is available")
+    runner = ModelRunner(
+        model_dir,
+        device=device,
+        dtype=settings.dtype,
+        block_size=settings.block_size,
+        num_blocks=settings.kv_cache_blocks,
+        kv_cache_fraction=settings.kv_cache_fraction,
+        max_model_len=settings.max_model_len,
+        max_adapters=settings.max_adapters,
+        max_rank=settings.max_rank,
+    )
+    engine = AsyncEngine(
+        runner,
+        max_num_seqs=settings.max_num_seqs,
+        max_batch_tokens=max(settings.max_batch_tokens, settings.max_num_seqs),
+        max_model_len=runner.max_model_len,
+        max_adapters=settings.max_adapters,
+    )
+    registry = AdapterRegistry()
+    for name, path in settings.adapter_pairs():
+        loaded = load_adapter(path, runner.info, max_rank=settings.max_rank)
+        registry.put(name, loaded)
+        log.info("adapter %s (%s) loaded from %s", name, loaded.kind, path)
+    base_name = settings.served_model_name or runner.model_name
+    log.info("serving %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d", base_name, device,
+             runner.dtype, runner.num_blocks, runner.block_size, runner.max_model_len)
+    return ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name)

@@ -1,0 +1,57 @@
+"""`peftserve` command line: `serve` starts the server; `adapters` manages a running server's adapters."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from server.config import SettingsError, _Parser, add_serve_args, settings_from_args
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(ns)
+    except SettingsError as e:
+        print(f"peftserve: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from server.api.app import create_app
+    from server.api.state import build_state
+
+    try:
+        state = build_state(settings)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"peftserve: error: {e}", file=sys.stderr)
+        return 2
+    app = create_app(state)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=int(settings.shutdown_timeout) or None)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="peftserve", description="Multi-adapter PEFT inference server")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    add_serve_args(serve)
+    serve.set_defaults(func=_serve)
+    try:
+        from server.client import add_adapter_commands
+    except ImportError:  # the adapters client is optional until it lands
+        pass
+    else:
+        add_adapter_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    return ns.func(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

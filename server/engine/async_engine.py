@@ -1,0 +1,271 @@
+"""AsyncEngine: the asyncio front and the one worker thread that owns the device.
+
+Requests enter through `generate()` (an async iterator of deltas). The worker loop drains new
+requests and aborts between steps, asks the scheduler for a batch, runs it, samples, and sends
+each request its new tokens. Finished sequences leave the batch at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.engine.block_manager import BlockAllocator
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.registry import AdapterHandle
+from server.engine.sampler import SampleResult, make_generator, sample
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import SamplingParams, Sequence
+from server.engine.slots import SlotManager
+
+log = logging.getLogger("peftserve.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The worker loop stopped after a fatal error; no request can be served."""
+
+
+class StepError(RuntimeError):
+    """A forward step failed; the requests in that step are failed, the engine goes on."""
+
+
+@dataclass
+class Delta:
+    """New output for one request since the previous delta."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[SampleResult] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: BaseException | None = None
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    out: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    generator: Any
+    first_token_at: float | None = None
+
+
+class AsyncEngine:
+    def __init__(self, runner: Any, *, max_num_seqs: int, max_batch_tokens: int, max_model_len: int,
+                 max_adapters: int) -> None:
+        self.runner = runner
+        self.tokenizer = runner.tokenizer
+        self.max_model_len = max_model_len
+        self.allocator = BlockAllocator(runner.num_blocks, runner.block_size)
+        self.slots = SlotManager(max_adapters)
+        self.scheduler = Scheduler(self.allocator, max_num_seqs=max_num_seqs,
+                                   max_batch_tokens=max_batch_tokens, slots=self.slots)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._requests: dict[str, _Request] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.dead: BaseException | None = None
+        self.steps = 0
+        self.last_step_at = time.monotonic()
+        self.step_hooks: list[Callable[[Any], None]] = []  # observers of each step (metrics)
+        self.fault_injector: Callable[[list], None] | None = None  # tests: raise inside a step
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="peftserve-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self.dead is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    # ---- the asyncio side ---------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: AdapterHandle | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[Delta]:
+        """Stream deltas for one sequence. Closing the iterator (client gone) aborts the sequence."""
+        if self.dead is not None:
+            raise EngineDeadError(f"engine stopped: {self.dead!r}")
+        request_id = request_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params)
+        if adapter is not None:
+            seq.adapter = adapter
+            seq.adapter_key = adapter.key
+        req = _Request(seq, IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.Queue(), loop,
+                       make_generator(params.seed))
+        self._inbox.put(("add", req))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                delta: Delta = await req.out.get()
+                if delta.error is not None:
+                    finished = True
+                    raise delta.error
+                yield delta
+                if delta.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._inbox.put(("abort", req))
+                self._wake.set()
+
+    # ---- the worker ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                self._drain_inbox()
+                if not self.scheduler.has_work:
+                    if self._stopping:
+                        return
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    self.last_step_at = time.monotonic()
+                    continue
+                self._step()
+        except BaseException as e:  # noqa: BLE001 - a dead loop must fail every waiter, not hang them
+            log.exception("engine loop died")
+            self.dead = e
+            for req in list(self._requests.values()):
+                self._emit(req, Delta([], "", error=EngineDeadError(f"engine stopped: {e!r}")))
+            self._requests.clear()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                op, req = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if op == "add":
+                self._requests[req.seq.request_id] = req
+                self.scheduler.add(req.seq)
+            elif op == "abort" and req.seq.request_id in self._requests:
+                self.scheduler.finish(req.seq, "abort")
+                del self._requests[req.seq.request_id]
+            elif op == "call":
+                req()
+
+    def call_in_worker(self, fn: Callable[[], None]) -> None:
+        """Run fn on the worker thread between steps (slot bookkeeping must not race a step)."""
+        self._inbox.put(("call", fn))
+        self._wake.set()
+
+    def _step(self) -> None:
+        from server.model.runner import SeqChunk  # model stays optional for scheduler tests
+
+        out = self.scheduler.schedule()
+        self.steps += 1
+        self.last_step_at = time.monotonic()
+        if not out.chunks:
+            return
+        chunks = sorted(out.chunks, key=lambda c: c.seq.slot)
+        try:
+            for slot, seq in out.loads:
+                self.runner.load_lora(slot, seq.adapter.loaded.lora)
+            if self.fault_injector is not None:
+                self.fault_injector(chunks)
+            model_chunks = [
+                SeqChunk(
+                    seq_id=c.seq.seq_id,
+                    token_ids=c.seq.all_ids[c.start:c.start + c.num_tokens],
+                    start_pos=c.start,
+                    block_table=c.seq.block_table,
+                    want_logits=c.want_logits,
+                    lora_slot=c.seq.slot,
+                )
+                for c in chunks
+            ]
+            logits = self.runner.execute(model_chunks)
+        except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving the rest
+            log.exception("forward step failed; failing its %d requests", len(chunks))
+            for c in chunks:
+                req = self._requests.pop(c.seq.request_id, None)
+                self.scheduler.finish(c.seq, "error")
+                if req is not None:
+                    self._emit(req, Delta([], "", error=StepError(f"forward step failed: {e}")))
+            if out.loads:  # a half-loaded slot must not be trusted by a later request
+                for _slot, seq in out.loads:
+                    self.slots.discard(seq.adapter_key)
+            return
+
+        sampled = [c for c in chunks if c.want_logits]
+        for c in chunks:
+            c.seq.num_computed += c.num_tokens
+        if not sampled:
+            return
+        reqs = [self._requests[c.seq.request_id] for c in sampled]
+        eos = self.runner.eos_token_ids
+        suppress = []
+        for r in reqs:
+            p = r.seq.params
+            suppress.append(list(eos | set(p.stop_token_ids)) if len(r.seq.output_ids) < p.min_tokens else None)
+        results = sample(logits, [r.seq.params for r in reqs], [r.generator for r in reqs], suppress)
+        for hook in self.step_hooks:
+            hook(out)
+        for req, res in zip(reqs, results, strict=True):
+            self._advance(req, res)
+
+    def _advance(self, req: _Request, res: SampleResult) -> None:
+        seq, p = req.seq, req.seq.params
+        seq.output_ids.append(res.token_id)
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+        reason = None
+        if not p.ignore_eos and res.token_id in self.runner.eos_token_ids:
+            reason = "stop"
+        elif res.token_id in p.stop_token_ids:
+            reason = "stop"
+        stop_hit = req.detok.add(seq.output_ids)
+        if stop_hit:
+            reason = "stop"
+        elif reason is None and len(seq.output_ids) >= p.max_tokens:
+            reason = "length"
+        elif reason is None and seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        finished = reason is not None
+        text = req.detok.take(final=finished)
+        delta = Delta(
+            token_ids=[res.token_id],
+            text=text,
+            logprobs=[res] if p.logprobs is not None else [],
+            finished=finished,
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+        )
+        if finished:
+            self.scheduler.finish(seq, reason)
+            self._requests.pop(seq.request_id, None)
+        self._emit(req, delta)
+
+    @staticmethod
+    def _emit(req: _Request, delta: Delta) -> None:
+        req.loop.call_soon_threadsafe(req.out.put_nowait, delta)

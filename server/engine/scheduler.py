@@ -1,0 +1,154 @@
+"""Continuous batching scheduler. Pure Python: no torch, testable with a fake runner.
+
+Each step: running sequences first (one decode token each, or their next prompt chunk), then
+waiting sequences join while the token budget, the sequence cap, KV blocks and adapter slots allow.
+When KV blocks run out the newest running sequence is preempted (blocks freed, recomputed later),
+never dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.engine.block_manager import BlockAllocator
+from server.engine.sequence import SeqStatus, Sequence
+from server.engine.slots import SlotManager
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first position computed this step (== seq.num_computed)
+    num_tokens: int
+    want_logits: bool  # the chunk reaches the end of the sequence: sample a token
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    loads: list[tuple[int, Sequence]] = field(default_factory=list)  # (slot, seq): load seq.adapter there
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        *,
+        max_num_seqs: int,
+        max_batch_tokens: int,
+        slots: SlotManager | None = None,
+    ) -> None:
+        if max_batch_tokens < max_num_seqs:
+            raise ValueError(f"max_batch_tokens={max_batch_tokens} must be >= max_num_seqs={max_num_seqs}")
+        self.allocator = allocator
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.slots = slots
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    # ---- membership -------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire a sequence (done, aborted or failed): its blocks and slot reference go back at once."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.allocator.free(seq.block_table)
+            seq.block_table = []
+        seq.num_computed = 0
+        if seq.slot >= 0 and self.slots is not None:
+            self.slots.release(seq.slot)
+        seq.slot = -1
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def _ensure_blocks(self, seq: Sequence, num_tokens: int) -> bool:
+        need = self.allocator.blocks_for(num_tokens) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if not self.allocator.can_allocate(need):
+            return False
+        seq.block_table.extend(self.allocator.allocate(need))
+        return True
+
+    # ---- one step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_batch_tokens
+
+        # 1. Running sequences, oldest first; preempt the newest when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self._ensure_blocks(seq, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                break
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed, n, seq.num_computed + n == seq.num_tokens))
+            budget -= n
+            i += 1
+
+        # 2. Waiting sequences join. Only a missing adapter slot lets a later request overtake.
+        if out.preempted:
+            return out
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.adapter_key is not None and self.slots is not None and not self.slots.can_acquire(
+                seq.adapter_key
+            ):
+                skipped.append(self.waiting.popleft())
+                continue
+            total_blocks = self.allocator.blocks_for(seq.num_tokens)
+            if not self.allocator.can_allocate(total_blocks):
+                break
+            n = min(seq.num_tokens, budget)
+            self.waiting.popleft()
+            self._ensure_blocks(seq, n)
+            if seq.adapter_key is not None and self.slots is not None:
+                slot, _evicted, needs_load = self.slots.acquire(seq.adapter_key)
+                seq.slot = slot
+                if needs_load:
+                    out.loads.append((slot, seq))
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.chunks.append(ScheduledChunk(seq, 0, n, n == seq.num_tokens))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        return out

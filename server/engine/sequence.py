@@ -1,0 +1,70 @@
+"""One generation request as the scheduler sees it: tokens, KV blocks, adapter, sampling params."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None  # None = off; 0 = chosen token only; N = chosen + top-N
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A sequence's token state. `num_computed` tokens have their K/V in `block_table`."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: Any = None  # engine-level adapter handle (None = base); opaque to the scheduler
+    adapter_key: Any = None  # hashable id of the adapter version for slot accounting (None = base)
+    num_virtual: int = 0  # prompt-tuning virtual tokens placed ahead of the prompt (count in the KV)
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+    arrival: float = field(default_factory=time.monotonic)
+    finish_reason: str | None = None
+    slot: int = -1  # device slot of the adapter while running (-1 = base / none)
+    num_preemptions: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this sequence holds in the KV cache once fully computed (virtual tokens included)."""
+        return self.num_virtual + len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
