@@ -4,30 +4,55 @@ from __future__ import annotations
 
 import torch
 
+# Import the Triton launchers before defining the same-named switches below: importing the submodule
+# kernels.lora_shrink binds it as this package's attribute `lora_shrink`, and a lazy import at call
+# time would replace the switch function with the module (breaking lora_apply and later
+# `from kernels import lora_shrink`). Importing triton needs no GPU; TRITON_INTERPRET must be set
+# before this import for the CPU interpreter (tests/kernels/conftest.py, Makefile).
+from kernels.lora_expand import lora_expand_triton
+from kernels.lora_shrink import lora_shrink_triton
 from kernels.metadata import LoRAMeta
 from kernels.reference import lora_expand_ref, lora_shrink_ref
 
-__all__ = ["LoRAMeta", "lora_apply", "lora_shrink", "lora_expand", "lora_shrink_ref", "lora_expand_ref"]
+__all__ = [
+    "LoRAMeta",
+    "lora_apply",
+    "lora_shrink",
+    "lora_expand",
+    "lora_shrink_ref",
+    "lora_expand_ref",
+    "lora_shrink_triton",
+    "lora_expand_triton",
+]
 
 
 def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
-def lora_shrink(x, a, ranks, meta, out=None):  # noqa: ANN001 - same signature as the twin
+def lora_shrink(
+    x: torch.Tensor,  # [T, K]
+    a: torch.Tensor,  # [S, R_max, K]
+    ranks: torch.Tensor,  # [S]
+    meta: LoRAMeta,
+    out: torch.Tensor | None = None,  # [T, R_max]
+) -> torch.Tensor:
     """Backend switch: Triton on CUDA, torch twin elsewhere."""
     if _use_triton(x):
-        from kernels.lora_shrink import lora_shrink_triton
-
         return lora_shrink_triton(x, a, ranks, meta, out)
     return lora_shrink_ref(x, a, ranks, meta, out)
 
 
-def lora_expand(h, b, ranks, scales, meta, y):  # noqa: ANN001
+def lora_expand(
+    h: torch.Tensor,  # [T, R_max]
+    b: torch.Tensor,  # [S, N, R_max]
+    ranks: torch.Tensor,  # [S]
+    scales: torch.Tensor,  # [S] float32
+    meta: LoRAMeta,
+    y: torch.Tensor,  # [T, N], updated in place
+) -> torch.Tensor:
     """Backend switch: Triton on CUDA, torch twin elsewhere."""
     if _use_triton(h):
-        from kernels.lora_expand import lora_expand_triton
-
         return lora_expand_triton(h, b, ranks, scales, meta, y)
     return lora_expand_ref(h, b, ranks, scales, meta, y)
 

@@ -6,7 +6,8 @@ forms no segment, so base tokens cost nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,6 +23,9 @@ class LoRAMeta:
     lens: tuple[int, ...]  # host copy of seg_lens
     contiguous: bool  # every segment's rows form one contiguous range (slices, no gather)
     num_tokens: int  # T: rows of x / y
+    # Host-side memo of per-segment ranks and tile tables; a meta lives for one step, so it is
+    # read once per step per ranks tensor / block shape rather than once per layer.
+    _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_segments(self) -> int:
@@ -30,6 +34,53 @@ class LoRAMeta:
     @property
     def max_seg_len(self) -> int:
         return max(self.lens, default=0)
+
+    def seg_ranks(self, ranks: torch.Tensor) -> tuple[int, ...]:
+        """Rank of each segment's slot, read on the host (memoised per ranks tensor).
+
+        A host ``ranks`` is read every call (free). A device-resident one costs one sync the first
+        time this meta sees it and is then memoised by identity and version counter, so a slot's
+        rank must not change while this meta is in use.
+        """
+        if not ranks.is_cuda:
+            host = ranks.tolist()
+            return tuple(int(host[s]) for s in self.slots)
+        key = ("ranks", id(ranks))
+        version = _version(ranks)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is ranks and hit[1] == version:
+            return hit[2]
+        host = ranks.tolist()
+        seg = tuple(int(host[s]) for s in self.slots)
+        self._cache[key] = (ranks, version, seg)
+        return seg
+
+    def tile_table(self, ranks: torch.Tensor, block_m: int, block_r: int) -> torch.Tensor:
+        """Compact work list for the Triton kernels: int32 [n_tiles, 5] on ``token_indices``' device.
+
+        Row = (tok_off, m_len, slot, r_off, r_len): ``m_len`` rows of ``token_indices`` starting at
+        ``tok_off`` (all of one slot) times rank columns [r_off, r_off + r_len). Each segment gets
+        ceil(len / block_m) row blocks; with ``block_r > 0`` each row block is split into
+        ceil(r_s / block_r) rank blocks of the slot's *own* rank, with ``block_r == 0`` one tile
+        covers [0, r_s). Empty segments and rank-0 slots get no tiles, so neither base tokens nor
+        another slot's rank padding cost any program instance.
+        """
+        seg_r = self.seg_ranks(ranks)
+        key = ("tiles", block_m, block_r, seg_r)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        rows: list[tuple[int, int, int, int, int]] = []
+        for slot, start, n, r in zip(self.slots, self.starts, self.lens, seg_r, strict=True):
+            if n == 0 or r == 0:
+                continue
+            r_step = block_r if block_r > 0 else r
+            for m0 in range(0, n, block_m):
+                for r0 in range(0, r, r_step):
+                    rows.append((start + m0, min(block_m, n - m0), slot, r0, min(r_step, r - r0)))
+        table = torch.tensor(rows, dtype=torch.int32).reshape(-1, 5).to(self.token_indices.device)
+        self._cache[key] = table
+        return table
 
     @classmethod
     def from_token_slots(cls, token_slots: list[int] | torch.Tensor, device: torch.device | str = "cpu"
@@ -62,3 +113,10 @@ class LoRAMeta:
             contiguous=contiguous,
             num_tokens=len(token_slots),
         )
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference-mode tensors keep no version counter: identity alone keys the memo
+        return None

@@ -18,7 +18,7 @@ def _rows(meta: LoRAMeta, i: int) -> slice | torch.Tensor:
 def lora_shrink_ref(
     x: torch.Tensor,  # [T, K]
     a: torch.Tensor,  # [S, R_max, K] stacked A of every slot
-    ranks: torch.Tensor,  # [S] int32 (host list also accepted via ranks.tolist())
+    ranks: torch.Tensor,  # [S] int32, read on the host once per meta (LoRAMeta.seg_ranks)
     meta: LoRAMeta,
     out: torch.Tensor | None = None,  # [T, R_max]
 ) -> torch.Tensor:
@@ -28,9 +28,7 @@ def lora_shrink_ref(
     """
     if out is None:
         out = torch.zeros(x.shape[0], a.shape[1], dtype=x.dtype, device=x.device)
-    rl = ranks.tolist()
-    for i, s in enumerate(meta.slots):
-        r = rl[s]
+    for i, (s, r) in enumerate(zip(meta.slots, meta.seg_ranks(ranks), strict=True)):
         if r == 0 or meta.lens[i] == 0:
             continue
         rows = _rows(meta, i)
@@ -47,10 +45,8 @@ def lora_expand_ref(
     y: torch.Tensor,  # [T, N] (may be a column slice of a wider tensor; stride(1) == 1)
 ) -> torch.Tensor:
     """Semantics: for each token t with slot s >= 0: y[t] += scales[s] * (h[t, :r_s] @ b[s, :, :r_s].T)."""
-    rl = ranks.tolist()
     sl = scales.tolist()
-    for i, s in enumerate(meta.slots):
-        r = rl[s]
+    for i, (s, r) in enumerate(zip(meta.slots, meta.seg_ranks(ranks), strict=True)):
         if r == 0 or meta.lens[i] == 0:
             continue
         rows = _rows(meta, i)

@@ -51,6 +51,30 @@ class Delta:
 
 
 @dataclass
+class RequestStats:
+    """What an observer (metrics, request log) learns about a request when it ends."""
+
+    request_id: str
+    adapter: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    arrival: float  # time.monotonic()
+    first_token_at: float | None
+    finished_at: float
+    num_preemptions: int
+
+
+class EngineObserver:
+    """Hooks the engine calls from its worker thread; override what you need. Must be cheap."""
+
+    def on_step(self, engine: AsyncEngine, num_tokens: int, num_seqs: int, seconds: float) -> None: ...
+    def on_token(self, adapter: str | None, first: bool, seconds_since_last: float) -> None: ...
+    def on_adapter_load(self, adapter: str, slot: int, seconds: float) -> None: ...
+    def on_request_done(self, stats: RequestStats) -> None: ...
+
+
+@dataclass
 class _Request:
     seq: Sequence
     detok: IncrementalDetokenizer
@@ -58,6 +82,11 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     generator: Any
     first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @property
+    def adapter_name(self) -> str | None:
+        return self.seq.adapter.name if self.seq.adapter is not None else None
 
 
 class AsyncEngine:
@@ -75,10 +104,11 @@ class AsyncEngine:
         self._requests: dict[str, _Request] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.in_flight = 0
         self.dead: BaseException | None = None
         self.steps = 0
         self.last_step_at = time.monotonic()
-        self.step_hooks: list[Callable[[Any], None]] = []  # observers of each step (metrics)
+        self.observers: list[EngineObserver] = []
         self.fault_injector: Callable[[list], None] | None = None  # tests: raise inside a step
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -99,7 +129,16 @@ class AsyncEngine:
 
     @property
     def num_requests(self) -> int:
-        return len(self._requests)
+        """Requests accepted and not yet finished (event-loop view, includes ones not yet scheduled)."""
+        return self.in_flight
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return max(0, self.in_flight - len(self.scheduler.running))
 
     # ---- the asyncio side ---------------------------------------------------------------------
     async def generate(
@@ -123,6 +162,7 @@ class AsyncEngine:
         self._inbox.put(("add", req))
         self._wake.set()
         finished = False
+        self.in_flight += 1
         try:
             while True:
                 delta: Delta = await req.out.get()
@@ -134,6 +174,7 @@ class AsyncEngine:
                     finished = True
                     return
         finally:
+            self.in_flight -= 1
             if not finished:
                 self._inbox.put(("abort", req))
                 self._wake.set()
@@ -168,8 +209,7 @@ class AsyncEngine:
                 self._requests[req.seq.request_id] = req
                 self.scheduler.add(req.seq)
             elif op == "abort" and req.seq.request_id in self._requests:
-                self.scheduler.finish(req.seq, "abort")
-                del self._requests[req.seq.request_id]
+                self._retire(req, "abort")
             elif op == "call":
                 req()
 
@@ -187,9 +227,13 @@ class AsyncEngine:
         if not out.chunks:
             return
         chunks = sorted(out.chunks, key=lambda c: c.seq.slot)
+        t0 = time.monotonic()
         try:
             for slot, seq in out.loads:
+                t_load = time.monotonic()
                 self.runner.load_lora(slot, seq.adapter.loaded.lora)
+                for ob in self.observers:
+                    ob.on_adapter_load(seq.adapter.name, slot, time.monotonic() - t_load)
             if self.fault_injector is not None:
                 self.fault_injector(chunks)
             model_chunks = [
@@ -207,9 +251,9 @@ class AsyncEngine:
         except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving the rest
             log.exception("forward step failed; failing its %d requests", len(chunks))
             for c in chunks:
-                req = self._requests.pop(c.seq.request_id, None)
-                self.scheduler.finish(c.seq, "error")
+                req = self._requests.get(c.seq.request_id)
                 if req is not None:
+                    self._retire(req, "error")
                     self._emit(req, Delta([], "", error=StepError(f"forward step failed: {e}")))
             if out.loads:  # a half-loaded slot must not be trusted by a later request
                 for _slot, seq in out.loads:
@@ -228,16 +272,32 @@ class AsyncEngine:
             p = r.seq.params
             suppress.append(list(eos | set(p.stop_token_ids)) if len(r.seq.output_ids) < p.min_tokens else None)
         results = sample(logits, [r.seq.params for r in reqs], [r.generator for r in reqs], suppress)
-        for hook in self.step_hooks:
-            hook(out)
         for req, res in zip(reqs, results, strict=True):
             self._advance(req, res)
+        for ob in self.observers:
+            ob.on_step(self, out.num_tokens, len(chunks), time.monotonic() - t0)
+
+    def _retire(self, req: _Request, reason: str) -> None:
+        """Take a request out of the engine: free its blocks and slot, tell the observers."""
+        seq = req.seq
+        self.scheduler.finish(seq, reason)
+        self._requests.pop(seq.request_id, None)
+        if self.observers:
+            stats = RequestStats(seq.request_id, req.adapter_name, len(seq.prompt_ids), len(seq.output_ids),
+                                 reason, seq.arrival, req.first_token_at, time.monotonic(), seq.num_preemptions)
+            for ob in self.observers:
+                ob.on_request_done(stats)
 
     def _advance(self, req: _Request, res: SampleResult) -> None:
         seq, p = req.seq, req.seq.params
         seq.output_ids.append(res.token_id)
-        if req.first_token_at is None:
-            req.first_token_at = time.monotonic()
+        now = time.monotonic()
+        first = req.first_token_at is None
+        if first:
+            req.first_token_at = now
+        for ob in self.observers:
+            ob.on_token(req.adapter_name, first, now - (seq.arrival if first else req.last_token_at))
+        req.last_token_at = now
         reason = None
         if not p.ignore_eos and res.token_id in self.runner.eos_token_ids:
             reason = "stop"
@@ -262,8 +322,7 @@ class AsyncEngine:
             completion_tokens=len(seq.output_ids),
         )
         if finished:
-            self.scheduler.finish(seq, reason)
-            self._requests.pop(seq.request_id, None)
+            self._retire(req, reason)
         self._emit(req, delta)
 
     @staticmethod

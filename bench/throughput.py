@@ -1,0 +1,64 @@
+"""Throughput: N concurrent greedy requests through our engine vs batched `transformers` generate.
+
+    .venv/bin/python -m bench.throughput --num-requests 32 --prompt-len 64 --output-len 32 --hidden 1024
+
+Both run the same checkpoint and the same prompts in fp32 on this machine's device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from bench.common import bench_model, hf_generate, make_engine, random_prompts, run_engine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF checkpoint dir (default: a random Llama of --hidden/--layers)")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--num-requests", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = args.model or bench_model(args.hidden, args.layers, args.heads, args.kv_heads)
+    prompts = random_prompts(args.num_requests, args.prompt_len)
+    max_len = args.prompt_len + args.output_len + 8
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device={device} threads={torch.get_num_threads()} model={model_dir}")
+    print(f"requests={args.num_requests} prompt_len={args.prompt_len} output_len={args.output_len}")
+
+    engine = make_engine(model_dir, max_num_seqs=args.num_requests, max_model_len=max_len,
+                         max_batch_tokens=max(2048, args.num_requests))
+    run_engine(engine, prompts[:2], 4)  # warm-up
+    ours = run_engine(engine, prompts, args.output_len)
+    engine.stop()
+    print(f"peftserve engine : {ours['tok_per_s']:9.1f} tok/s  ({ours['tokens']:.0f} tokens in {ours['seconds']:.2f}s)")
+    result = {"device": device, "args": vars(args), "peftserve": ours}
+    if not args.skip_hf:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=engine.runner.dtype).to(device).eval()
+        pad = engine.tokenizer.pad_token_id
+        hf_generate(model, prompts[:2], 4, pad)  # warm-up
+        hf = hf_generate(model, prompts, args.output_len, pad)
+        print(f"transformers     : {hf['tok_per_s']:9.1f} tok/s  ({hf['tokens']:.0f} tokens in {hf['seconds']:.2f}s)")
+        print(f"ratio ours/hf    : {ours['tok_per_s'] / hf['tok_per_s']:.2f}")
+        result["transformers"] = hf
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

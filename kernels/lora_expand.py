@@ -1,0 +1,133 @@
+"""Triton LoRA expand: y += scale[slot] * h @ B[slot].T over per-slot token segments (compact tiles).
+
+Grid = (compact row-block tiles, ceil(N / BLOCK_N)). Each tile is one row block of one segment
+(``LoRAMeta.tile_table`` with block_r = 0) and loops over the slot's *own* rank only, so base
+tokens, empty segments and other slots' rank padding cost nothing. Segments are disjoint and rows
+within a segment distinct, so the read-modify-write of y needs no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.metadata import LoRAMeta
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _expand_kernel(
+    h_ptr,  # [T, R_max]
+    b_ptr,  # [S, N, R_max]
+    y_ptr,  # [T, N] (row stride may exceed N: a column slice of a wider output)
+    tok_ptr,  # [T_lora] int64
+    tiles_ptr,  # [n_tiles, 5] int32 (tok_off, m_len, slot, 0, r_s)
+    scales_ptr,  # [S] float32
+    N,
+    stride_hm,
+    stride_bs,
+    stride_bn,
+    stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    tile = tiles_ptr + tl.program_id(0) * 5
+    tok_off = tl.load(tile)
+    m_len = tl.load(tile + 1)
+    slot = tl.load(tile + 2).to(tl.int64)
+    r_len = tl.load(tile + 4)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < m_len
+    rows = tl.load(tok_ptr + tok_off + offs_m, mask=mask_m, other=0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+
+    h_rows = h_ptr + rows[:, None] * stride_hm  # [BM, 1]
+    b_cols = b_ptr + slot * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn  # [1, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(0, r_len, BLOCK_R):  # own rank only
+        rr = r + offs_r
+        mask_r = rr < r_len
+        ht = tl.load(h_rows + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        bt = tl.load(b_cols + rr[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(ht, bt, input_precision=PRECISION)
+
+    scale = tl.load(scales_ptr + slot)
+    yp = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
+    mask_y = mask_m[:, None] & mask_n[None, :]
+    yv = tl.load(yp, mask=mask_y, other=0.0).to(tl.float32)
+    tl.store(yp, (yv + scale * acc).to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+def expand_config(max_seg_len: int, n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_R, num_warps) from a fixed table; autotune does not run under the interpreter."""
+    block_m = 16 if max_seg_len <= 16 else 32 if max_seg_len <= 32 else 64
+    block_n = 64 if n <= 1024 or block_m <= 16 else 128
+    num_warps = 4 if block_m * block_n <= 4096 else 8
+    return block_m, block_n, 16, num_warps
+
+
+def _check(h: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, meta: LoRAMeta,
+           y: torch.Tensor) -> None:
+    if b.dtype not in _DTYPES:
+        raise ValueError(f"b dtype {b.dtype} unsupported; expected one of {_DTYPES}")
+    if b.dim() != 3 or not b.is_contiguous():
+        raise ValueError(f"b must be a contiguous [S, N, R_max] pool, got shape {tuple(b.shape)} "
+                         f"contiguous={b.is_contiguous()}")
+    if y.dim() != 2 or y.dtype != b.dtype or y.stride(1) != 1:
+        raise ValueError(f"y must be 2-D {b.dtype} with unit column stride, got shape {tuple(y.shape)} "
+                         f"{y.dtype} stride {y.stride()}")
+    if h.dim() != 2 or h.stride(1) != 1 or h.dtype not in (b.dtype, torch.float32):
+        raise ValueError(f"h must be 2-D {b.dtype} or float32 with unit column stride, got shape "
+                         f"{tuple(h.shape)} {h.dtype} stride {h.stride()}")
+    if h.shape[0] != y.shape[0] or h.shape[1] != b.shape[2]:
+        raise ValueError(f"h shape {tuple(h.shape)} does not match [T={y.shape[0]}, R_max={b.shape[2]}]")
+    if y.shape[1] != b.shape[1]:
+        raise ValueError(f"y width {y.shape[1]} != b output size N={b.shape[1]}")
+    if not (h.device == b.device == y.device == scales.device == meta.token_indices.device):
+        raise ValueError(f"devices differ: h {h.device}, b {b.device}, y {y.device}, scales {scales.device}, "
+                         f"meta {meta.token_indices.device}")
+    if ranks.dim() != 1 or ranks.shape[0] != b.shape[0] or ranks.dtype.is_floating_point:
+        raise ValueError(f"ranks must be an integer [S={b.shape[0]}] tensor, got shape {tuple(ranks.shape)} "
+                         f"{ranks.dtype}")
+    if scales.shape != (b.shape[0],) or scales.dtype != torch.float32:
+        raise ValueError(f"scales must be float32 [S={b.shape[0]}], got shape {tuple(scales.shape)} "
+                         f"{scales.dtype}")
+    if meta.num_tokens != y.shape[0]:
+        raise ValueError(f"meta.num_tokens {meta.num_tokens} != y rows {y.shape[0]}")
+    if meta.num_segments and max(meta.slots) >= b.shape[0]:
+        raise ValueError(f"slot {max(meta.slots)} out of range for a pool of {b.shape[0]} slots")
+    for s, r in zip(meta.slots, meta.seg_ranks(ranks), strict=True):
+        if not 0 <= r <= b.shape[2]:
+            raise ValueError(f"rank {r} of slot {s} outside [0, R_max={b.shape[2]}]")
+
+
+def lora_expand_triton(
+    h: torch.Tensor,  # [T, R_max] output of lora_shrink (b.dtype or float32)
+    b: torch.Tensor,  # [S, N, R_max] stacked B of every slot, contiguous
+    ranks: torch.Tensor,  # [S] integer; read on the host once per meta (a host tensor avoids a sync)
+    scales: torch.Tensor,  # [S] float32, on the device
+    meta: LoRAMeta,
+    y: torch.Tensor,  # [T, N] b.dtype, updated in place; may be a column slice (stride(1) == 1)
+) -> torch.Tensor:
+    """Semantics: for each token t with slot s >= 0: y[t] += scales[s] * (h[t, :r_s] @ b[s, :, :r_s].T)."""
+    _check(h, b, ranks, scales, meta, y)
+    if meta.num_segments == 0 or max(meta.seg_ranks(ranks)) == 0:
+        return y
+    n = b.shape[1]
+    block_m, block_n, block_r, num_warps = expand_config(meta.max_seg_len, n)
+    tiles = meta.tile_table(ranks, block_m, 0)
+    _expand_kernel[(tiles.shape[0], triton.cdiv(n, block_n))](
+        h, b, y, meta.token_indices, tiles, scales,
+        n, h.stride(0), b.stride(0), b.stride(1), y.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+        PRECISION="ieee" if b.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+    )
+    return y

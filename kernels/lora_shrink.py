@@ -1,0 +1,174 @@
+"""Triton LoRA shrink: h = x @ A[slot].T over per-slot token segments (SGMV-style, compact tiles).
+
+Work is a host-built tile list (``LoRAMeta.tile_table``): each segment contributes
+ceil(len / BLOCK_M) row blocks times ceil(r_s / BLOCK_R) blocks of its *own* rank, so base tokens,
+empty segments and other slots' rank padding launch nothing. Rows are gathered through
+``meta.token_indices``; activations are never permuted. At small token counts the hidden dim is
+split across programs (split-K) that add into an fp32 workspace.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.metadata import LoRAMeta
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr,  # [T, K]
+    a_ptr,  # [S, R_max, K]
+    out_ptr,  # [T, R_max]
+    tok_ptr,  # [T_lora] int64
+    tiles_ptr,  # [n_tiles, 5] int32 (tok_off, m_len, slot, r_off, r_len)
+    K,
+    stride_xm,
+    stride_as,
+    stride_ar,
+    stride_om,
+    k_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    tile = tiles_ptr + tl.program_id(0) * 5
+    tok_off = tl.load(tile)
+    m_len = tl.load(tile + 1)
+    slot = tl.load(tile + 2).to(tl.int64)
+    r_off = tl.load(tile + 3)
+    r_len = tl.load(tile + 4)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < m_len
+    rows = tl.load(tok_ptr + tok_off + offs_m, mask=mask_m, other=0).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < r_len
+    cols = (r_off + offs_r).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    x_rows = x_ptr + rows[:, None] * stride_xm  # [BM, 1]
+    a_rows = a_ptr + slot * stride_as + cols[None, :] * stride_ar  # [1, BR]
+    k_start = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        kk = k + offs_k
+        mask_k = kk < k_end
+        # Upcast on load: fp32 accumulation, and the CPU interpreter mis-reads bf16 otherwise.
+        xt = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        at = tl.load(a_rows + kk[:, None], mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(xt, at, input_precision=PRECISION)
+
+    o = out_ptr + rows[:, None] * stride_om + cols[None, :]
+    mask_o = mask_m[:, None] & mask_r[None, :]
+    if ATOMIC:
+        tl.atomic_add(o, acc, mask=mask_o)
+    else:
+        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=mask_o)
+
+
+def shrink_config(max_seg_len: int, max_rank: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_R, BLOCK_K, num_warps) from a fixed table; autotune does not run under the interpreter."""
+    block_m = 16 if max_seg_len <= 16 else 32 if max_seg_len <= 32 else 64
+    # Small rank blocks: a rank-8 slot next to a rank-64 one pays for 16 columns, not 64.
+    block_r = 16 if block_m <= 32 or max_rank <= 16 else 32
+    block_k = 128 if k >= 1024 else 64
+    num_warps = 4 if block_m * block_r <= 1024 else 8
+    return block_m, block_r, block_k, num_warps
+
+
+def _split_k(n_tiles: int, k: int, block_k: int, device: torch.device) -> int:
+    """Fill the GPU when few tiles exist (decode), keeping >= 4 K-blocks per program."""
+    if device.type != "cuda":
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    k_blocks = triton.cdiv(k, block_k)
+    return max(1, min(target // max(n_tiles, 1), k_blocks // 4))
+
+
+def _check(x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, meta: LoRAMeta,
+           out: torch.Tensor | None) -> None:
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x dtype {x.dtype} unsupported; expected one of {_DTYPES}")
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be 2-D with unit column stride, got shape {tuple(x.shape)} "
+                         f"stride {x.stride()}")
+    if a.dim() != 3 or a.dtype != x.dtype or not a.is_contiguous():
+        raise ValueError(f"a must be a contiguous [S, R_max, K] {x.dtype} pool, got shape {tuple(a.shape)} "
+                         f"{a.dtype} contiguous={a.is_contiguous()}")
+    if a.shape[2] != x.shape[1]:
+        raise ValueError(f"a hidden size {a.shape[2]} != x hidden size {x.shape[1]}")
+    if a.device != x.device:
+        raise ValueError(f"a on {a.device}, x on {x.device}")
+    if ranks.dim() != 1 or ranks.shape[0] != a.shape[0] or ranks.dtype.is_floating_point:
+        raise ValueError(f"ranks must be an integer [S={a.shape[0]}] tensor, got shape {tuple(ranks.shape)} "
+                         f"{ranks.dtype}")
+    if meta.num_tokens != x.shape[0]:
+        raise ValueError(f"meta.num_tokens {meta.num_tokens} != x rows {x.shape[0]}")
+    if meta.token_indices.device != x.device:
+        raise ValueError(f"meta on {meta.token_indices.device}, x on {x.device}")
+    if meta.num_segments and max(meta.slots) >= a.shape[0]:
+        raise ValueError(f"slot {max(meta.slots)} out of range for a pool of {a.shape[0]} slots")
+    for s, r in zip(meta.slots, meta.seg_ranks(ranks), strict=True):
+        if not 0 <= r <= a.shape[1]:
+            raise ValueError(f"rank {r} of slot {s} outside [0, R_max={a.shape[1]}]")
+    if out is not None:
+        if tuple(out.shape) != (x.shape[0], a.shape[1]) or out.stride(1) != 1:
+            raise ValueError(f"out must be [{x.shape[0]}, {a.shape[1]}] with unit column stride, got "
+                             f"{tuple(out.shape)} stride {out.stride()}")
+        if out.dtype not in (x.dtype, torch.float32) or out.device != x.device:
+            raise ValueError(f"out must be {x.dtype} or float32 on {x.device}, got {out.dtype} on {out.device}")
+
+
+def lora_shrink_triton(
+    x: torch.Tensor,  # [T, K] activations (unit column stride)
+    a: torch.Tensor,  # [S, R_max, K] stacked A of every slot, contiguous, x.dtype
+    ranks: torch.Tensor,  # [S] integer; read on the host once per meta (a host tensor avoids a sync)
+    meta: LoRAMeta,
+    out: torch.Tensor | None = None,  # [T, R_max] x.dtype or float32
+    *,
+    split_k: int | None = None,  # None: chosen from the shape; > 1 only when out is None
+) -> torch.Tensor:
+    """Semantics: for each token t with slot s >= 0: out[t, :r_s] = x[t] @ a[s, :r_s].T.
+
+    Rows of base tokens and columns >= r_s are left untouched (zeros if out is fresh).
+    """
+    _check(x, a, ranks, meta, out)
+    fresh = out is None
+    if fresh:
+        out = torch.zeros(x.shape[0], a.shape[1], dtype=x.dtype, device=x.device)
+    if meta.num_segments == 0:
+        return out
+    seg_r = meta.seg_ranks(ranks)
+    max_rank = max(seg_r)
+    if max_rank == 0:
+        return out
+    k = x.shape[1]
+    block_m, block_r, block_k, num_warps = shrink_config(meta.max_seg_len, max_rank, k)
+    tiles = meta.tile_table(ranks, block_m, block_r)
+    n_tiles = tiles.shape[0]
+    if split_k is None:
+        split_k = _split_k(n_tiles, k, block_k, x.device) if fresh else 1
+    if split_k < 1 or (split_k > 1 and not fresh):
+        raise ValueError(f"split_k {split_k} invalid: must be >= 1, and 1 when out is given")
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    atomic = split_k > 1
+    # Split-K partial sums meet in fp32 (atomics), then round once to the output dtype.
+    dst = torch.zeros_like(out, dtype=torch.float32) if atomic and out.dtype != torch.float32 else out
+    _shrink_kernel[(n_tiles, split_k)](
+        x, a, dst, meta.token_indices, tiles,
+        k, x.stride(0), a.stride(0), a.stride(1), dst.stride(0), k_per_split,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, ATOMIC=atomic,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+    )
+    if dst is not out:
+        out.copy_(dst)
+    return out

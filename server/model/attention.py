@@ -1,0 +1,57 @@
+"""Attention over the paged KV cache for a ragged batch.
+
+Single-token chunks (decode) of all sequences run as ONE batched SDPA: their contexts are gathered
+through a padded [S, L_max] slot index and masked. GQA uses a grouped reshape, not a repeat: the G
+query heads sharing a KV head become G "query positions" of that head, so K/V are read once.
+Multi-token chunks (prefill) run per sequence; a first chunk with no prefix attends to its own fresh
+K/V directly (no gather).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from server.model.batch import StepBatch
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D] (RoPE applied)
+    k: torch.Tensor,  # [T, KVH, D] this step's keys (already written to the cache)
+    v: torch.Tensor,  # [T, KVH, D]
+    k_cache: torch.Tensor,  # [num_slots, KVH, D] flat view of one layer's cache
+    v_cache: torch.Tensor,  # [num_slots, KVH, D]
+    batch: StepBatch,
+    window: int | None,
+    scale: float,
+) -> torch.Tensor:
+    """Semantics: out[t] = softmax(q[t] @ K_ctx(t).T * scale + mask) @ V_ctx(t); returns [T, H * D]."""
+    num_tokens, num_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = num_heads // kv_heads
+    out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
+
+    if batch.decode_rows is not None:
+        s = batch.decode_rows.shape[0]
+        qd = q.index_select(0, batch.decode_rows).view(s, kv_heads, group, head_dim)
+        kd = k_cache[batch.decode_ctx].transpose(1, 2)  # [S, KVH, L, D]
+        vd = v_cache[batch.decode_ctx].transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask(window), scale=scale)
+        out.index_copy_(0, batch.decode_rows, od.reshape(s, num_heads * head_dim))
+
+    for i, part in enumerate(batch.prefills):
+        qp = q[part.rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        n = qp.shape[2]
+        if part.ctx is None:
+            kp, vp = k[part.rows], v[part.rows]
+        else:
+            kp, vp = k_cache[part.ctx], v_cache[part.ctx]
+        kp = kp.transpose(0, 1).unsqueeze(0)  # [1, KVH, L, D]
+        vp = vp.transpose(0, 1).unsqueeze(0)
+        if part.ctx is None and (window is None or window >= n):
+            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            mask = batch.prefill_mask(i, window, kp.shape[2])
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[part.rows] = op[0].transpose(0, 1).reshape(n, num_heads * head_dim)
+    return out
