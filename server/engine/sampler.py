@@ -53,13 +53,13 @@ def sample(
 ) -> list[SampleResult]:
     """Pick one token per row. Greedy rows are batched; random rows use their own generator."""
     logits = logits.float().cpu()
+    want_lp = any(p.logprobs is not None for p in params)
+    logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None  # before any masking
     if suppress and any(suppress):
         logits = logits.clone()
         for i, ids in enumerate(suppress):
             if ids:
                 logits[i, ids] = float("-inf")
-    want_lp = any(p.logprobs is not None for p in params)
-    logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
     greedy_ids = logits.argmax(dim=-1).tolist()
     results: list[SampleResult] = []
     for i, p in enumerate(params):

@@ -1,0 +1,21 @@
+"""Suite-wide setup: Triton's CPU interpreter, a private cache dir, and a shared tiny-checkpoint dir."""
+
+from __future__ import annotations
+
+import os
+
+# Read when @triton.jit decorates a kernel, so it must be set before any kernel module is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep tests away from the user's ~/.cache/peftserve (models and adapter store)."""
+    os.environ.setdefault("PEFTSERVE_CACHE_DIR", str(tmp_path_factory.mktemp("peftserve-cache")))
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("tiny-ckpts"))
