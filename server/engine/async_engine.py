@@ -231,7 +231,7 @@ class AsyncEngine:
         try:
             for slot, seq in out.loads:
                 t_load = time.monotonic()
-                self.runner.load_lora(slot, seq.adapter.loaded.lora)
+                self.runner.load_lora(slot, {k: (w.a, w.b, w.scaling) for k, w in seq.adapter.loaded.lora.items()})
                 for ob in self.observers:
                     ob.on_adapter_load(seq.adapter.name, slot, time.monotonic() - t_load)
             if self.fault_injector is not None:
