@@ -142,8 +142,8 @@ def _zip_members(data: bytes) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
     with zf:
         for info in zf.infolist():
             path = info.filename.removeprefix("./")
-            mode = info.external_attr >> 16
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the archiver recorded no Unix mode
+            if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
                 raise AdapterError(
                     f"archive member {info.filename!r} is a link or special file; only regular files are allowed",
                     field="files",

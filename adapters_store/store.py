@@ -1,4 +1,4 @@
-"""The on-disk adapter store: `root/<name>/v<version>/` directories plus an SQLite index.
+"""The on-disk adapter store: `root/adapters/<name>/v<version>/` directories plus an SQLite index.
 
 Write order makes a crash harmless: files go to `root/.tmp/<random>/` and are fsynced, the directory
 is renamed into place, and only then is the index row committed. On open, temp directories,
@@ -97,10 +97,11 @@ class AdapterStore:
         self.root = Path(root)
         self.keep_versions = max(1, keep_versions)
         self.max_adapter_bytes = max_adapter_bytes
+        self._dirs = self.root / "adapters"  # apart from index.sqlite*, whatever the adapter names
         self._tmp = self.root / ".tmp"
         self._quarantine = self.root / ".quarantine"
         self._lock = threading.Lock()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._dirs.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -131,7 +132,10 @@ class AdapterStore:
 
     def load(self, name: str, base: BaseModelInfo, *, max_rank: int, version: int | None = None) -> LoadedAdapter:
         """Load a stored adapter's tensors (see loader.load_adapter)."""
-        return load_adapter(self.path(name, version), base, max_rank=max_rank)
+        try:
+            return load_adapter(self.path(name, version), base, max_rank=max_rank)
+        except FileNotFoundError:  # deleted while we read it
+            raise AdapterError(f"adapter {name!r} does not exist", field="name", status=404) from None
 
     # ------------------------------------------------------------------------------------------ writes
 
@@ -174,7 +178,7 @@ class AdapterStore:
             self._get(name, None)
             self._db.execute("DELETE FROM adapters WHERE name = ?", (name,))
             # the rows are gone first: a crash now leaves orphan directories, which open() removes
-            shutil.rmtree(self.root / name, ignore_errors=True)
+            shutil.rmtree(self._dirs / name, ignore_errors=True)
 
     def close(self) -> None:
         with self._lock:
@@ -215,14 +219,14 @@ class AdapterStore:
         if latest is None and replace:
             raise AdapterError(f"adapter {name!r} does not exist, nothing to replace", field="name", status=404)
         version = (latest or 0) + 1
-        rel = Path(name) / f"v{version}"
+        rel = Path("adapters") / name / f"v{version}"
         final = self.root / rel
         final.parent.mkdir(exist_ok=True)
         if final.exists():  # an orphan of a crash between rename and commit
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(final.parent)
-        _fsync_dir(self.root)
+        _fsync_dir(self._dirs)
         spec = loaded.spec
         try:
             cur = self._db.execute(
@@ -280,7 +284,6 @@ class AdapterStore:
         known: set[str] = set()
         for row in self._db.execute(f"SELECT {_COLUMNS} FROM adapters").fetchall():
             rec = self._record(row)
-            rel = str(Path(rec.name) / f"v{rec.version}")
             if not all((rec.path / n).is_file() for n in ADAPTER_FILES):
                 log.warning("adapter %s v%d: files missing, dropping it from the index", rec.name, rec.version)
                 self._db.execute("DELETE FROM adapters WHERE id = ?", (rec.id,))
@@ -296,12 +299,13 @@ class AdapterStore:
                 os.rename(rec.path, dest)
                 self._db.execute("DELETE FROM adapters WHERE id = ?", (rec.id,))
                 continue
-            known.add(rel)
-        for name_dir in self.root.iterdir():
-            if name_dir.name.startswith(".") or not name_dir.is_dir():
+            known.add(rec.path)
+        for name_dir in self._dirs.iterdir():
+            if not name_dir.is_dir():
+                name_dir.unlink()
                 continue
             for vdir in name_dir.iterdir():
-                if str(Path(name_dir.name) / vdir.name) not in known:
+                if vdir not in known:
                     log.warning("removing %s: no index row (interrupted write or delete)", vdir)
                     if vdir.is_dir():
                         shutil.rmtree(vdir, ignore_errors=True)

@@ -53,7 +53,27 @@ def greedy_recompute(model: Any, prompt: list[int], n: int, eos: int | None = No
 
 
 def token_logprobs(model: Any, prompt: list[int], out: list[int]) -> list[float]:
+    """Log-probabilities of `out` after `prompt`, indexed from the end (prompt tuning prepends positions)."""
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([prompt + out])).logits[0].float()
-    lp = torch.log_softmax(logits, -1)
-    return [lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(out)]
+    lp = torch.log_softmax(logits[-len(out) - 1:-1], -1)
+    return [lp[i, t].item() for i, t in enumerate(out)]
+
+
+def make_prompt_learning(base_dir: str, out_dir: str, kind: str, *, num_virtual_tokens: int = 5, seed: int = 0,
+                         **cfg: Any) -> str:
+    """A prefix-tuning ("prefix"), prompt-tuning ("prompt") or p-tuning ("ptuning") adapter with random weights."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    if os.path.isfile(os.path.join(out_dir, "adapter_config.json")):
+        return out_dir
+    config_cls = {"prefix": PrefixTuningConfig, "prompt": PromptTuningConfig, "ptuning": PromptEncoderConfig}[kind]
+    torch.manual_seed(seed)
+    model = get_peft_model(load_base(base_dir), config_cls(task_type="CAUSAL_LM",
+                                                           num_virtual_tokens=num_virtual_tokens, **cfg))
+    with torch.no_grad():  # large random weights, so the adapter visibly steers the output
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 1.0 if "embedding" in name else 0.5)
+    model.save_pretrained(out_dir)
+    return out_dir

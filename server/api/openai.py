@@ -41,9 +41,8 @@ def resolve_model(state: ServerState, model: str | None) -> AdapterHandle | None
 
 
 def _num_virtual(adapter: AdapterHandle | None) -> int:
-    if adapter is not None and adapter.kind == "prompt":
-        return int(adapter.loaded.prompt_embeds.shape[0])
-    return 0
+    """Virtual tokens a prompt- or prefix-tuning adapter adds ahead of the prompt."""
+    return adapter.loaded.num_virtual_tokens if adapter is not None else 0
 
 
 def build_params(state: ServerState, body: _Sampling, prompt_ids: list[int], adapter: AdapterHandle | None,

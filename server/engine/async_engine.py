@@ -109,6 +109,8 @@ class AsyncEngine:
         self.steps = 0
         self.last_step_at = time.monotonic()
         self.observers: list[EngineObserver] = []
+        self._prefix_slots: dict[int, list[int]] = {}  # device slot -> flat KV slots of its prefix
+        self._prompt_embeds: dict[int, Any] = {}  # device slot -> [P, hidden] virtual-token embeddings
         self.fault_injector: Callable[[list], None] | None = None  # tests: raise inside a step
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -157,6 +159,10 @@ class AsyncEngine:
         if adapter is not None:
             seq.adapter = adapter
             seq.adapter_key = adapter.key
+            if adapter.kind == "prompt":
+                seq.num_virtual = adapter.loaded.num_virtual_tokens
+            elif adapter.kind == "prefix":
+                seq.num_prefix = adapter.loaded.num_virtual_tokens
         req = _Request(seq, IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.Queue(), loop,
                        make_generator(params.seed))
         self._inbox.put(("add", req))
@@ -231,23 +237,12 @@ class AsyncEngine:
         try:
             for slot, seq in out.loads:
                 t_load = time.monotonic()
-                self.runner.load_lora(slot, {k: (w.a, w.b, w.scaling) for k, w in seq.adapter.loaded.lora.items()})
+                self._load_slot(slot, seq.adapter)
                 for ob in self.observers:
                     ob.on_adapter_load(seq.adapter.name, slot, time.monotonic() - t_load)
             if self.fault_injector is not None:
                 self.fault_injector(chunks)
-            model_chunks = [
-                SeqChunk(
-                    seq_id=c.seq.seq_id,
-                    token_ids=c.seq.all_ids[c.start:c.start + c.num_tokens],
-                    start_pos=c.start,
-                    block_table=c.seq.block_table,
-                    want_logits=c.want_logits,
-                    lora_slot=c.seq.slot,
-                )
-                for c in chunks
-            ]
-            logits = self.runner.execute(model_chunks)
+            logits = self.runner.execute([self._model_chunk(c, SeqChunk) for c in chunks])
         except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving the rest
             log.exception("forward step failed; failing its %d requests", len(chunks))
             for c in chunks:
@@ -276,6 +271,38 @@ class AsyncEngine:
             self._advance(req, res)
         for ob in self.observers:
             ob.on_step(self, out.num_tokens, len(chunks), time.monotonic() - t0)
+
+    def _load_slot(self, slot: int, adapter: AdapterHandle) -> None:
+        """Put an adapter's weights in a device slot (LoRA A/B, prefix K/V blocks, prompt embeddings)."""
+        loaded = adapter.loaded
+        if adapter.kind == "lora":
+            self.runner.load_lora(slot, {k: (w.a, w.b, w.scaling) for k, w in loaded.lora.items()})
+        elif adapter.kind == "prefix":
+            bs = self.allocator.block_size
+            p = loaded.num_virtual_tokens
+            flat = [b * bs + o for b in self.scheduler.prefix_blocks(slot) for o in range(bs)][:p]
+            self.runner.write_prefix_kv(flat, loaded.prefix_keys, loaded.prefix_values)
+            self._prefix_slots[slot] = flat
+        elif adapter.kind == "prompt":
+            self._prompt_embeds[slot] = loaded.prompt_embeds.to(self.runner.device, self.runner.dtype)
+        else:
+            raise ValueError(f"unknown adapter kind {adapter.kind!r}")
+
+    def _model_chunk(self, c: Any, chunk_cls: Any) -> Any:
+        """The runner's view of a scheduled chunk, with the adapter's slot, prefix or virtual tokens."""
+        seq = c.seq
+        kw: dict[str, Any] = {}
+        kind = seq.adapter.kind if seq.adapter is not None else None
+        if kind == "lora":
+            kw["lora_slot"] = seq.slot
+        elif kind == "prefix":
+            kw["prefix_slots"] = self._prefix_slots[seq.slot]
+            kw["pos_offset"] = seq.num_prefix
+        elif kind == "prompt" and c.start < seq.num_virtual:
+            k = min(seq.num_virtual - c.start, c.num_tokens)
+            kw["input_embeds"] = self._prompt_embeds[seq.slot][c.start:c.start + k]
+        return chunk_cls(seq_id=seq.seq_id, token_ids=seq.token_ids(c.start, c.num_tokens), start_pos=c.start,
+                         block_table=seq.block_table, want_logits=c.want_logits, **kw)
 
     def _retire(self, req: _Request, reason: str) -> None:
         """Take a request out of the engine: free its blocks and slot, tell the observers."""
@@ -308,7 +335,7 @@ class AsyncEngine:
             reason = "stop"
         elif reason is None and len(seq.output_ids) >= p.max_tokens:
             reason = "length"
-        elif reason is None and seq.num_tokens >= self.max_model_len:
+        elif reason is None and seq.context_len >= self.max_model_len:
             reason = "length"
         finished = reason is not None
         text = req.detok.take(final=finished)

@@ -52,6 +52,9 @@ class Scheduler:
         self.slots = slots
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # KV blocks holding a prefix-tuning adapter's shared prefix, by device slot. They are taken
+        # when the adapter is loaded and given back as soon as no running sequence uses it.
+        self.slot_blocks: dict[int, list[int]] = {}
 
     # ---- membership -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -84,7 +87,13 @@ class Scheduler:
         seq.num_computed = 0
         if seq.slot >= 0 and self.slots is not None:
             self.slots.release(seq.slot)
+            if seq.slot in self.slot_blocks and self.slots.refs(seq.slot) == 0:
+                self.allocator.free(self.slot_blocks.pop(seq.slot))
+                self.slots.discard(seq.adapter_key)
         seq.slot = -1
+
+    def prefix_blocks(self, slot: int) -> list[int]:
+        return self.slot_blocks.get(slot, [])
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
@@ -136,7 +145,10 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())
                 continue
             total_blocks = self.allocator.blocks_for(seq.num_tokens)
-            if not self.allocator.can_allocate(total_blocks):
+            prefix_blocks = 0
+            if seq.num_prefix and self.slots is not None and self.slots.slot_of(seq.adapter_key) is None:
+                prefix_blocks = self.allocator.blocks_for(seq.num_prefix)
+            if not self.allocator.can_allocate(total_blocks + prefix_blocks):
                 break
             n = min(seq.num_tokens, budget)
             self.waiting.popleft()
@@ -145,6 +157,8 @@ class Scheduler:
                 slot, _evicted, needs_load = self.slots.acquire(seq.adapter_key)
                 seq.slot = slot
                 if needs_load:
+                    if prefix_blocks:
+                        self.slot_blocks[slot] = self.allocator.allocate(prefix_blocks)
                     out.loads.append((slot, seq))
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

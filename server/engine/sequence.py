@@ -46,6 +46,7 @@ class Sequence:
     adapter: Any = None  # engine-level adapter handle (None = base); opaque to the scheduler
     adapter_key: Any = None  # hashable id of the adapter version for slot accounting (None = base)
     num_virtual: int = 0  # prompt-tuning virtual tokens placed ahead of the prompt (count in the KV)
+    num_prefix: int = 0  # prefix-tuning KV prefix length (shared blocks, not in this sequence's own KV)
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
@@ -64,6 +65,17 @@ class Sequence:
     def num_tokens(self) -> int:
         """Tokens this sequence holds in the KV cache once fully computed (virtual tokens included)."""
         return self.num_virtual + len(self.prompt_ids) + len(self.output_ids)
+
+    def token_ids(self, start: int, n: int) -> list[int]:
+        """Token ids at KV positions [start, start+n); virtual (prompt-tuning) positions read as 0."""
+        v = self.num_virtual
+        head = [0] * max(0, min(v, start + n) - start)
+        return head + self.all_ids[max(start - v, 0):start + n - v]
+
+    @property
+    def context_len(self) -> int:
+        """Tokens this sequence attends over, counted against max_model_len (prefix and virtual included)."""
+        return self.num_prefix + self.num_tokens
 
     @property
     def is_finished(self) -> bool:

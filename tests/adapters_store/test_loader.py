@@ -179,3 +179,39 @@ def test_prompt_tensor_checks(tmp_path: Path, llama_base) -> None:
               str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match="unexpected tensor 'extra'"):
         load_adapter(tmp_path, llama_base, max_rank=8)
+
+
+def test_prefix_kv_reproduce_peft_logits(tmp_path: Path) -> None:
+    """Fed to the base as a KV cache (un-rotated, prompt positions starting at P), our K/V give PEFT's logits."""
+    from peft import PrefixTuningConfig
+    from transformers import DynamicCache
+
+    pm = make_peft(PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True),
+                   tmp_path, kind="qwen2")
+    base_model = pm.get_base_model()
+    loaded = load_adapter(tmp_path, base_info_of(base_model), max_rank=8)
+    ids = torch.tensor([[5, 17, 42, 99]])
+    cache = DynamicCache()
+    for layer in range(2):
+        k, v = (t[layer].permute(1, 0, 2)[None] for t in (loaded.prefix_keys, loaded.prefix_values))
+        cache.update(k, v, layer)  # [1, kv, P, hd]
+    with torch.no_grad():
+        ours = base_model(input_ids=ids, past_key_values=cache, attention_mask=torch.ones(1, 7)).logits
+        theirs = pm(input_ids=ids, attention_mask=torch.ones(1, 4)).logits
+        plain = base_model(input_ids=ids).logits
+    assert not torch.allclose(plain, theirs, atol=1e-4)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_prompt_embeds_reproduce_peft_logits(tmp_path: Path) -> None:
+    from peft import PromptEncoderConfig
+
+    pm = make_peft(PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=32), tmp_path)
+    base_model = pm.get_base_model()
+    loaded = load_adapter(tmp_path, base_info_of(base_model), max_rank=8)
+    ids = torch.tensor([[5, 17, 42]])
+    with torch.no_grad():
+        embeds = torch.cat([loaded.prompt_embeds[None], base_model.get_input_embeddings()(ids)], dim=1)
+        ours = base_model(inputs_embeds=embeds).logits
+        theirs = pm(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs)
