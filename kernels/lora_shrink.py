@@ -9,6 +9,8 @@ split across programs (split-K) that add into an fp32 workspace.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -83,11 +85,16 @@ def shrink_config(max_seg_len: int, max_rank: int, k: int) -> tuple[int, int, in
     return block_m, block_r, block_k, num_warps
 
 
+@functools.lru_cache(maxsize=8)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _split_k(n_tiles: int, k: int, block_k: int, device: torch.device) -> int:
     """Fill the GPU when few tiles exist (decode), keeping >= 4 K-blocks per program."""
     if device.type != "cuda":
         return 1
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     k_blocks = triton.cdiv(k, block_k)
     return max(1, min(target // max(n_tiles, 1), k_blocks // 4))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels.metadata import LoRAMeta
 
@@ -32,7 +33,7 @@ def lora_shrink_ref(
         if r == 0 or meta.lens[i] == 0:
             continue
         rows = _rows(meta, i)
-        out[rows, :r] = x[rows] @ a[s, :r].T
+        out[rows, :r] = F.linear(x[rows], a[s, :r])  # x @ A.T
     return out
 
 
@@ -50,7 +51,7 @@ def lora_expand_ref(
         if r == 0 or meta.lens[i] == 0:
             continue
         rows = _rows(meta, i)
-        delta = (h[rows, :r] @ b[s, :, :r].T) * sl[s]
+        delta = F.linear(h[rows, :r], b[s, :, :r]) * sl[s]  # h @ B.T (linear: no copy of the strided B slice)
         if isinstance(rows, slice):
             y[rows] += delta.to(y.dtype)
         else:

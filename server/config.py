@@ -25,7 +25,7 @@ class Settings:
     max_adapters: int = 8
     max_rank: int = 64
     adapter: list[str] = field(default_factory=list)  # NAME=PATH, repeatable
-    adapters_dir: str = "~/.cache/peftserve/adapters"
+    adapters_dir: str | None = None  # None: $PEFTSERVE_CACHE_DIR/adapters, else ~/.cache/peftserve/adapters
     max_cpu_adapters: int = 64
     allowed_adapter_dir: list[str] = field(default_factory=list)
     max_upload_mb: int = 200
@@ -107,6 +107,9 @@ HELP = {
     "max_adapters": "adapters resident on the device at once (slots)",
     "max_rank": "largest LoRA rank accepted",
     "metrics_require_key": "require --api-key on /metrics",
+    "adapters_dir": "where uploaded adapters are stored (default ~/.cache/peftserve/adapters)",
+    "allowed_adapter_dir": "directories /v1/load_lora_adapter may read from; repeatable",
+    "max_cpu_adapters": "adapters kept loaded in CPU memory (LRU)",
 }
 
 

@@ -1,4 +1,4 @@
-"""FastAPI app factory: routes, error shapes, engine lifecycle."""
+"""FastAPI app factory: routes, error shapes, operations middleware, metrics, engine lifecycle."""
 
 from __future__ import annotations
 
@@ -7,14 +7,19 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.api.adapters import router as adapters_router
 from server.api.errors import install_handlers
 from server.api.openai import router as openai_router
+from server.api.ops import OpsMiddleware
 from server.api.state import ServerState
+from server.metrics import Metrics
 
 
 def create_app(state: ServerState) -> FastAPI:
+    """One app per ServerState; each gets its own metrics registry."""
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.engine.start()
@@ -23,10 +28,15 @@ def create_app(state: ServerState) -> FastAPI:
         finally:
             state.engine.stop(timeout=state.settings.shutdown_timeout)
 
+    if state.metrics is None:
+        state.metrics = Metrics(state.engine, max_adapters=state.settings.metrics_max_adapters)
+        state.engine.observers.append(state.metrics)
     app = FastAPI(title="peftserve", version="0.1.0", lifespan=lifespan)
     app.state.peft = state
     install_handlers(app)
+    app.add_middleware(OpsMiddleware, state=state)
     app.include_router(openai_router)
+    app.include_router(adapters_router)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -41,5 +51,10 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse({"status": "ready"})
         reason = f"engine stopped: {eng.dead!r}" if eng.dead is not None else "engine not running"
         return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        """Prometheus text format; gauges are sampled from the engine now."""
+        return Response(request.app.state.peft.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -29,15 +29,25 @@ def get_state(request: Request) -> ServerState:
 
 
 # ---- request → engine inputs ----------------------------------------------------------------------
-def resolve_model(state: ServerState, model: str | None) -> AdapterHandle | None:
-    """The base model (None) or the named adapter; an unknown name is a 404, never the base model."""
+async def resolve_model(state: ServerState, model: str | None) -> AdapterHandle | None:
+    """The base model (None) or the named adapter, referenced until `release_model`; an unknown name is a
+    404, never silently the base model."""
     if model is None or model == state.base_name:
         return None
-    handle = state.registry.get(model)
+    try:
+        handle = await state.registry.acquire(model)
+    except Exception as e:  # noqa: BLE001 - files gone or corrupt since upload: say so, don't 500
+        raise APIError(503, f"adapter '{model}' could not be loaded: {e}", param="model",
+                       code="adapter_load_failed") from e
     if handle is None:
         raise APIError(404, f"The model '{model}' does not exist. GET /v1/models lists the base model "
                             "and every adapter.", param="model", code="model_not_found")
     return handle
+
+
+def release_model(state: ServerState, handle: AdapterHandle | None) -> None:
+    if handle is not None:
+        state.registry.release(handle)
 
 
 def _num_virtual(adapter: AdapterHandle | None) -> int:
@@ -183,6 +193,28 @@ async def _until_disconnect(request: Request, coro: Any) -> Any:
             task.cancel()
 
 
+async def _run(state: ServerState, request: Request, adapter: AdapterHandle | None,
+               gens: list[AsyncIterator[Delta]]) -> list[ChoiceResult]:
+    """Collect every choice (aborting on disconnect), then release the adapter reference."""
+    try:
+        return await _until_disconnect(request, _collect(gens))
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise _engine_error(e) from e
+    finally:
+        release_model(state, adapter)
+
+
+async def _releasing(state: ServerState, adapter: AdapterHandle | None,
+                     events: AsyncIterator[str]) -> AsyncIterator[str]:
+    try:
+        async for e in events:
+            yield e
+    finally:
+        release_model(state, adapter)
+
+
 # ---- formatting ---------------------------------------------------------------------------------
 def _tok_str(tok: Any, tid: int) -> str:
     return tok.decode([tid])
@@ -233,11 +265,11 @@ async def list_models(request: Request) -> dict[str, Any]:
     data = [{"id": state.base_name, "object": "model", "created": state.created, "owned_by": "peftserve",
              "root": state.base_name, "parent": None, "max_model_len": state.engine.max_model_len}]
     for name in state.registry.names():
-        h = state.registry.get(name)
-        if h is None:
+        e = state.registry.entry(name)
+        if e is None:
             continue
         data.append({"id": name, "object": "model", "created": state.created, "owned_by": "peftserve",
-                     "root": name, "parent": state.base_name, "adapter_type": h.kind, "version": h.version})
+                     "root": name, "parent": state.base_name, "adapter_type": e.kind, "version": e.version})
     return {"object": "list", "data": data}
 
 
@@ -255,8 +287,17 @@ def _encode_prompt(state: ServerState, prompt: Any) -> list[int]:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state = get_state(request)
-    adapter = resolve_model(state, body.model)
     prompt_ids = _encode_prompt(state, body.prompt)
+    adapter = await resolve_model(state, body.model)
+    try:
+        return await _completions(state, request, body, prompt_ids, adapter)
+    except BaseException:
+        release_model(state, adapter)
+        raise
+
+
+async def _completions(state: ServerState, request: Request, body: CompletionRequest, prompt_ids: list[int],
+                       adapter: AdapterHandle | None) -> Any:
     params = build_params(state, body, prompt_ids, adapter, body.max_tokens, body.logprobs, "prompt")
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -286,14 +327,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 yield _sse({**base([]), "usage": _usage(len(prompt_ids), completion_tokens)})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(_releasing(state, adapter, events()), media_type="text/event-stream")
 
-    try:
-        results = await _until_disconnect(request, _collect(gens))
-    except APIError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise _engine_error(e) from e
+    results = await _run(state, request, adapter, gens)
     choices = []
     for i, r in enumerate(results):
         c: dict[str, Any] = {"index": i, "text": r.text, "finish_reason": r.finish_reason,
@@ -321,8 +357,17 @@ def render_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = get_state(request)
-    adapter = resolve_model(state, body.model)
     prompt_ids = render_chat(state, body)
+    adapter = await resolve_model(state, body.model)
+    try:
+        return await _chat(state, request, body, prompt_ids, adapter)
+    except BaseException:
+        release_model(state, adapter)
+        raise
+
+
+async def _chat(state: ServerState, request: Request, body: ChatCompletionRequest, prompt_ids: list[int],
+                adapter: AdapterHandle | None) -> Any:
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = body.top_logprobs or 0
     params = build_params(state, body, prompt_ids, adapter, max_tokens, top if body.logprobs else None, "messages")
@@ -357,14 +402,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 yield _sse({**base("chat.completion.chunk", []), "usage": _usage(len(prompt_ids), completion_tokens)})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(_releasing(state, adapter, events()), media_type="text/event-stream")
 
-    try:
-        results = await _until_disconnect(request, _collect(gens))
-    except APIError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise _engine_error(e) from e
+    results = await _run(state, request, adapter, gens)
     choices = []
     for i, r in enumerate(results):
         c: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": r.text},

@@ -38,6 +38,7 @@ def build_state(settings: Settings) -> ServerState:
     """Load the base model (the embedded demo one when no --model), the start-up adapters, the engine."""
     import torch
 
+    from adapters_store import AdapterStore
     from adapters_store.loader import load_adapter
     from server.model.default_model import ensure_default_model
     from server.model.runner import ModelRunner
@@ -70,12 +71,37 @@ def build_state(settings: Settings) -> ServerState:
         max_model_len=runner.max_model_len,
         max_adapters=settings.max_adapters,
     )
-    registry = AdapterRegistry()
+    info, max_rank = runner.info, settings.max_rank
+    registry = AdapterRegistry(loader=lambda path: load_adapter(path, info, max_rank=max_rank),
+                               max_cpu=settings.max_cpu_adapters)
+    # A version nobody will use again leaves its device slot as soon as that slot is idle.
+    registry.on_stale = lambda key: engine.call_in_worker(lambda: engine.slots.discard(key))
+    store = AdapterStore(adapters_dir(settings))
+    for rec in store.list():
+        registry.register(rec.name, rec.version, kind_of(rec.peft_type), store.path(rec.name), rec.to_dict())
     for name, path in settings.adapter_pairs():
-        loaded = load_adapter(path, runner.info, max_rank=settings.max_rank)
-        registry.put(name, loaded)
+        if name in registry:
+            raise ValueError(f"--adapter {name}={path}: an adapter named {name!r} is already in the store "
+                             f"{store.root}")
+        loaded = load_adapter(path, info, max_rank=max_rank)
+        registry.put(name, loaded, path=path)
         log.info("adapter %s (%s) loaded from %s", name, loaded.kind, path)
     base_name = settings.served_model_name or runner.model_name
-    log.info("serving %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d", base_name, device,
-             runner.dtype, runner.num_blocks, runner.block_size, runner.max_model_len)
-    return ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name)
+    log.info("serving %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d; %d stored adapters in %s",
+             base_name, device, runner.dtype, runner.num_blocks, runner.block_size, runner.max_model_len,
+             len(store.list()), store.root)
+    return ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name, store=store)
+
+
+def adapters_dir(settings: Settings) -> str:
+    import os
+
+    from server.model.default_model import default_cache_root
+
+    if settings.adapters_dir:
+        return os.path.expanduser(settings.adapters_dir)
+    return os.path.join(default_cache_root(), "adapters")
+
+
+def kind_of(peft_type: str) -> str:
+    return {"LORA": "lora", "PREFIX_TUNING": "prefix"}.get(peft_type, "prompt")

@@ -1,50 +1,187 @@
-"""What adapters the engine can serve right now, by name, at which version.
+"""What adapters the server can serve, at which version, and which are loaded in CPU memory.
 
-A request resolves its adapter name to a handle once, at admission; the handle keeps the weights
-alive, so a replaced or deleted adapter still serves the requests that started on it.
+Tiers: disk (the store, or a local dir given with --adapter) → CPU cache (LRU of loaded tensors,
+--max-cpu-adapters) → device slots (the engine's SlotManager). A request resolves its adapter name
+to a handle once, at admission; the handle keeps the tensors alive, so a replaced or deleted adapter
+still serves the requests that started on it. Loading from disk runs in a worker thread, off the
+event loop and off the engine's step loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class AdapterHandle:
     name: str
     version: int
     kind: str  # "lora" | "prefix" | "prompt"
     loaded: Any  # adapters_store LoadedAdapter (CPU tensors)
+    held: bool = False  # a reference taken by acquire() and not yet released
 
     @property
     def key(self) -> tuple[str, int]:
         return (self.name, self.version)
 
 
+@dataclass(frozen=True)
+class AdapterEntry:
+    """The catalogue's view of one adapter name: its current version and where its files are."""
+
+    name: str
+    version: int
+    kind: str
+    path: Path | None  # None: exists only in memory (tests, benchmarks)
+    stored: bool  # True: lives in the store (upload); False: a local dir given at start-up
+    record: dict[str, Any] | None = None  # the store's record, for listings
+
+
 class AdapterRegistry:
-    def __init__(self) -> None:
+    def __init__(self, loader: Callable[[Path], Any] | None = None, max_cpu: int = 64) -> None:
+        self._loader = loader  # path -> LoadedAdapter
+        self.max_cpu = max_cpu
         self._lock = threading.Lock()
-        self._by_name: dict[str, AdapterHandle] = {}
+        self._entries: dict[str, AdapterEntry] = {}
+        self._cpu: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self._inflight: Counter[tuple[str, int]] = Counter()
+        self._loading: dict[tuple[str, int], asyncio.Future] = {}
+        self.on_stale: Callable[[tuple[str, int]], None] | None = None  # a version no request will use again
+        self.cpu_loads = 0
+        self.cpu_evictions = 0
 
-    def put(self, name: str, loaded: Any, version: int = 1) -> AdapterHandle:
-        handle = AdapterHandle(name, version, loaded.kind, loaded)
+    # ---- catalogue --------------------------------------------------------------------------------
+    def put(self, name: str, loaded: Any, version: int = 1, path: str | Path | None = None) -> AdapterHandle:
+        """Register an adapter whose tensors are already loaded (start-up --adapter, tests, benchmarks)."""
+        entry = AdapterEntry(name, version, loaded.kind, Path(path) if path else None, stored=False)
+        self._set(entry)
         with self._lock:
-            self._by_name[name] = handle
-        return handle
+            self._cache((name, version), loaded)
+        return AdapterHandle(name, version, loaded.kind, loaded)
 
-    def get(self, name: str) -> AdapterHandle | None:
-        with self._lock:
-            return self._by_name.get(name)
+    def register(self, name: str, version: int, kind: str, path: str | Path, record: dict[str, Any]) -> None:
+        """Register a stored adapter version (on disk; loaded on first use)."""
+        self._set(AdapterEntry(name, version, kind, Path(path), stored=True, record=record))
 
-    def remove(self, name: str) -> AdapterHandle | None:
+    def _set(self, entry: AdapterEntry) -> None:
         with self._lock:
-            return self._by_name.pop(name, None)
+            old = self._entries.get(entry.name)
+            self._entries[entry.name] = entry
+        if old is not None and old.version != entry.version:
+            self._retire((old.name, old.version))
+
+    def remove(self, name: str) -> AdapterEntry | None:
+        """Take a name out of service: new requests get 404; requests in flight go on."""
+        with self._lock:
+            entry = self._entries.pop(name, None)
+        if entry is not None:
+            self._retire((entry.name, entry.version))
+        return entry
+
+    def entry(self, name: str) -> AdapterEntry | None:
+        with self._lock:
+            return self._entries.get(name)
 
     def names(self) -> list[str]:
         with self._lock:
-            return sorted(self._by_name)
+            return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        return self.get(name) is not None
+        return self.entry(name) is not None
+
+    def in_flight(self, name: str) -> int:
+        with self._lock:
+            return sum(n for (nm, _), n in self._inflight.items() if nm == name)
+
+    def in_cpu(self, key: tuple[str, int]) -> bool:
+        with self._lock:
+            return key in self._cpu
+
+    @property
+    def num_cpu(self) -> int:
+        return len(self._cpu)
+
+    # ---- use ----------------------------------------------------------------------------------------
+    def get(self, name: str) -> AdapterHandle | None:
+        """A handle without taking a reference, only if the current version is in CPU memory."""
+        with self._lock:
+            e = self._entries.get(name)
+            loaded = self._cpu.get((e.name, e.version)) if e else None
+        return AdapterHandle(e.name, e.version, e.kind, loaded) if e and loaded is not None else None
+
+    async def acquire(self, name: str) -> AdapterHandle | None:
+        """The current version of `name`, loaded (from disk in a thread if needed), with a reference taken.
+        None if the name is unknown. Release with `release(handle)` when the request ends."""
+        entry = self.entry(name)
+        if entry is None:
+            return None
+        key = (entry.name, entry.version)
+        with self._lock:
+            loaded = self._cpu.get(key)
+            if loaded is not None:
+                self._cpu.move_to_end(key)
+                self._inflight[key] += 1
+                return AdapterHandle(entry.name, entry.version, entry.kind, loaded, held=True)
+        fut = self._loading.get(key)
+        if fut is None:  # single flight: concurrent requests for one adapter share one disk load
+            fut = asyncio.get_running_loop().create_future()
+            self._loading[key] = fut
+            try:
+                if self._loader is None or entry.path is None:
+                    raise RuntimeError(f"adapter {name!r} has no files to load from")
+                loaded = await asyncio.to_thread(self._loader, entry.path)
+                with self._lock:
+                    self._cache(key, loaded)
+                    self.cpu_loads += 1
+                fut.set_result(loaded)
+            except BaseException as e:
+                fut.set_exception(e)
+                fut.exception()  # retrieved: no "never retrieved" warning when nobody else waits
+                raise
+            finally:
+                self._loading.pop(key, None)
+        else:
+            loaded = await asyncio.shield(fut)
+        with self._lock:
+            self._inflight[key] += 1
+        return AdapterHandle(entry.name, entry.version, entry.kind, loaded, held=True)
+
+    def release(self, handle: AdapterHandle) -> None:
+        """Give back acquire()'s reference; a second release of the same handle does nothing."""
+        if not handle.held:
+            return
+        handle.held = False
+        key = handle.key
+        with self._lock:
+            self._inflight[key] -= 1
+            if self._inflight[key] <= 0:
+                del self._inflight[key]
+            current = self._entries.get(handle.name)
+            stale = key not in self._inflight and (current is None or current.version != handle.version)
+        if stale:
+            self._retire(key)
+
+    def _cache(self, key: tuple[str, int], loaded: Any) -> None:
+        """Insert into the CPU LRU (lock held); evicting drops only the cache's reference."""
+        self._cpu[key] = loaded
+        self._cpu.move_to_end(key)
+        while len(self._cpu) > self.max_cpu:
+            old = next(iter(self._cpu))
+            if old == key:
+                break
+            del self._cpu[old]
+            self.cpu_evictions += 1
+
+    def _retire(self, key: tuple[str, int]) -> None:
+        """A version that is no longer current: drop it from CPU, and tell the engine once unused."""
+        with self._lock:
+            self._cpu.pop(key, None)
+            unused = key not in self._inflight
+        if unused and self.on_stale is not None:
+            self.on_stale(key)

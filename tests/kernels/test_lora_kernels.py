@@ -357,3 +357,21 @@ def test_gpu_triton_matches_fp32_twin(case: Case, dtype: torch.dtype) -> None:
     y_ref = lora_expand_ref(h_ref, p["b"].float(), ranks_host, p["scales"], ref_meta, wide[:, 32:].clone())
     y = lora_expand_triton(h, p["b"], p["ranks"], p["scales"], meta, wide.to(dtype)[:, 32:])
     torch.testing.assert_close(y.float(), y_ref, atol=4 * atol, rtol=4 * rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_switch_and_exact_cases(dtype: torch.dtype) -> None:
+    case = CASES[2]
+    p = {k: v.cuda() for k, v in _pool(case, dtype).items()}
+    meta = LoRAMeta.from_token_slots(list(case.slots), device="cuda")
+    y0 = torch.randn(len(case.slots), case.n, device="cuda").to(dtype)
+    y = lora_apply(p["x"], y0.clone(), p["a"], p["b"], p["ranks"], p["scales"], meta)  # switch -> Triton
+    h = lora_shrink_triton(p["x"], p["a"], p["ranks"], meta)
+    want = lora_expand_triton(h, p["b"], p["ranks"], p["scales"], meta, y0.clone())
+    assert torch.equal(y, want) and not torch.equal(y, y0)
+    assert torch.equal(lora_expand_triton(h, torch.zeros_like(p["b"]), p["ranks"], p["scales"], meta, y0.clone()), y0)
+    base = LoRAMeta.from_token_slots([-1] * len(case.slots), device="cuda")
+    assert torch.equal(lora_apply(p["x"], y0.clone(), p["a"], p["b"], p["ranks"], p["scales"], base), y0)
+    assert torch.equal(lora_expand_triton(h, p["b"], p["ranks"], p["scales"], base, y0.clone()), y0)

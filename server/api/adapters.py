@@ -1,0 +1,197 @@
+"""Adapter management over REST: upload, replace, list, show, delete, and vLLM's load/unload routes.
+
+Writes go to the store first (validated, atomic); only then does the registry serve the new version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, StrictStr
+from starlette.datastructures import UploadFile
+
+from adapters_store import AdapterError, extract_upload, validate_name
+from server.api.errors import APIError
+from server.api.state import ServerState, kind_of
+
+router = APIRouter()
+log = logging.getLogger("peftserve.adapters")
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.peft
+
+
+def _adapter_error(e: AdapterError) -> APIError:
+    return APIError(e.status, str(e), param=e.field, code="invalid_adapter" if e.status in (400, 422) else None)
+
+
+def residency(state: ServerState, name: str, version: int) -> str:
+    key = (name, version)
+    if state.engine.slots.slot_of(key) is not None:
+        return "device"
+    if state.registry.in_cpu(key):
+        return "cpu"
+    return "disk"
+
+
+def _record(state: ServerState, name: str) -> dict[str, Any]:
+    e = state.registry.entry(name)
+    if e is None:
+        raise APIError(404, f"adapter '{name}' does not exist", param="name", code="adapter_not_found")
+    rec = dict(e.record) if e.record else {"id": None, "name": name, "version": e.version, "peft_type": None,
+                                            "source": str(e.path) if e.path else None}
+    rec.update(type=e.kind, residency=residency(state, name, e.version), in_flight=state.registry.in_flight(name),
+               stored=e.stored)
+    return rec
+
+
+async def _read_upload(request: Request, default_name: str | None = None) -> tuple[str, dict[str, bytes]]:
+    """The multipart body: `name` plus either `files` (the two adapter files) or one `archive`."""
+    limit = _state(request).settings.max_upload_mb << 20
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise APIError(400, f"expected multipart/form-data with fields name and files (or archive), got "
+                            f"content-type {ctype or 'none'!r}", param="body")
+    try:
+        form = await request.form(max_files=8, max_fields=8, max_part_size=limit)
+    except Exception as e:  # noqa: BLE001 - starlette raises its own types for malformed multipart
+        raise APIError(400, f"malformed multipart body: {e}", param="body") from e
+    name = form.get("name", default_name)
+    if not isinstance(name, str) or not name:
+        raise APIError(400, "the form field 'name' is required", param="name")
+    files: dict[str, bytes] = {}
+    total = 0
+    for field in ("files", "archive"):
+        for item in form.getlist(field):
+            if not isinstance(item, UploadFile):
+                raise APIError(400, f"form field '{field}' must be a file", param=field)
+            data = await item.read()
+            total += len(data)
+            if total > limit:
+                raise APIError(413, f"upload exceeds --max-upload-mb {limit >> 20}", param=field)
+            fname = os.path.basename((item.filename or "").replace("\\", "/"))
+            if not fname:
+                raise APIError(400, f"a file in '{field}' has no filename", param=field)
+            files[fname] = data
+    await form.close()
+    if not files:
+        raise APIError(400, "no adapter files: send adapter_config.json and adapter_model.safetensors as "
+                            "'files', or one .tar.gz/.zip as 'archive'", param="files")
+    return name, files
+
+
+async def _store(state: ServerState, name: str, source: Any, replace: bool) -> dict[str, Any]:
+    """Validate and store (in a thread: it reads and checks every tensor), then serve the new version."""
+    try:
+        validate_name(name)
+        if not replace and name in state.registry:
+            raise AdapterError(f"adapter {name!r} already exists; PUT /v1/adapters/{name} uploads a new version",
+                               field="name", status=409)
+        if isinstance(source, dict):
+            source = extract_upload(source)
+        t0 = time.monotonic()
+        rec = await asyncio.to_thread(state.store.add, name, source, state.runner.info, state.settings.max_rank,
+                                      replace)
+    except AdapterError as e:
+        raise _adapter_error(e) from e
+    state.registry.register(rec.name, rec.version, kind_of(rec.peft_type), state.store.path(rec.name, rec.version),
+                            rec.to_dict())
+    log.info("adapter %s v%d stored (%s, %d bytes) in %.0f ms", rec.name, rec.version, rec.peft_type,
+             rec.size_bytes, 1000 * (time.monotonic() - t0))
+    return _record(state, rec.name)
+
+
+async def _delete(state: ServerState, name: str) -> None:
+    """Stop serving `name`, let its requests in flight finish (bounded), then free files and slot."""
+    entry = state.registry.entry(name)
+    if entry is None:
+        raise APIError(404, f"adapter '{name}' does not exist", param="name", code="adapter_not_found")
+    state.registry.remove(name)
+    deadline = time.monotonic() + state.settings.shutdown_timeout
+    while state.registry.in_flight(name) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if entry.stored:
+        try:
+            await asyncio.to_thread(state.store.delete, name)
+        except AdapterError as e:
+            if e.status != 404:
+                raise _adapter_error(e) from e
+    log.info("adapter %s deleted", name)
+
+
+@router.post("/v1/adapters", status_code=201)
+async def upload_adapter(request: Request) -> JSONResponse:
+    state = _state(request)
+    name, files = await _read_upload(request)
+    return JSONResponse(await _store(state, name, files, replace=False), status_code=201)
+
+
+@router.put("/v1/adapters/{name}")
+async def replace_adapter(name: str, request: Request) -> JSONResponse:
+    state = _state(request)
+    entry = state.registry.entry(name)
+    if entry is None:
+        raise APIError(404, f"adapter '{name}' does not exist; POST /v1/adapters creates it", param="name",
+                       code="adapter_not_found")
+    if not entry.stored:
+        raise APIError(409, f"adapter '{name}' was given with --adapter at start-up and is not in the store; "
+                            "it cannot be replaced over REST", param="name")
+    form_name, files = await _read_upload(request, default_name=name)
+    if form_name != name:
+        raise APIError(400, f"form field name {form_name!r} does not match the URL's {name!r}", param="name")
+    return JSONResponse(await _store(state, name, files, replace=True))
+
+
+@router.get("/v1/adapters")
+async def list_adapters(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    return {"object": "list", "data": [_record(state, n) for n in state.registry.names() if n in state.registry]}
+
+
+@router.get("/v1/adapters/{name}")
+async def show_adapter(name: str, request: Request) -> dict[str, Any]:
+    return _record(_state(request), name)
+
+
+@router.delete("/v1/adapters/{name}", status_code=204)
+async def delete_adapter(name: str, request: Request) -> Response:
+    await _delete(_state(request), name)
+    return Response(status_code=204)
+
+
+class LoadLoRARequest(BaseModel):
+    lora_name: StrictStr
+    lora_path: StrictStr
+
+
+class UnloadLoRARequest(BaseModel):
+    lora_name: StrictStr
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> JSONResponse:
+    """vLLM-compatible: store the adapter found at a server-side path under --allowed-adapter-dir."""
+    state = _state(request)
+    allowed = [os.path.realpath(os.path.expanduser(d)) for d in state.settings.allowed_adapter_dir]
+    if not allowed:
+        raise APIError(403, "loading adapters from server paths is disabled; start the server with "
+                            "--allowed-adapter-dir DIR", param="lora_path")
+    real = os.path.realpath(body.lora_path)
+    if not any(os.path.commonpath([real, d]) == d for d in allowed):
+        raise APIError(403, f"lora_path {body.lora_path!r} is not under an --allowed-adapter-dir "
+                            f"({', '.join(allowed)})", param="lora_path")
+    rec = await _store(state, body.lora_name, real, replace=False)
+    return JSONResponse(rec)
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(body: UnloadLoRARequest, request: Request) -> JSONResponse:
+    await _delete(_state(request), body.lora_name)
+    return JSONResponse({"status": "ok", "lora_name": body.lora_name})
