@@ -8,7 +8,7 @@ import pytest
 
 from server.engine.block_manager import BlockAllocator
 from server.engine.scheduler import Scheduler
-from server.engine.sequence import SamplingParams, Sequence, SeqStatus
+from server.engine.sequence import SamplingParams, SeqStatus, Sequence
 from server.engine.slots import SlotManager
 
 

@@ -1,0 +1,109 @@
+"""`peftserve adapters push|ls|show|rm`: manage a running server's adapters over its REST API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _client(ns: argparse.Namespace) -> Any:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {ns.key}"} if ns.key else {}
+    return httpx.Client(base_url=ns.url.rstrip("/"), headers=headers, timeout=ns.timeout)
+
+
+def _fail(resp: Any) -> int:
+    try:
+        msg = resp.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        msg = resp.text
+    print(f"peftserve: error: HTTP {resp.status_code}: {msg}", file=sys.stderr)
+    return 1
+
+
+def _push(ns: argparse.Namespace) -> int:
+    missing = [f for f in ADAPTER_FILES if not os.path.isfile(os.path.join(ns.dir, f))]
+    if missing:
+        print(f"peftserve: error: {ns.dir}: missing {', '.join(missing)} (a PEFT save_pretrained dir)",
+              file=sys.stderr)
+        return 2
+    files = [("files", (f, open(os.path.join(ns.dir, f), "rb").read())) for f in ADAPTER_FILES]
+    with _client(ns) as c:
+        if ns.replace:
+            r = c.put(f"/v1/adapters/{ns.name}", data={"name": ns.name}, files=files)
+        else:
+            r = c.post("/v1/adapters", data={"name": ns.name}, files=files)
+    if r.status_code not in (200, 201):
+        return _fail(r)
+    rec = r.json()
+    print(f"{rec['name']} v{rec['version']} {rec['peft_type']} rank={rec.get('rank')} sha256={rec['sha256'][:12]}")
+    return 0
+
+
+def _ls(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        r = c.get("/v1/adapters")
+    if r.status_code != 200:
+        return _fail(r)
+    rows = r.json()["data"]
+    if ns.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'NAME':<24} {'VER':>3} {'TYPE':<14} {'RANK':>4} {'RESIDENCY':<9} SIZE")
+    for a in rows:
+        print(f"{a['name']:<24} {a['version']:>3} {a.get('peft_type') or a['type']:<14} "
+              f"{a.get('rank') if a.get('rank') is not None else '-':>4} {a['residency']:<9} {a.get('size_bytes', '-')}")
+    return 0
+
+
+def _show(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        r = c.get(f"/v1/adapters/{ns.name}")
+    if r.status_code != 200:
+        return _fail(r)
+    print(json.dumps(r.json(), indent=2))
+    return 0
+
+
+def _rm(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        r = c.delete(f"/v1/adapters/{ns.name}")
+    if r.status_code != 204:
+        return _fail(r)
+    print(f"deleted {ns.name}")
+    return 0
+
+
+def add_adapter_commands(sub: Any) -> None:
+    """Attach `adapters` and its verbs to the top-level `peftserve` parser."""
+    p = sub.add_parser("adapters", help="manage a running server's adapters")
+    verbs = p.add_subparsers(dest="verb", required=True, parser_class=type(p))
+
+    def common(v: argparse.ArgumentParser) -> None:
+        v.add_argument("--url", default=os.environ.get("PEFTSERVE_URL", "http://127.0.0.1:8000"),
+                       help="server URL [env PEFTSERVE_URL]")
+        v.add_argument("--key", default=os.environ.get("PEFTSERVE_ADMIN_KEY") or os.environ.get("PEFTSERVE_API_KEY"),
+                       help="bearer key (admin key for writes) [env PEFTSERVE_ADMIN_KEY]")
+        v.add_argument("--timeout", type=float, default=300.0)
+
+    push = verbs.add_parser("push", help="upload a PEFT adapter dir")
+    push.add_argument("dir")
+    push.add_argument("--name", required=True)
+    push.add_argument("--replace", action="store_true", help="upload a new version of an existing adapter")
+    common(push)
+    push.set_defaults(func=_push)
+    ls = verbs.add_parser("ls", help="list adapters")
+    ls.add_argument("--json", action="store_true")
+    common(ls)
+    ls.set_defaults(func=_ls)
+    for verb, fn, help_ in (("show", _show, "one adapter's record"), ("rm", _rm, "delete an adapter")):
+        v = verbs.add_parser(verb, help=help_)
+        v.add_argument("name")
+        common(v)
+        v.set_defaults(func=fn)
