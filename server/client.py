@@ -57,8 +57,9 @@ def _ls(ns: argparse.Namespace) -> int:
         return 0
     print(f"{'NAME':<24} {'VER':>3} {'TYPE':<14} {'RANK':>4} {'RESIDENCY':<9} SIZE")
     for a in rows:
+        rank = a.get("rank") if a.get("rank") is not None else "-"
         print(f"{a['name']:<24} {a['version']:>3} {a.get('peft_type') or a['type']:<14} "
-              f"{a.get('rank') if a.get('rank') is not None else '-':>4} {a['residency']:<9} {a.get('size_bytes', '-')}")
+              f"{rank:>4} {a['residency']:<9} {a.get('size_bytes', '-')}")
     return 0
 
 
