@@ -34,8 +34,9 @@ def paged_attention(
     if batch.decode_rows is not None:
         s = batch.decode_rows.shape[0]
         qd = q.index_select(0, batch.decode_rows).view(s, kv_heads, group, head_dim)
-        kd = k_cache[batch.decode_ctx].transpose(1, 2)  # [S, KVH, L, D]
-        vd = v_cache[batch.decode_ctx].transpose(1, 2)
+        flat = batch.decode_ctx.view(-1)
+        kd = k_cache.index_select(0, flat).view(s, -1, kv_heads, head_dim).transpose(1, 2)  # [S, KVH, L, D]
+        vd = v_cache.index_select(0, flat).view(s, -1, kv_heads, head_dim).transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask(window), scale=scale)
         out.index_copy_(0, batch.decode_rows, od.reshape(s, num_heads * head_dim))
 
@@ -45,7 +46,7 @@ def paged_attention(
         if part.ctx is None:
             kp, vp = k[part.rows], v[part.rows]
         else:
-            kp, vp = k_cache[part.ctx], v_cache[part.ctx]
+            kp, vp = k_cache.index_select(0, part.ctx), v_cache.index_select(0, part.ctx)
         kp = kp.transpose(0, 1).unsqueeze(0)  # [1, KVH, L, D]
         vp = vp.transpose(0, 1).unsqueeze(0)
         if part.ctx is None and (window is None or window >= n):

@@ -121,10 +121,14 @@ def _decode_context(seqs: list[SeqChunk], block_size: int) -> tuple[torch.Tensor
 
 
 def _check(c: SeqChunk, num_blocks: int, block_size: int, max_model_len: int, max_adapters: int,
-           num_slots: int, hidden: int) -> None:
+           num_slots: int, hidden: int, vocab_size: int) -> None:
     n = len(c.token_ids)
     if n == 0:
         raise ValueError(f"sequence {c.seq_id}: a chunk needs at least one token")
+    if min(c.token_ids) < 0 or max(c.token_ids) >= vocab_size:
+        # checked here because on CUDA an out-of-range embedding index is a device assert that
+        # poisons the whole process
+        raise ValueError(f"sequence {c.seq_id}: token ids must be in [0, {vocab_size})")
     end = c.start_pos + n
     if c.start_pos < 0 or end > max_model_len:
         raise ValueError(f"sequence {c.seq_id}: positions {c.start_pos}..{end - 1} exceed max_model_len "
@@ -146,11 +150,11 @@ def _check(c: SeqChunk, num_blocks: int, block_size: int, max_model_len: int, ma
 
 
 def build_step(chunks: list[SeqChunk], *, block_size: int, num_blocks: int, max_model_len: int,
-               max_adapters: int, hidden: int, device: torch.device) -> StepBatch:
+               max_adapters: int, hidden: int, vocab_size: int, device: torch.device) -> StepBatch:
     """Validate the chunks and lay them out as one flat batch."""
     num_slots = num_blocks * block_size
     for c in chunks:
-        _check(c, num_blocks, block_size, max_model_len, max_adapters, num_slots, hidden)
+        _check(c, num_blocks, block_size, max_model_len, max_adapters, num_slots, hidden, vocab_size)
     order = sorted(range(len(chunks)), key=lambda i: chunks[i].lora_slot)
     tokens: list[int] = []
     positions: list[int] = []

@@ -107,7 +107,7 @@ class Decoder:
         s = self.spec
         h = F.embedding(batch.token_ids, self.embed)
         for row, e in batch.embeds:
-            h[row:row + e.shape[0]] = e.to(h.dtype)
+            h[row:row + e.shape[0]] = e.to(device=h.device, dtype=h.dtype)
         cos, sin = rope_cos_sin(self.inv_freq, batch.positions, h.dtype)
         q_end, k_end = self.q_size, self.q_size + self.kv_size
         inter = s.intermediate_size

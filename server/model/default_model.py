@@ -23,9 +23,9 @@ DEFAULT_CONFIG = dict(
 )
 
 
-def build_byte_tokenizer() -> Any:
-    """Byte-level tokenizer: ids 0..255 are the bytes, then <s>, </s>, <pad>. No merges, so any UTF-8
-    text round-trips exactly and nothing needs training or downloading."""
+def build_byte_tokenizer(extra_special_tokens: tuple[str, ...] = ()) -> Any:
+    """Byte-level tokenizer: ids 0..255 are the bytes, then <s>, </s>, <pad> (then any extras). No merges,
+    so any UTF-8 text round-trips exactly and nothing needs training or downloading."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -33,12 +33,13 @@ def build_byte_tokenizer() -> Any:
     byte_to_char = _bytes_to_unicode()
     assert set(byte_to_char.values()) == set(alphabet)
     vocab = {byte_to_char[b]: b for b in range(256)}
-    for i, tok in enumerate(SPECIAL_TOKENS):
+    specials = list(SPECIAL_TOKENS) + list(extra_special_tokens)
+    for i, tok in enumerate(specials):
         vocab[tok] = 256 + i
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.add_special_tokens(specials)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         chat_template=CHAT_TEMPLATE,
@@ -47,7 +48,7 @@ def build_byte_tokenizer() -> Any:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (the one ByteLevel pre-tokenization uses)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -64,7 +65,9 @@ def save_llama_family(out_dir: str, arch: str, config_kwargs: dict[str, Any], se
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-    tokenizer = build_byte_tokenizer()
+    # AutoTokenizer always loads a qwen2 checkpoint's tokenizer as Qwen2Tokenizer, which adds
+    # <|endoftext|> if missing; ship it so the vocabulary the model was sized for is the one that loads.
+    tokenizer = build_byte_tokenizer(("<|endoftext|>",) if arch == "qwen2" else ())
     classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
     kwargs = dict(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

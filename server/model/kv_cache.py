@@ -7,8 +7,6 @@ after RoPE, so cached keys never need rotating again.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from server.model.spec import ModelSpec
@@ -20,6 +18,18 @@ def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype) -> int:
     """K and V of one token over all layers."""
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * elem
+
+
+def _available_ram() -> int | None:
+    """MemAvailable (free + reclaimable page cache) in bytes, or None where /proc/meminfo is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def default_num_blocks(spec: ModelSpec, dtype: torch.dtype, device: torch.device, block_size: int,
@@ -36,11 +46,9 @@ def default_num_blocks(spec: ModelSpec, dtype: torch.dtype, device: torch.device
         tokens = int(free * fraction) // per_token
     else:
         tokens = max(4 * max_model_len, CPU_DEFAULT_MIN_TOKENS)
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        avail = _available_ram()
+        if avail is not None:
             tokens = min(tokens, int(avail * fraction) // per_token)
-        except (ValueError, OSError, AttributeError):
-            pass
     blocks = tokens // block_size
     need = -(-max_model_len // block_size)
     if blocks < need:

@@ -1,4 +1,4 @@
-"""Load a local HF checkpoint: config via AutoConfig, weights via safetensors only, tokenizer via AutoTokenizer.
+"""Load a local HF checkpoint: AutoConfig, weights through safetensors only, AutoTokenizer.
 
 Pickled weights (.bin / .pt) are refused: unpickling runs code from the file.
 """
@@ -19,7 +19,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def resolve_dtype(dtype: str, device: str, checkpoint_dtype: str | None) -> torch.dtype:
-    """float32/float16/bfloat16, or "auto": the checkpoint's dtype on CUDA, float32 elsewhere (CPU half is slow)."""
+    """float32/float16/bfloat16, or "auto": the checkpoint's dtype on CUDA, float32 elsewhere (CPU half is
+    slow and less exact)."""
     if dtype == "auto":
         if torch.device(device).type == "cuda" and checkpoint_dtype in _DTYPES:
             return _DTYPES[checkpoint_dtype]

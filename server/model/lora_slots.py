@@ -37,7 +37,8 @@ class LoRASlots:
         s, r = self.max_adapters, self.max_rank
         self.a[key] = torch.zeros(s, r, k_in, dtype=self.dtype, device=self.device)
         self.b[key] = torch.zeros(s, n_out, r, dtype=self.dtype, device=self.device)
-        self.ranks[key] = torch.zeros(s, dtype=torch.int32, device=self.device)
+        # ranks are only read on the host (kernel tile lists): keep them there, no device sync per module
+        self.ranks[key] = torch.zeros(s, dtype=torch.int32)
         self.scales[key] = torch.zeros(s, dtype=torch.float32, device=self.device)
         self._host_ranks[key] = [0] * s
 

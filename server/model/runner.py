@@ -20,8 +20,8 @@ class ModelRunner:
     """Loads a checkpoint, owns the KV cache and LoRA slots, and runs one ragged step per `execute`."""
 
     def __init__(self, model_dir: str, *, device: str = "cpu", dtype: str = "auto", block_size: int = 16,
-                 num_blocks: int | None = None, kv_cache_fraction: float = 0.5, max_model_len: int | None = None,
-                 max_adapters: int = 4, max_rank: int = 64) -> None:
+                 num_blocks: int | None = None, kv_cache_fraction: float = 0.5,
+                 max_model_len: int | None = None, max_adapters: int = 4, max_rank: int = 64) -> None:
         spec, hf_config = load_spec(model_dir)
         self.spec = spec
         self.info: BaseModelInfo = spec.base_info()
@@ -58,7 +58,8 @@ class ModelRunner:
                 return torch.empty(0, self.spec.vocab_size, dtype=torch.float32, device=self.device)
             batch = build_step(chunks, block_size=self.block_size, num_blocks=self.num_blocks,
                                max_model_len=self.max_model_len, max_adapters=self.max_adapters,
-                               hidden=self.spec.hidden_size, device=self.device)
+                               hidden=self.spec.hidden_size, vocab_size=self.spec.vocab_size,
+                               device=self.device)
             return self.decoder.forward(batch, self.kv_cache, self.lora)
 
     def load_lora(self, slot: int, weights: LoRAWeights) -> None:

@@ -67,9 +67,8 @@ def _rope_parameters(cfg: Any) -> dict[str, Any]:
     if params.get("rope_theta") is None:
         params["rope_theta"] = float(getattr(cfg, "rope_theta", None) or 10000.0)
     if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"rope type {params['rope_type']!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
+        raise ValueError(f"rope type {params['rope_type']!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ValueError("partial_rotary_factor != 1.0 is not supported by this decoder")
     return params
@@ -102,7 +101,8 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     num_heads = cfg.num_attention_heads
     num_kv_heads = getattr(cfg, "num_key_value_heads", None) or num_heads
     if num_heads % num_kv_heads:
-        raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+        raise ValueError(f"num_attention_heads {num_heads} is not a multiple of "
+                         f"num_key_value_heads {num_kv_heads}")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
     num_layers = cfg.num_hidden_layers
     qkv_bias = True if model_type == "qwen2" else bool(getattr(cfg, "attention_bias", False))

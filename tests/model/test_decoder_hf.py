@@ -69,7 +69,9 @@ def test_chunked_prefill_equals_single_call(ckpt_dir: str, block_size: int) -> N
     tables = shuffled_tables(2, 200 // 2 // block_size, runner.num_blocks, seed=2)
     whole = runner.execute(prefill_chunks(seqs, tables))
     tables2 = shuffled_tables(2, 200 // 2 // block_size, runner.num_blocks, seed=3)
-    runner.execute([SeqChunk(0, seqs[0][:5], 0, tables2[0], False), SeqChunk(1, seqs[1][:1], 0, tables2[1], False)])
-    parts = runner.execute([SeqChunk(0, seqs[0][5:], 5, tables2[0], True), SeqChunk(1, seqs[1][1:], 1, tables2[1], True)])
+    runner.execute([SeqChunk(0, seqs[0][:5], 0, tables2[0], False),
+                    SeqChunk(1, seqs[1][:1], 0, tables2[1], False)])
+    parts = runner.execute([SeqChunk(0, seqs[0][5:], 5, tables2[0], True),
+                            SeqChunk(1, seqs[1][1:], 1, tables2[1], True)])
     torch.testing.assert_close(parts, whole, **TOL)
     torch.testing.assert_close(parts, hf_last_logits(hf, seqs), **TOL)
