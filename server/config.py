@@ -97,19 +97,37 @@ def _bool(v: str) -> bool:
 
 
 HELP = {
-    "model": "local HF checkpoint dir (default: the embedded demo model)",
+    "model": "local HF checkpoint dir (Llama, Mistral or Qwen2); default: the embedded demo model",
+    "served_model_name": "model id clients use for the base model (default: the checkpoint dir's name)",
+    "host": "address to listen on",
+    "port": "port to listen on",
     "device": "auto | cpu | cuda",
-    "dtype": "auto | float32 | float16 | bfloat16",
-    "max_model_len": "longest prompt + output, in tokens (default: the model's limit)",
+    "dtype": "auto | float32 | float16 | bfloat16 (auto: the checkpoint's dtype on CUDA, float32 on CPU)",
+    "max_model_len": "longest prompt + output in tokens, virtual tokens included (default: the model's limit)",
+    "max_num_seqs": "sequences decoded together in one step",
     "max_batch_tokens": "token budget of one engine step (prefill chunks + decodes)",
-    "kv_cache_blocks": "KV cache size in blocks (default: from --kv-cache-fraction of free GPU memory)",
-    "adapter": "NAME=PATH of a local PEFT adapter dir to serve; repeatable",
+    "kv_cache_blocks": "KV cache size in blocks (default: --kv-cache-fraction of free memory)",
+    "kv_cache_fraction": "share of free device memory for the KV cache when --kv-cache-blocks is not set",
+    "block_size": "tokens per KV block",
     "max_adapters": "adapters resident on the device at once (slots)",
     "max_rank": "largest LoRA rank accepted",
-    "metrics_require_key": "require --api-key on /metrics",
-    "adapters_dir": "where uploaded adapters are stored (default ~/.cache/peftserve/adapters)",
-    "allowed_adapter_dir": "directories /v1/load_lora_adapter may read from; repeatable",
+    "adapter": "NAME=PATH of a local PEFT adapter dir to serve; repeatable",
+    "adapters_dir": "where uploaded adapters are stored (default $PEFTSERVE_CACHE_DIR/adapters or "
+                    "~/.cache/peftserve/adapters)",
     "max_cpu_adapters": "adapters kept loaded in CPU memory (LRU)",
+    "allowed_adapter_dir": "directories /v1/load_lora_adapter may read from; repeatable",
+    "max_upload_mb": "largest adapter upload (413 beyond)",
+    "api_key": "Bearer key required on every /v1 route",
+    "admin_key": "Bearer key required for adapter writes (also accepted where --api-key is)",
+    "max_queue": "waiting requests beyond which new ones get 429",
+    "max_tokens_limit": "largest max_tokens a request may ask for",
+    "max_n": "largest n (choices per request)",
+    "max_stop": "most stop strings per request",
+    "max_body_mb": "largest request body of non-upload routes (413 beyond)",
+    "metrics_max_adapters": "adapters with their own metrics label; the rest are folded into 'other'",
+    "metrics_require_key": "require --api-key on /metrics (true/false)",
+    "shutdown_timeout": "seconds in-flight requests may take to finish on SIGTERM",
+    "log_level": "debug | info | warning | error",
 }
 
 
@@ -123,7 +141,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         typ: Any = type(default) if default is not None else str
         if f.name in ("max_model_len", "kv_cache_blocks"):
             typ = int
-        help_ = HELP.get(f.name, "") + f" [env {env}]"
+        help_ = HELP[f.name] + (f" (default {default})" if default not in (None, []) else "") + f" [env {env}]"
         if isinstance(default, list):
             env_val = os.environ.get(env)
             p.add_argument(flag, action="append", default=env_val.split(",") if env_val else [], help=help_)

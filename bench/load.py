@@ -1,0 +1,187 @@
+"""Load test: N clients on loopback for T seconds over a random mix of adapters; stops by itself.
+
+    .venv/bin/python -m bench.load --clients 8 --seconds 20 --adapters 4
+
+Without --url it starts its own server (the built-in demo model, or --model) on a free loopback
+port, uploads LoRA, prefix-tuning and prompt-tuning adapters made with `peft`, runs the load, and
+stops the server. It prints throughput, latency percentiles, error counts by status, and the KV
+cache / adapter state (from /metrics) before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+
+import httpx
+
+STATE_METRICS = ("peftserve_kv_blocks_used", "peftserve_kv_blocks_total", "peftserve_adapter_slots_in_use",
+                 "peftserve_num_requests_running", "peftserve_num_requests_waiting", "peftserve_adapters_resident")
+
+
+def scrape(client: httpx.Client) -> dict[str, float]:
+    text = client.get("/metrics").text
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^(peftserve_[a-z_]+)(\{[^}]*\})? ([0-9.eE+-]+)$", line)
+        if m and m.group(1) in STATE_METRICS:
+            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+def make_adapters(model_dir: str, out: str, k: int) -> dict[str, str]:
+    """k adapters cycling LoRA / prefix / prompt tuning, random weights (so they change the output)."""
+    import torch
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dirs = {}
+    for i in range(k):
+        kind = ("lora", "prefix", "prompt")[i % 3]
+        cfg = {"lora": LoraConfig(r=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False),
+               "prefix": PrefixTuningConfig(num_virtual_tokens=8),
+               "prompt": PromptTuningConfig(num_virtual_tokens=8)}[kind]
+        cfg.task_type = "CAUSAL_LM"
+        torch.manual_seed(i)
+        m = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg)
+        d = os.path.join(out, f"{kind}-{i}")
+        m.save_pretrained(d)
+        dirs[f"{kind}-{i}"] = d
+    return dirs
+
+
+def start_server(model: str | None, adapters_dir: str) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--adapters-dir", adapters_dir,
+           "--max-model-len", "512", "--log-level", "warning"] + (["--model", model] if model else [])
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not become ready in 300 s")
+
+
+async def run_load(url: str, models: list[str], clients: int, seconds: float, max_tokens: int, key: str | None,
+                   max_requests: int, seed: int) -> tuple[list[float], Counter, int, float]:
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    tokens = 0
+    sent = 0
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    stop_at = time.monotonic() + seconds
+
+    async def client(ac: httpx.AsyncClient) -> None:
+        nonlocal tokens, sent
+        while time.monotonic() < stop_at and sent < max_requests:
+            sent += 1
+            model = rng.choice(models)
+            body = {"model": model, "prompt": [rng.randrange(256) for _ in range(rng.randint(4, 64))],
+                    "max_tokens": rng.randint(1, max_tokens), "temperature": 0.7, "seed": rng.randrange(1 << 30)}
+            t0 = time.monotonic()
+            try:
+                r = await ac.post("/v1/completions", json=body)
+                statuses[r.status_code] += 1
+                if r.status_code == 200:
+                    tokens += r.json()["usage"]["completion_tokens"]
+                    latencies.append(time.monotonic() - t0)
+            except httpx.HTTPError as e:
+                statuses[type(e).__name__] += 1
+
+    t0 = time.monotonic()
+    async with httpx.AsyncClient(base_url=url, timeout=120, headers=headers) as ac:
+        await asyncio.gather(*(client(ac) for _ in range(clients)))
+    return latencies, statuses, tokens, time.monotonic() - t0
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="a running server (default: start one here)")
+    ap.add_argument("--model", help="checkpoint for the self-started server (default: built-in demo model)")
+    ap.add_argument("--key", help="API key (admin key to upload adapters)")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--max-requests", type=int, default=100_000, help="hard bound on requests sent")
+    ap.add_argument("--adapters", type=int, default=6, help="adapters to upload to a self-started server")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.url and not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
+        raise SystemExit("--url must be a loopback address: this tool only loads servers on this machine")
+
+    proc = None
+    tmp = tempfile.TemporaryDirectory()
+    try:
+        if args.url:
+            url = args.url
+        else:
+            from server.model.default_model import ensure_default_model
+
+            model = args.model or ensure_default_model()
+            proc, url = start_server(model, os.path.join(tmp.name, "store"))
+            with httpx.Client(base_url=url, timeout=120) as c:
+                for name, d in make_adapters(model, tmp.name, args.adapters).items():
+                    files = [("files", (f, open(os.path.join(d, f), "rb").read()))
+                             for f in ("adapter_config.json", "adapter_model.safetensors")]
+                    r = c.post("/v1/adapters", data={"name": name}, files=files)
+                    r.raise_for_status()
+        with httpx.Client(base_url=url, timeout=60,
+                          headers={"Authorization": f"Bearer {args.key}"} if args.key else {}) as c:
+            models = [m["id"] for m in c.get("/v1/models").json()["data"]]
+            before = scrape(c)
+            lat, statuses, tokens, dt = asyncio.run(run_load(url, models, args.clients, args.seconds,
+                                                             args.max_tokens, args.key, args.max_requests, args.seed))
+            deadline = time.time() + 30
+            after = scrape(c)
+            while time.time() < deadline and (after.get("peftserve_num_requests_running", 0)
+                                              or after.get("peftserve_kv_blocks_used", 0)):
+                time.sleep(0.2)
+                after = scrape(c)
+        n = sum(statuses.values())
+        print(f"models: {len(models)} ({', '.join(models)})")
+        print(f"clients={args.clients} seconds={dt:.1f} requests={n} ok={statuses.get(200, 0)}")
+        print(f"throughput: {n / dt:.2f} req/s, {tokens / dt:.1f} generated tok/s")
+        print(f"latency (ok requests): p50 {pct(lat, 50) * 1000:.0f} ms, p95 {pct(lat, 95) * 1000:.0f} ms")
+        print("status counts: " + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items(), key=str)))
+        for label, snap in (("before", before), ("after", after)):
+            shown = ", ".join(f"{k.removeprefix('peftserve_')}={v:g}" for k, v in sorted(snap.items()))
+            print(f"state {label}: {shown}")
+        errors = n - statuses.get(200, 0)
+        print(f"unintended failures: {errors}")
+        return 1 if errors else 0
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
