@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import signal
 import sys
 
 from server.config import SettingsError, _Parser, add_serve_args, settings_from_args
@@ -28,8 +30,11 @@ def _serve(ns: argparse.Namespace) -> int:
         print(f"peftserve: error: {e}", file=sys.stderr)
         return 2
     app = create_app(state)
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; a drained shutdown is a
+    # clean exit, so turn that into status 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=int(settings.shutdown_timeout) or None)
+                timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout))
     return 0
 
 

@@ -29,8 +29,7 @@ def create_app(state: ServerState) -> FastAPI:
             state.engine.stop(timeout=state.settings.shutdown_timeout)
 
     if state.metrics is None:
-        state.metrics = Metrics(state.engine, max_adapters=state.settings.metrics_max_adapters)
-        state.engine.observers.append(state.metrics)
+        state.metrics = _metrics(state)
     app = FastAPI(title="peftserve", version="0.1.0", lifespan=lifespan)
     app.state.peft = state
     install_handlers(app)
@@ -58,3 +57,16 @@ def create_app(state: ServerState) -> FastAPI:
         return Response(request.app.state.peft.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _metrics(state: ServerState) -> Metrics:
+    """Metrics fed by the engine, plus the registry's CPU tier and its catalogue (adapters on disk)."""
+    m = Metrics(state.engine, max_adapters=state.settings.metrics_max_adapters)
+    state.engine.observers.append(m)
+    reg = state.registry
+    if hasattr(reg, "num_cpu"):
+        m.residency["cpu"] = lambda: reg.num_cpu
+        m.tier_loads["cpu"] = lambda: reg.cpu_loads
+        m.tier_evictions["cpu"] = lambda: reg.cpu_evictions
+    m.residency["disk"] = lambda: len(reg.names())
+    return m
