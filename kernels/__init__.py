@@ -12,7 +12,7 @@ import torch
 from kernels.lora_expand import lora_expand_triton
 from kernels.lora_shrink import lora_shrink_triton
 from kernels.metadata import LoRAMeta
-from kernels.reference import lora_expand_ref, lora_shrink_ref
+from kernels.reference import lora_apply_ref, lora_expand_ref, lora_shrink_ref
 
 __all__ = [
     "LoRAMeta",
@@ -20,6 +20,7 @@ __all__ = [
     "lora_shrink",
     "lora_expand",
     "lora_shrink_ref",
+    "lora_apply_ref",
     "lora_expand_ref",
     "lora_shrink_triton",
     "lora_expand_triton",
@@ -69,5 +70,7 @@ def lora_apply(
     """y += scale[slot] * (x @ A[slot].T) @ B[slot].T for every token with a slot; base tokens untouched."""
     if meta.num_segments == 0:
         return y
+    if not _use_triton(x):
+        return lora_apply_ref(x, y, a, b, ranks, scales, meta)
     h = lora_shrink(x, a, ranks, meta)
     return lora_expand(h, b, ranks, scales, meta, y)

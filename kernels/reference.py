@@ -57,3 +57,31 @@ def lora_expand_ref(
         else:
             y.index_add_(0, rows, delta.to(y.dtype))
     return y
+
+
+def lora_apply_ref(
+    x: torch.Tensor,  # [T, K]
+    y: torch.Tensor,  # [T, N] base output, updated in place (may be a column slice)
+    a: torch.Tensor,  # [S, R_max, K]
+    b: torch.Tensor,  # [S, N, R_max]
+    ranks: torch.Tensor,  # [S] int32
+    scales: torch.Tensor,  # [S] float32
+    meta: LoRAMeta,
+) -> torch.Tensor:
+    """Shrink then expand, segment by segment, with no intermediate [T, R_max] buffer.
+
+    Same result as lora_expand_ref(lora_shrink_ref(x, ...), ...). On a CPU the cost of a decode step's
+    LoRA is mostly per-op overhead (the matmuls are tiny), so each segment is two ops: one linear for
+    the shrink and one addmm for expand, scale and accumulate together.
+    """
+    sl = scales.tolist()
+    for i, (s, r) in enumerate(zip(meta.slots, meta.seg_ranks(ranks), strict=True)):
+        if r == 0 or meta.lens[i] == 0:
+            continue
+        rows = _rows(meta, i)
+        h = F.linear(x[rows], a[s, :r])  # [n, r]
+        if isinstance(rows, slice):
+            y[rows].addmm_(h, b[s, :, :r].T, alpha=sl[s])
+        else:
+            y.index_add_(0, rows, F.linear(h, b[s, :, :r]).to(y.dtype), alpha=sl[s])
+    return y
