@@ -1,0 +1,375 @@
+"""Mixed-adapter throughput: the same requests served base-only, with K distinct adapters, and by `peft`.
+
+    .venv/bin/python -m bench.mixed_adapters                   # 32 requests x (64 in, 32 out), hidden 1024
+    .venv/bin/python -m bench.mixed_adapters --quick           # tiny smoke run (K = 1, 2)
+
+Workloads, all greedy with a fixed output length, all prompts submitted at once:
+  (a) our engine, base model only;
+  (b) our engine, K distinct LoRA adapters (rank 16, all 7 projections), request i uses adapter i % K;
+  (c) `peft` one adapter at a time: the requests grouped by adapter, one batched `generate` per group,
+      groups run one after another (`set_adapter` over a PeftModel holding all K adapters);
+  (d) `peft` mixed batch: one batched `generate(..., adapter_names=[...])`;
+  and through our engine K prefix-tuning adapters, K prompt-tuning adapters, and a mix of
+  base + LoRA + prefix + prompt requests (request i: kind i % 4).
+
+"ideal(mem)" is the memory-bound ideal of a decode step: base bytes (weights + KV read) over base plus
+the adapters' extra bytes (distinct LoRA A/B, prefix / virtual-token KV). "ideal(flop)" is the same
+ratio for FLOPs, which is closer to what bounds a 2-core CPU in fp32 at this batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bench.common import bench_model, hf_generate, make_engine, random_prompts, run_engine
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTER_CACHE = "/tmp/peftserve-bench/adapters"
+
+
+# ---- adapters, made with peft on the bench checkpoint (cached on disk) ---------------------------------------
+def _load_base(model_dir: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _save_atomic(model: Any, out_dir: str) -> None:
+    tmp = out_dir + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    os.rename(tmp, out_dir)
+
+
+def make_lora_adapters(model_dir: str, k: int, rank: int, root: str = ADAPTER_CACHE) -> list[str]:
+    """K LoRA adapters (random A and B as `init_lora_weights=False` leaves them), seed i for adapter i."""
+    from peft import LoraConfig, get_peft_model
+
+    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
+    dirs = [os.path.join(base, f"lora-r{rank}-{i}") for i in range(k)]
+    missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "adapter_config.json"))]
+    if missing:
+        os.makedirs(base, exist_ok=True)
+        model = get_peft_model(_load_base(model_dir), LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, init_lora_weights=False, lora_dropout=0.0,
+            task_type="CAUSAL_LM"))
+        for d in missing:
+            torch.manual_seed(int(d.rsplit("-", 1)[1]))
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_" in name:
+                        torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5))  # nn.Linear's own init
+            _save_atomic(model, d)
+    return dirs
+
+
+def make_prompt_learning_adapters(model_dir: str, kind: str, k: int, num_virtual_tokens: int,
+                                  root: str = ADAPTER_CACHE) -> list[str]:
+    """K prefix-tuning ("prefix") or prompt-tuning ("prompt") adapters with random weights."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
+    dirs = [os.path.join(base, f"{kind}-v{num_virtual_tokens}-{i}") for i in range(k)]
+    missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "adapter_config.json"))]
+    if missing:
+        os.makedirs(base, exist_ok=True)
+        cls = {"prefix": PrefixTuningConfig, "prompt": PromptTuningConfig}[kind]
+        model = get_peft_model(_load_base(model_dir), cls(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens))
+        for d in missing:
+            torch.manual_seed(int(d.rsplit("-", 1)[1]))
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if p.requires_grad:
+                        p.normal_(0.0, 1.0 if "embedding" in name else 0.5)
+            _save_atomic(model, d)
+    return dirs
+
+
+# ---- ideal ratios ---------------------------------------------------------------------------------------------
+@dataclass
+class Extra:
+    """What a workload adds to a decode step over base: distinct LoRA adapters, extra KV positions read."""
+
+    lora_adapters: int = 0
+    lora_rank: int = 0
+    extra_kv_positions: int = 0  # summed over requests (prefix / virtual tokens each request attends to)
+
+
+def ideal_ratios(info: Any, elem: int, num_requests: int, avg_ctx: float, extra: Extra) -> tuple[float, float]:
+    """(memory-bound, FLOP-bound) ideal throughput ratio of a decode step vs base, from the KERNELS.md roofline."""
+    kv_per_pos = 2 * info.num_layers * info.num_key_value_heads * info.head_dim  # elements (K and V, all layers)
+    kn = sum(k * n for k, n in map(info.module_shape, LORA_TARGETS)) * info.num_layers
+    r_kn = sum(k + n for k, n in map(info.module_shape, LORA_TARGETS)) * info.num_layers
+    lm_head = info.vocab_size * info.hidden_size
+    base_bytes = elem * (kn + lm_head + num_requests * avg_ctx * kv_per_pos)
+    extra_bytes = elem * (extra.lora_adapters * extra.lora_rank * r_kn + extra.extra_kv_positions * kv_per_pos)
+    # FLOPs: 2 per weight per token; attention ~ 2 * 2 * q_dim per KV position per layer (QK^T and PV).
+    q_dim = info.num_attention_heads * info.head_dim
+    attn_per_pos = 4 * q_dim * info.num_layers
+    base_flops = num_requests * (2 * (kn + lm_head)) + num_requests * avg_ctx * attn_per_pos
+    lora_tokens = num_requests if extra.lora_adapters else 0
+    extra_flops = lora_tokens * 2 * extra.lora_rank * r_kn + extra.extra_kv_positions * attn_per_pos
+    return base_bytes / (base_bytes + extra_bytes), base_flops / (base_flops + extra_flops)
+
+
+# ---- measurement ----------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    name: str
+    system: str  # "ours" | "peft"
+    kind: str  # "base" | "lora" | "prefix" | "prompt" | "mix"
+    k: int
+    tok_per_s: float
+    seconds: float
+    ideal_mem: float | None = None
+    ideal_flop: float | None = None
+    ratios: dict[str, float] = field(default_factory=dict)
+
+
+def best_of(n: int, fn: Any) -> dict[str, float]:
+    runs = [fn() for _ in range(max(1, n))]
+    return max(runs, key=lambda r: r["tok_per_s"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF checkpoint dir (default: a random Llama of --hidden/--layers)")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--num-requests", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--ks", default="1,8,32", help="comma-separated numbers of distinct adapters")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--max-rank", type=int, default=64, help="engine LoRA slot rank (and loader limit)")
+    ap.add_argument("--num-virtual-tokens", type=int, default=16, help="prefix / prompt tuning length")
+    ap.add_argument("--mix-k", type=int, default=8, help="adapters of each kind in the base+LoRA+prefix+prompt mix")
+    ap.add_argument("--max-adapters", type=int, default=0, help="engine slots (0 = enough for every workload)")
+    ap.add_argument("--repeat", type=int, default=2, help="timed runs per workload; the best is reported")
+    ap.add_argument("--only", default="", help="comma-separated substrings: run only our workloads whose name has "
+                    "one (base always runs)")
+    ap.add_argument("--no-pairing", action="store_true", help="don't time base alongside each workload")
+    ap.add_argument("--skip-peft", action="store_true", help="skip the transformers/peft baselines")
+    ap.add_argument("--skip-peft-mixed", action="store_true", help="skip peft's mixed-batch generate (d)")
+    ap.add_argument("--skip-prompt-learning", action="store_true", help="skip prefix / prompt / mix workloads")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, K = 1, 2: a smoke run")
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.hidden, args.layers, args.heads, args.kv_heads = 64, 2, 4, 2
+        args.num_requests, args.prompt_len, args.output_len = 8, 16, 8
+        args.ks, args.num_virtual_tokens, args.mix_k, args.repeat = "1,2", 4, 2, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ks = sorted({int(k) for k in args.ks.split(",") if k.strip()})
+    n = args.num_requests
+    slots = args.max_adapters or max(max(ks), 3 * args.mix_k)
+
+    model_dir = args.model or bench_model(args.hidden, args.layers, args.heads, args.kv_heads)
+    prompts = random_prompts(n, args.prompt_len)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device={device} threads={torch.get_num_threads()} model={model_dir}")
+    print(f"requests={n} prompt_len={args.prompt_len} output_len={args.output_len} K={ks} rank={args.rank} "
+          f"virtual_tokens={args.num_virtual_tokens} slots={slots} max_rank={args.max_rank} repeat={args.repeat}")
+
+    lora_dirs = make_lora_adapters(model_dir, max(ks), args.rank)
+    pl_k = max(max(ks), args.mix_k)
+    pl_dirs = {} if args.skip_prompt_learning else {
+        kind: make_prompt_learning_adapters(model_dir, kind, pl_k, args.num_virtual_tokens)
+        for kind in ("prefix", "prompt")}
+
+    # transformers / peft first, before the engine exists (its worker thread and KV cache can't interfere).
+    from server.model.loader import load_spec, load_tokenizer, resolve_dtype
+
+    pad = load_tokenizer(model_dir).pad_token_id
+    dtype = resolve_dtype("auto", device, load_spec(model_dir)[0].torch_dtype)
+    rows: list[Row] = []
+    if not args.skip_peft:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        hf_generate(model, prompts[:2], 2, pad)  # warm-up
+        res = best_of(args.repeat, lambda: hf_generate(model, prompts, args.output_len, pad))
+        rows.append(Row("transformers base", "peft", "base", 0, res["tok_per_s"], res["seconds"]))
+        print(f"  {'transformers base':<44} {res['tok_per_s']:9.1f} tok/s", flush=True)
+        names = [f"a{i}" for i in range(max(ks))]
+        pm = PeftModel.from_pretrained(model, lora_dirs[0], adapter_name=names[0]).eval()
+        for nm, d in zip(names[1:], lora_dirs[1:], strict=True):
+            pm.load_adapter(d, adapter_name=nm)
+        pm.eval()
+        for k in ks:
+            groups: dict[int, list[list[int]]] = {}
+            for i, p in enumerate(prompts):
+                groups.setdefault(i % k, []).append(p)
+
+            def one_at_a_time(groups: dict[int, list[list[int]]] = groups) -> dict[str, float]:
+                tokens = seconds = 0.0
+                for a, ps in groups.items():
+                    pm.set_adapter(names[a])
+                    r = hf_generate(pm, ps, args.output_len, pad)
+                    tokens += r["tokens"]
+                    seconds += r["seconds"]
+                return {"tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
+
+            pm.set_adapter(names[0])
+            hf_generate(pm, prompts[:2], 2, pad)  # warm-up
+            res = best_of(args.repeat, one_at_a_time)
+            rows.append(Row(f"peft one-at-a-time K={k}", "peft", "lora", k, res["tok_per_s"], res["seconds"]))
+            print(f"  {rows[-1].name:<44} {res['tok_per_s']:9.1f} tok/s", flush=True)
+            if not args.skip_peft_mixed:
+                an = [names[i % k] for i in range(n)]
+                res = best_of(args.repeat, lambda an=an: hf_generate(pm, prompts, args.output_len, pad,
+                                                                     adapter_names=an))
+                rows.append(Row(f"peft mixed batch K={k}", "peft", "lora", k, res["tok_per_s"], res["seconds"]))
+                print(f"  {rows[-1].name:<44} {res['tok_per_s']:9.1f} tok/s", flush=True)
+
+
+    from adapters_store.loader import load_adapter
+    from server.engine.registry import AdapterRegistry
+
+    max_len = args.prompt_len + args.output_len + args.num_virtual_tokens + 8
+
+    def new_engine() -> Any:
+        return make_engine(model_dir, max_num_seqs=n, max_model_len=max_len, max_adapters=slots,
+                           max_rank=args.max_rank, max_batch_tokens=max(2048, n))
+
+    engine = new_engine()
+    info = engine.runner.info
+    elem = torch.empty((), dtype=engine.runner.dtype).element_size()
+    avg_ctx = args.prompt_len + args.output_len / 2
+    registry = AdapterRegistry()
+    handles: dict[str, list[Any]] = {
+        "lora": [registry.put(f"lora{i}", load_adapter(d, info, max_rank=args.max_rank))
+                 for i, d in enumerate(lora_dirs)]}
+    for kind, dirs in pl_dirs.items():
+        handles[kind] = [registry.put(f"{kind}{i}", load_adapter(d, info, max_rank=args.max_rank))
+                         for i, d in enumerate(dirs)]
+
+    # (name, kind, K, per-request handles, Extra)
+    nvt = args.num_virtual_tokens
+    workloads: list[tuple[str, str, int, list[Any], Extra]] = [("ours base", "base", 0, [None] * n, Extra())]
+    for k in ks:
+        workloads.append((f"ours LoRA K={k}", "lora", k, [handles["lora"][i % k] for i in range(n)],
+                          Extra(min(k, n), args.rank)))
+    if pl_dirs:
+        for kind in ("prefix", "prompt"):
+            for k in ks:
+                workloads.append((f"ours {kind} K={k}", kind, k, [handles[kind][i % k] for i in range(n)],
+                                  Extra(extra_kv_positions=n * nvt)))
+        mk = args.mix_k
+        mix: list[Any] = []
+        for i in range(n):
+            kind = ("base", "lora", "prefix", "prompt")[i % 4]
+            mix.append(None if kind == "base" else handles[kind][(i // 4) % mk])
+        n_lora = len({id(h) for h in mix if h is not None and h.kind == "lora"})
+        n_pl = sum(1 for h in mix if h is not None and h.kind != "lora")
+        workloads.append((f"ours mix base+LoRA+prefix+prompt ({mk} each)", "mix", mk, mix,
+                          Extra(n_lora, args.rank, n_pl * nvt)))
+
+    # Each adapter workload is timed alternately with base (best of --repeat each), and its ratio is taken
+    # against that paired base: other processes sharing the CPU then bias both sides alike.
+    if args.only:
+        keys = [x.strip() for x in args.only.split(",") if x.strip()]
+        workloads = [w for w in workloads if w[1] == "base" or any(x in w[0] for x in keys)]
+    base_runs: list[dict[str, float]] = []
+    paired: dict[str, float] = {}
+    run_engine(engine, prompts[:2], 2)  # warm-up
+    failures: dict[str, str] = {}
+    for name, kind, k, hs, extra in workloads:
+        runs, pair = [], []
+        try:
+            run_engine(engine, prompts, 2, hs)  # warm-up: loads every adapter of the workload into its slot
+            for _ in range(max(1, args.repeat)):
+                runs.append(run_engine(engine, prompts, args.output_len, hs))
+                if kind != "base" and not args.no_pairing:
+                    pair.append(run_engine(engine, prompts, args.output_len))
+        except Exception as e:  # noqa: BLE001 - report the failure, measure the other workloads
+            failures[name] = f"{type(e).__name__}: {e}"
+            print(f"  {name:<44} FAILED: {failures[name]}", flush=True)
+            if engine.dead is not None or not engine.alive:
+                engine.stop()
+                engine = new_engine()
+                run_engine(engine, prompts[:2], 2)
+            if not runs:
+                continue
+        base_runs.extend(runs if kind == "base" else pair)
+        res = max(runs, key=lambda r: r["tok_per_s"])
+        if pair:
+            paired[name] = max(r["tok_per_s"] for r in pair)
+        im, ifl = ideal_ratios(info, elem, n, avg_ctx, extra)
+        rows.append(Row(name, "ours", kind, k, res["tok_per_s"], res["seconds"], im, ifl))
+        extra_txt = f"  (paired base {paired[name]:.1f})" if name in paired else ""
+        print(f"  {name:<44} {res['tok_per_s']:9.1f} tok/s{extra_txt}", flush=True)
+    best_base = max(base_runs, key=lambda r: r["tok_per_s"])
+    ours_base = next(r for r in rows if r.name == "ours base")
+    ours_base.tok_per_s, ours_base.seconds = best_base["tok_per_s"], best_base["seconds"]
+    rows.sort(key=lambda r: r.system != "ours")  # stable: our workloads first, then transformers / peft
+    dtype = engine.runner.dtype
+    loads, evictions = engine.slots.loads, engine.slots.evictions
+    engine.stop()
+
+    # ---- ratios and table ----
+    by_name = {r.name: r for r in rows}
+    base = by_name["ours base"].tok_per_s
+    for r in rows:
+        r.ratios["vs_our_base"] = r.tok_per_s / paired.get(r.name, base)
+        if r.system == "ours" and r.kind == "lora":
+            for ref in ("one-at-a-time", "mixed batch"):
+                other = by_name.get(f"peft {ref} K={r.k}")
+                if other is not None:
+                    r.ratios[f"vs_peft_{ref.replace(' ', '_').replace('-', '_')}"] = r.tok_per_s / other.tok_per_s
+    hf_base = by_name.get("transformers base")
+    if hf_base is not None:
+        by_name["ours base"].ratios["vs_transformers_base"] = base / hf_base.tok_per_s
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    header = (f"{'workload':<44} {'tok/s':>9} {'/our base':>9} {'/peft 1by1':>10} {'/peft mixed':>11} "
+              f"{'ideal(mem)':>10} {'ideal(flop)':>11}")
+    print(f"\n== mixed adapters ({device}, {str(dtype).replace('torch.', '')}, threads={torch.get_num_threads()}, "
+          f"hidden={info.hidden_size}, layers={info.num_layers}, {n} req x {args.prompt_len}+{args.output_len} tok)")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r.name:<44} {r.tok_per_s:9.1f} {fmt(r.ratios['vs_our_base']):>9} "
+              f"{fmt(r.ratios.get('vs_peft_one_at_a_time')):>10} {fmt(r.ratios.get('vs_peft_mixed_batch')):>11} "
+              f"{fmt(r.ideal_mem):>10} {fmt(r.ideal_flop):>11}")
+    print(f"engine slot loads={loads} evictions={evictions}; our rows' /our base is against base timed alternately "
+          f"with them (best of {args.repeat}); base row = best of {len(base_runs)} base runs")
+    print("ideal(mem) = memory-bound ideal of a decode step (weights + KV bytes); ideal(flop) = FLOP-bound ideal")
+
+    targets: dict[str, Any] = {}
+    if info.hidden_size >= 1024:
+        r8, r32 = by_name.get("ours LoRA K=8"), by_name.get("ours LoRA K=32")
+        if r8 is not None:
+            v = r8.ratios["vs_our_base"]
+            targets["b_over_a_K8"] = {"value": v, "target": 0.85, "met": v >= 0.85}
+        if r32 is not None and "vs_peft_one_at_a_time" in r32.ratios:
+            v = r32.ratios["vs_peft_one_at_a_time"]
+            targets["b_over_c_K32"] = {"value": v, "target": 5.0, "met": v >= 5.0}
+        for key, t in targets.items():
+            print(f"target {key}: {t['value']:.2f} (>= {t['target']}) {'MET' if t['met'] else 'NOT MET'}")
+
+    for name, err in failures.items():
+        print(f"FAILED {name}: {err}")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "dtype": str(dtype), "threads": torch.get_num_threads(), "args": vars(args),
+                       "slot_loads": loads, "slot_evictions": evictions, "targets": targets, "failures": failures,
+                       "rows": [r.__dict__ for r in rows]}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
