@@ -352,6 +352,9 @@ class AsyncEngine:
             self._retire(req, reason)
         self._emit(req, delta)
 
-    @staticmethod
-    def _emit(req: _Request, delta: Delta) -> None:
-        req.loop.call_soon_threadsafe(req.out.put_nowait, delta)
+    def _emit(self, req: _Request, delta: Delta) -> None:
+        try:
+            req.loop.call_soon_threadsafe(req.out.put_nowait, delta)
+        except RuntimeError:  # the requester's event loop is closed: nobody will read, stop the sequence
+            if req.seq.request_id in self._requests:
+                self._retire(req, "abort")

@@ -136,3 +136,52 @@ def test_allocator_errors():
     alloc.free(blocks)
     with pytest.raises(ValueError, match="freed twice"):
         alloc.free([blocks[0]])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_mix_with_prefixes_preemption_and_aborts_keeps_invariants(seed):
+    """Prefix adapters (shared KV blocks), prompt adapters (virtual tokens), LoRA and base, a KV pool small
+    enough to force preemption, few slots, random aborts: every scheduled chunk is covered by its block
+    table, no block is owned twice, and at the end every block and slot is free."""
+    rng = random.Random(seed)
+    alloc = BlockAllocator(40, 4)
+    slots = SlotManager(3)
+    sched = Scheduler(alloc, max_num_seqs=6, max_batch_tokens=24, slots=slots)
+    live: list[Sequence] = []
+    for k in range(60):
+        s = make_seq(rng.randint(1, 20), rng.randint(1, 12))
+        kind = rng.choice(["base", "lora", "prefix", "prompt"])
+        if kind != "base":
+            s.adapter_key = (kind, rng.randrange(4))
+            if kind == "prefix":
+                s.num_prefix = 5
+            elif kind == "prompt":
+                s.num_virtual = 3
+        live.append(s)
+        sched.add(s)
+    steps = 0
+    while sched.has_work:
+        steps += 1
+        assert steps < 5000
+        out = sched.schedule()
+        owned = [b for s in sched.running for b in s.block_table] + [b for bl in sched.slot_blocks.values() for b in bl]
+        assert len(owned) == len(set(owned)) == alloc.num_used
+        for slot, blocks in sched.slot_blocks.items():
+            assert slots.refs(slot) > 0 and len(blocks) == alloc.blocks_for(5)
+        for c in out.chunks:
+            assert c.seq.status is SeqStatus.RUNNING
+            assert len(c.seq.block_table) * alloc.block_size >= c.start + c.num_tokens
+            assert c.start == c.seq.num_computed
+            if c.seq.num_prefix:
+                assert c.seq.slot in sched.slot_blocks
+            c.seq.num_computed += c.num_tokens
+        for c in out.chunks:
+            if c.want_logits:
+                c.seq.output_ids.append(1)
+                if len(c.seq.output_ids) >= c.seq.params.max_tokens:
+                    sched.finish(c.seq, "length")
+        if rng.random() < 0.1:  # a client goes away
+            victims = [s for s in live if s.status is not SeqStatus.FINISHED]
+            if victims:
+                sched.finish(rng.choice(victims), "abort")
+    assert alloc.num_used == 0 and slots.num_in_use == 0 and not sched.slot_blocks
