@@ -148,7 +148,7 @@ def test_random_mix_with_prefixes_preemption_and_aborts_keeps_invariants(seed):
     slots = SlotManager(3)
     sched = Scheduler(alloc, max_num_seqs=6, max_batch_tokens=24, slots=slots)
     live: list[Sequence] = []
-    for k in range(60):
+    for _ in range(60):
         s = make_seq(rng.randint(1, 20), rng.randint(1, 12))
         kind = rng.choice(["base", "lora", "prefix", "prompt"])
         if kind != "base":
