@@ -14,6 +14,7 @@ from server.engine.async_engine import AsyncEngine
 from server.engine.sequence import SamplingParams
 from server.model.default_model import save_llama_family
 from server.model.runner import ModelRunner
+from server.threads import claim_for_engine
 
 
 def bench_model(hidden: int, layers: int, heads: int, kv_heads: int, cache: str = "/tmp/peftserve-bench") -> str:
@@ -35,10 +36,14 @@ def random_prompts(n: int, length: int, vocab: int = 256, seed: int = 0) -> list
 
 def make_engine(model_dir: str, *, max_num_seqs: int, max_model_len: int, max_adapters: int = 8,
                 max_rank: int = 64, max_batch_tokens: int = 2048) -> AsyncEngine:
-    runner = ModelRunner(model_dir, device="cuda" if torch.cuda.is_available() else "cpu", dtype="auto",
+    """Our engine as the server builds it: on CPU the worker thread owns every torch thread (server.threads);
+    the calling thread is left single-threaded, so run torch baselines in another process."""
+    cuda = torch.cuda.is_available()
+    threads = None if cuda else claim_for_engine()
+    runner = ModelRunner(model_dir, device="cuda" if cuda else "cpu", dtype="auto",
                          max_model_len=max_model_len, max_adapters=max_adapters, max_rank=max_rank)
     return AsyncEngine(runner, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
-                       max_model_len=max_model_len, max_adapters=max_adapters)
+                       max_model_len=max_model_len, max_adapters=max_adapters, torch_threads=threads)
 
 
 def run_engine(engine: AsyncEngine, prompts: list[list[int]], output_len: int,
@@ -62,6 +67,15 @@ def run_engine(engine: AsyncEngine, prompts: list[list[int]], output_len: int,
     dt = time.perf_counter() - t0
     assert all(c == output_len for c in counts), counts
     return {"tokens": float(sum(counts)), "seconds": dt, "tok_per_s": sum(counts) / dt}
+
+
+def run_isolated(fn: Any, *args: Any) -> Any:
+    """Run fn(*args) in a fresh (spawned) process and return its result: torch baselines run there so that
+    the engine's worker is the only thread of this process with an OpenMP team (see server.threads)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def hf_generate(model: Any, prompts: list[list[int]], output_len: int, pad_id: int,

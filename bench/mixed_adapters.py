@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from bench.common import bench_model, hf_generate, make_engine, random_prompts, run_engine
+from bench.common import bench_model, hf_generate, make_engine, random_prompts, run_engine, run_isolated
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_CACHE = "/tmp/peftserve-bench/adapters"
@@ -137,6 +137,55 @@ def best_of(n: int, fn: Any) -> dict[str, float]:
     return max(runs, key=lambda r: r["tok_per_s"])
 
 
+def peft_baselines(args: argparse.Namespace, model_dir: str, prompts: list[list[int]], lora_dirs: list[str],
+                   ks: list[int], pad: int, dtype: Any, device: str) -> list[Row]:
+    """transformers / peft baselines. Run in a child process (run_isolated): our engine's worker thread
+    must be the only thread of this process with an OpenMP team (see server.threads)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = len(prompts)
+    rows: list[Row] = []
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    hf_generate(model, prompts[:2], 2, pad)  # warm-up
+    res = best_of(args.repeat, lambda: hf_generate(model, prompts, args.output_len, pad))
+    rows.append(Row("transformers base", "peft", "base", 0, res["tok_per_s"], res["seconds"]))
+    print(f"  {'transformers base':<44} {res['tok_per_s']:9.1f} tok/s", flush=True)
+    names = [f"a{i}" for i in range(max(ks))]
+    pm = PeftModel.from_pretrained(model, lora_dirs[0], adapter_name=names[0]).eval()
+    for nm, d in zip(names[1:], lora_dirs[1:], strict=True):
+        pm.load_adapter(d, adapter_name=nm)
+    pm.eval()
+    for k in ks:
+        groups: dict[int, list[list[int]]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(i % k, []).append(p)
+
+        def one_at_a_time(groups: dict[int, list[list[int]]] = groups) -> dict[str, float]:
+            tokens = seconds = 0.0
+            for a, ps in groups.items():
+                pm.set_adapter(names[a])
+                r = hf_generate(pm, ps, args.output_len, pad)
+                tokens += r["tokens"]
+                seconds += r["seconds"]
+            return {"tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
+
+        pm.set_adapter(names[0])
+        hf_generate(pm, prompts[:2], 2, pad)  # warm-up
+        res = best_of(args.repeat, one_at_a_time)
+        rows.append(Row(f"peft one-at-a-time K={k}", "peft", "lora", k, res["tok_per_s"], res["seconds"]))
+        print(f"  {rows[-1].name:<44} {res['tok_per_s']:9.1f} tok/s", flush=True)
+        if not args.skip_peft_mixed:
+            an = [names[i % k] for i in range(n)]
+            res = best_of(args.repeat, lambda an=an: hf_generate(pm, prompts, args.output_len, pad,
+                                                                 adapter_names=an))
+            rows.append(Row(f"peft mixed batch K={k}", "peft", "lora", k, res["tok_per_s"], res["seconds"]))
+            print(f"  {rows[-1].name:<44} {res['tok_per_s']:9.1f} tok/s", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF checkpoint dir (default: a random Llama of --hidden/--layers)")
@@ -187,52 +236,14 @@ def main(argv: list[str] | None = None) -> None:
         kind: make_prompt_learning_adapters(model_dir, kind, pl_k, args.num_virtual_tokens)
         for kind in ("prefix", "prompt")}
 
-    # transformers / peft first, before the engine exists (its worker thread and KV cache can't interfere).
+    # transformers / peft in a child process, so that only our engine's thread uses OpenMP here.
     from server.model.loader import load_spec, load_tokenizer, resolve_dtype
 
     pad = load_tokenizer(model_dir).pad_token_id
     dtype = resolve_dtype("auto", device, load_spec(model_dir)[0].torch_dtype)
     rows: list[Row] = []
     if not args.skip_peft:
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-        hf_generate(model, prompts[:2], 2, pad)  # warm-up
-        res = best_of(args.repeat, lambda: hf_generate(model, prompts, args.output_len, pad))
-        rows.append(Row("transformers base", "peft", "base", 0, res["tok_per_s"], res["seconds"]))
-        print(f"  {'transformers base':<44} {res['tok_per_s']:9.1f} tok/s", flush=True)
-        names = [f"a{i}" for i in range(max(ks))]
-        pm = PeftModel.from_pretrained(model, lora_dirs[0], adapter_name=names[0]).eval()
-        for nm, d in zip(names[1:], lora_dirs[1:], strict=True):
-            pm.load_adapter(d, adapter_name=nm)
-        pm.eval()
-        for k in ks:
-            groups: dict[int, list[list[int]]] = {}
-            for i, p in enumerate(prompts):
-                groups.setdefault(i % k, []).append(p)
-
-            def one_at_a_time(groups: dict[int, list[list[int]]] = groups) -> dict[str, float]:
-                tokens = seconds = 0.0
-                for a, ps in groups.items():
-                    pm.set_adapter(names[a])
-                    r = hf_generate(pm, ps, args.output_len, pad)
-                    tokens += r["tokens"]
-                    seconds += r["seconds"]
-                return {"tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
-
-            pm.set_adapter(names[0])
-            hf_generate(pm, prompts[:2], 2, pad)  # warm-up
-            res = best_of(args.repeat, one_at_a_time)
-            rows.append(Row(f"peft one-at-a-time K={k}", "peft", "lora", k, res["tok_per_s"], res["seconds"]))
-            print(f"  {rows[-1].name:<44} {res['tok_per_s']:9.1f} tok/s", flush=True)
-            if not args.skip_peft_mixed:
-                an = [names[i % k] for i in range(n)]
-                res = best_of(args.repeat, lambda an=an: hf_generate(pm, prompts, args.output_len, pad,
-                                                                     adapter_names=an))
-                rows.append(Row(f"peft mixed batch K={k}", "peft", "lora", k, res["tok_per_s"], res["seconds"]))
-                print(f"  {rows[-1].name:<44} {res['tok_per_s']:9.1f} tok/s", flush=True)
-
+        rows += run_isolated(peft_baselines, args, model_dir, prompts, lora_dirs, ks, pad, dtype, device)
 
     from adapters_store.loader import load_adapter
     from server.engine.registry import AdapterRegistry

@@ -42,17 +42,20 @@ def build_state(settings: Settings) -> ServerState:
     from adapters_store.loader import load_adapter
     from server.model.default_model import ensure_default_model
     from server.model.runner import ModelRunner
+    from server.threads import claim_for_engine, single_threaded
 
-    if settings.model is None:
-        model_dir = ensure_default_model()
-        log.info("no --model given: serving the built-in demo model from %s", model_dir)
-    else:
-        model_dir = settings.model
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("peftserve: error: --device cuda: no CUDA device is available")
+    # On CPU the engine thread gets every torch thread; model and adapter loading run on one.
+    engine_threads = claim_for_engine() if device == "cpu" else None
+    if settings.model is None:
+        model_dir = ensure_default_model()
+        log.info("no --model given: serving the built-in demo model from %s", model_dir)
+    else:
+        model_dir = settings.model
     runner = ModelRunner(
         model_dir,
         device=device,
@@ -70,10 +73,15 @@ def build_state(settings: Settings) -> ServerState:
         max_batch_tokens=max(settings.max_batch_tokens, settings.max_num_seqs),
         max_model_len=runner.max_model_len,
         max_adapters=settings.max_adapters,
+        torch_threads=engine_threads,
     )
     info, max_rank = runner.info, settings.max_rank
-    registry = AdapterRegistry(loader=lambda path: load_adapter(path, info, max_rank=max_rank),
-                               max_cpu=settings.max_cpu_adapters)
+
+    def load(path: Any) -> Any:  # runs in a worker thread of asyncio.to_thread
+        single_threaded()
+        return load_adapter(path, info, max_rank=max_rank)
+
+    registry = AdapterRegistry(loader=load, max_cpu=settings.max_cpu_adapters)
     # A version nobody will use again leaves its device slot as soon as that slot is idle.
     registry.on_stale = lambda key: engine.call_in_worker(lambda: engine.slots.discard(key))
     store = AdapterStore(adapters_dir(settings))

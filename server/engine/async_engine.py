@@ -26,6 +26,7 @@ from server.engine.sequence import SamplingParams, Sequence
 from server.engine.slots import SlotManager
 
 log = logging.getLogger("peftserve.engine")
+BURST_WINDOW_S = 0.003
 
 
 class EngineDeadError(RuntimeError):
@@ -91,8 +92,9 @@ class _Request:
 
 class AsyncEngine:
     def __init__(self, runner: Any, *, max_num_seqs: int, max_batch_tokens: int, max_model_len: int,
-                 max_adapters: int) -> None:
+                 max_adapters: int, torch_threads: int | None = None) -> None:
         self.runner = runner
+        self.torch_threads = torch_threads  # CPU threads of the worker (see server.threads)
         self.tokenizer = runner.tokenizer
         self.max_model_len = max_model_len
         self.allocator = BlockAllocator(runner.num_blocks, runner.block_size)
@@ -187,13 +189,20 @@ class AsyncEngine:
 
     # ---- the worker ---------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
         try:
             while True:
                 self._drain_inbox()
                 if not self.scheduler.has_work:
                     if self._stopping:
                         return
-                    self._wake.wait(0.05)
+                    if self._wake.wait(0.05):
+                        # Idle -> busy: give a burst of requests sent together a moment to arrive, so they
+                        # share the first prefill step instead of the later ones waiting a whole step.
+                        time.sleep(BURST_WINDOW_S)
                     self._wake.clear()
                     self.last_step_at = time.monotonic()
                     continue
@@ -267,8 +276,11 @@ class AsyncEngine:
             p = r.seq.params
             suppress.append(list(eos | set(p.stop_token_ids)) if len(r.seq.output_ids) < p.min_tokens else None)
         results = sample(logits, [r.seq.params for r in reqs], [r.generator for r in reqs], suppress)
+        batch: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Delta]]] = {}
         for req, res in zip(reqs, results, strict=True):
-            self._advance(req, res)
+            batch.setdefault(req.loop, []).append((req, self._advance(req, res)))
+        for loop, items in batch.items():  # one wake-up of each requester loop per step, not per token
+            self._deliver(loop, items)
         for ob in self.observers:
             ob.on_step(self, out.num_tokens, len(chunks), time.monotonic() - t0)
 
@@ -315,7 +327,7 @@ class AsyncEngine:
             for ob in self.observers:
                 ob.on_request_done(stats)
 
-    def _advance(self, req: _Request, res: SampleResult) -> None:
+    def _advance(self, req: _Request, res: SampleResult) -> Delta:
         seq, p = req.seq, req.seq.params
         seq.output_ids.append(res.token_id)
         now = time.monotonic()
@@ -350,11 +362,20 @@ class AsyncEngine:
         )
         if finished:
             self._retire(req, reason)
-        self._emit(req, delta)
+        return delta
 
     def _emit(self, req: _Request, delta: Delta) -> None:
+        self._deliver(req.loop, [(req, delta)])
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop, items: list[tuple[_Request, Delta]]) -> None:
         try:
-            req.loop.call_soon_threadsafe(req.out.put_nowait, delta)
-        except RuntimeError:  # the requester's event loop is closed: nobody will read, stop the sequence
-            if req.seq.request_id in self._requests:
-                self._retire(req, "abort")
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the requesters' event loop is closed: nobody will read, stop the sequences
+            for req, _ in items:
+                if req.seq.request_id in self._requests:
+                    self._retire(req, "abort")
+
+
+def _put_all(items: list[tuple[_Request, Delta]]) -> None:
+    for req, delta in items:
+        req.out.put_nowait(delta)

@@ -1,8 +1,9 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2) over a ragged batch and a paged KV cache.
 
 Plain tensors, no nn.Module: nothing here trains, and hooks/parameters only cost time per call.
-q/k/v and gate/up are fused into one matmul each for the base weights; LoRA is applied per
-sub-module on the matching column slice of the fused output.
+q/k/v are fused into one matmul for the base weights (LoRA is applied per sub-module on the matching
+column slice of the fused output). gate/up are not fused: on the CPU MKL runs the two [inter, hidden]
+matmuls faster than one [2 * inter, hidden] (measured 111 vs 125 ms for 2048 tokens at hidden 1024).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ class LayerWeights:
     o: torch.Tensor  # [hidden, q]
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * inter, hidden]
-    gate_up_bias: torch.Tensor | None
+    gate: torch.Tensor  # [inter, hidden]
+    gate_bias: torch.Tensor | None
+    up: torch.Tensor  # [inter, hidden]
+    up_bias: torch.Tensor | None
     down: torch.Tensor  # [hidden, inter]
     down_bias: torch.Tensor | None
 
@@ -79,7 +82,6 @@ class Decoder:
 
         s = self.spec
         qkv, qkv_b = fuse(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], s.qkv_bias)
-        gate_up, gate_up_b = fuse(["mlp.gate_proj", "mlp.up_proj"], s.mlp_bias)
         return LayerWeights(
             input_norm=take("input_layernorm.weight"),
             qkv=qkv,
@@ -87,8 +89,10 @@ class Decoder:
             o=take("self_attn.o_proj.weight"),
             o_bias=take("self_attn.o_proj.bias", s.o_bias),
             post_norm=take("post_attention_layernorm.weight"),
-            gate_up=gate_up,
-            gate_up_bias=gate_up_b,
+            gate=take("mlp.gate_proj.weight"),
+            gate_bias=take("mlp.gate_proj.bias", s.mlp_bias),
+            up=take("mlp.up_proj.weight"),
+            up_bias=take("mlp.up_proj.bias", s.mlp_bias),
             down=take("mlp.down_proj.weight"),
             down_bias=take("mlp.down_proj.bias", s.mlp_bias),
         )
@@ -110,7 +114,6 @@ class Decoder:
             h[row:row + e.shape[0]] = e.to(device=h.device, dtype=h.dtype)
         cos, sin = rope_cos_sin(self.inv_freq, batch.positions, h.dtype)
         q_end, k_end = self.q_size, self.q_size + self.kv_size
-        inter = s.intermediate_size
         for i, w in enumerate(self.layers):
             x = rms_norm(h, w.input_norm, s.rms_norm_eps)
             qkv = F.linear(x, w.qkv, w.qkv_bias)
@@ -127,10 +130,11 @@ class Decoder:
             self._lora(attn, o, i, "o_proj", batch, lora)
             h = h + o
             x = rms_norm(h, w.post_norm, s.rms_norm_eps)
-            gu = F.linear(x, w.gate_up, w.gate_up_bias)
-            self._lora(x, gu[:, :inter], i, "gate_proj", batch, lora)
-            self._lora(x, gu[:, inter:], i, "up_proj", batch, lora)
-            act = F.silu(gu[:, :inter]) * gu[:, inter:]
+            gate = F.linear(x, w.gate, w.gate_bias)
+            self._lora(x, gate, i, "gate_proj", batch, lora)
+            up = F.linear(x, w.up, w.up_bias)
+            self._lora(x, up, i, "up_proj", batch, lora)
+            act = F.silu(gate).mul_(up)
             d = F.linear(act, w.down, w.down_bias)
             self._lora(act, d, i, "down_proj", batch, lora)
             h = h + d
