@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from bench.common import bench_model, hf_generate, make_engine, random_prompts, run_engine, run_isolated
+from server.threads import engine_threads
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_CACHE = "/tmp/peftserve-bench/adapters"
@@ -348,7 +349,8 @@ def main(argv: list[str] | None = None) -> None:
 
     header = (f"{'workload':<44} {'tok/s':>9} {'/our base':>9} {'/peft 1by1':>10} {'/peft mixed':>11} "
               f"{'ideal(mem)':>10} {'ideal(flop)':>11}")
-    print(f"\n== mixed adapters ({device}, {str(dtype).replace('torch.', '')}, threads={torch.get_num_threads()}, "
+    threads = engine_threads()
+    print(f"\n== mixed adapters ({device}, {str(dtype).replace('torch.', '')}, engine threads={threads}, "
           f"hidden={info.hidden_size}, layers={info.num_layers}, {n} req x {args.prompt_len}+{args.output_len} tok)")
     print(header)
     print("-" * len(header))

@@ -29,3 +29,8 @@ def single_threaded() -> None:
     """Call at the top of a helper thread's torch work (adapter loading)."""
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
+
+
+def engine_threads() -> int:
+    """Threads the engine worker uses (for reports): the claimed count, else torch's current one."""
+    return _engine_threads or torch.get_num_threads()

@@ -151,8 +151,9 @@ class Scheduler:
             if not self.allocator.can_allocate(total_blocks + prefix_blocks):
                 break
             n = min(seq.num_tokens, budget)
+            if not self._ensure_blocks(seq, n):  # cannot happen after the check above; never run uncovered
+                break
             self.waiting.popleft()
-            self._ensure_blocks(seq, n)
             if seq.adapter_key is not None and self.slots is not None:
                 slot, _evicted, needs_load = self.slots.acquire(seq.adapter_key)
                 seq.slot = slot
