@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 
-# Read when @triton.jit decorates a kernel, so it must be set before any kernel module is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
+# Without a GPU, Triton kernels run on CPU tensors through the interpreter. It is read when @triton.jit
+# decorates a kernel, so it must be set before any kernel module is imported. With CUDA present it is
+# left alone, so the gpu-marked tests run real Triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
