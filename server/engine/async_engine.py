@@ -37,6 +37,17 @@ class StepError(RuntimeError):
     """A forward step failed; the requests in that step are failed, the engine goes on."""
 
 
+MAX_FAILED_STEPS = 8  # consecutive failed steps after which the engine declares itself dead
+_FATAL_MARKERS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS",
+                  "unspecified launch failure", "CUDA driver", "NCCL error")
+
+
+def is_fatal_device_error(e: BaseException) -> bool:
+    """Errors after which the CUDA context is unusable: every later step would fail the same way."""
+    msg = str(e)
+    return any(m in msg for m in _FATAL_MARKERS)
+
+
 @dataclass
 class Delta:
     """New output for one request since the previous delta."""
@@ -107,6 +118,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.in_flight = 0
+        self.failed_steps = 0  # consecutive
         self.dead: BaseException | None = None
         self.steps = 0
         self.last_step_at = time.monotonic()
@@ -262,7 +274,13 @@ class AsyncEngine:
             if out.loads:  # a half-loaded slot must not be trusted by a later request
                 for _slot, seq in out.loads:
                     self.slots.discard(seq.adapter_key)
+            self.failed_steps += 1
+            if is_fatal_device_error(e) or self.failed_steps >= MAX_FAILED_STEPS:
+                # the device is gone (or every step fails): stop, so /ready says 503, instead of failing forever
+                raise EngineDeadError(f"{'fatal device error' if is_fatal_device_error(e) else 'repeated failures'}:"
+                                      f" {e}") from e
             return
+        self.failed_steps = 0
 
         sampled = [c for c in chunks if c.want_logits]
         for c in chunks:

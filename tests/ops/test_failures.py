@@ -160,3 +160,23 @@ def test_one_structured_log_line_per_request(srv: LiveServer, caplog: pytest.Log
     assert first["latency_ms"] > 0 and first["response_id"] == r.json()["id"]
     assert missing["status"] == 404 and missing["model"] == "nope" and missing["completion_tokens"] is None
     assert streamed["status"] == 200 and streamed["completion_tokens"] == 6
+
+
+def test_fatal_device_error_flips_ready_to_503(srv: LiveServer) -> None:
+    """A CUDA error (an Exception, unlike _Fatal) leaves the context unusable: the engine stops at once."""
+    eng = srv.state.engine
+
+    def cuda_dies(chunks: list) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with srv.client() as c:
+        assert c.get("/ready").status_code == 200
+        eng.fault_injector = cuda_dies
+        r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4})
+        assert r.status_code in (500, 503), r.text
+        deadline = time.time() + 5
+        while c.get("/ready").status_code != 503 and time.time() < deadline:
+            time.sleep(0.05)
+        r = c.get("/ready")
+        assert r.status_code == 503 and "illegal memory access" in r.json()["reason"]
+        assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4}).status_code == 503
