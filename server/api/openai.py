@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -284,47 +284,57 @@ def _encode_prompt(state: ServerState, prompt: Any) -> list[int]:
     return list(prompt)
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request) -> Any:
+@dataclass(frozen=True)
+class _Format:
+    """How one route (completions or chat) shapes its choices; everything else is shared."""
+
+    id_prefix: str
+    obj: str  # object of the whole response
+    chunk_obj: str  # object of a streamed chunk
+    delta_choice: Callable[[int, Delta], dict[str, Any]]
+    final_choice: Callable[[int, ChoiceResult], dict[str, Any]]
+    prelude: Callable[[int], dict[str, Any]] | None = None  # first streamed chunk of each choice
+
+
+async def _serve(request: Request, body: _Sampling, prompt_ids: list[int], max_tokens: int | None,
+                 logprobs: int | None, prompt_param: str, fmt: Callable[[Any], _Format]) -> Any:
+    """Resolve the adapter, validate, run the choices, answer as JSON or SSE. The adapter reference is
+    held until the last choice ends (for a stream: until the stream closes)."""
     state = get_state(request)
-    prompt_ids = _encode_prompt(state, body.prompt)
     adapter = await resolve_model(state, body.model)
     try:
-        return await _completions(state, request, body, prompt_ids, adapter)
+        params = build_params(state, body, prompt_ids, adapter, max_tokens, logprobs, prompt_param)
+        f = fmt(state.tokenizer)
+        rid = f"{f.id_prefix}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        model = body.model or state.base_name
+
+        def envelope(obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+            return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+
+        gens = _start(state, prompt_ids, params, adapter, body.n, rid)
     except BaseException:
         release_model(state, adapter)
         raise
 
-
-async def _completions(state: ServerState, request: Request, body: CompletionRequest, prompt_ids: list[int],
-                       adapter: AdapterHandle | None) -> Any:
-    params = build_params(state, body, prompt_ids, adapter, body.max_tokens, body.logprobs, "prompt")
-    rid = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    model = body.model or state.base_name
-    tok = state.tokenizer
-
-    def base(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
-
-    gens = _start(state, prompt_ids, params, adapter, body.n, rid)
     if body.stream:
         async def events() -> AsyncIterator[str]:
             completion_tokens = 0
+            if f.prelude is not None:
+                for i in range(body.n):
+                    yield _sse(envelope(f.chunk_obj, [f.prelude(i)]))
             try:
                 async for i, d in _merge(gens):
                     completion_tokens += len(d.token_ids)
-                    choice: dict[str, Any] = {"index": i, "text": d.text, "finish_reason": d.finish_reason,
-                                              "logprobs": completion_logprobs(tok, d.logprobs)
-                                              if params.logprobs is not None else None}
+                    choice = f.delta_choice(i, d)
                     if body.return_token_ids:
                         choice["token_ids"] = d.token_ids
-                    yield _sse(base([choice]))
+                    yield _sse(envelope(f.chunk_obj, [choice]))
             except Exception as e:  # noqa: BLE001 - report in-band, the status line is already sent
                 err = _engine_error(e)
                 yield _sse(error_body(err.status, err.message, code=err.code))
             if body.stream_options and body.stream_options.include_usage:
-                yield _sse({**base([]), "usage": _usage(len(prompt_ids), completion_tokens)})
+                yield _sse({**envelope(f.chunk_obj, []), "usage": _usage(len(prompt_ids), completion_tokens)})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(_releasing(state, adapter, events()), media_type="text/event-stream")
@@ -332,17 +342,33 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
     results = await _run(state, request, adapter, gens)
     choices = []
     for i, r in enumerate(results):
-        c: dict[str, Any] = {"index": i, "text": r.text, "finish_reason": r.finish_reason,
-                             "logprobs": completion_logprobs(tok, r.logprobs) if params.logprobs is not None
-                             else None}
+        c = f.final_choice(i, r)
         if body.return_token_ids:
             c["token_ids"] = r.token_ids
         choices.append(c)
-    resp = base(choices)
+    resp = envelope(f.obj, choices)
     resp["usage"] = _usage(len(prompt_ids), sum(len(r.token_ids) for r in results))
     if body.return_token_ids:
         resp["prompt_token_ids"] = prompt_ids
     return JSONResponse(resp)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    def fmt(tok: Any) -> _Format:
+        def lp(x: list[SampleResult]) -> dict[str, Any] | None:
+            return completion_logprobs(tok, x) if body.logprobs is not None else None
+
+        return _Format(
+            "cmpl", "text_completion", "text_completion",
+            delta_choice=lambda i, d: {"index": i, "text": d.text, "finish_reason": d.finish_reason,
+                                       "logprobs": lp(d.logprobs)},
+            final_choice=lambda i, r: {"index": i, "text": r.text, "finish_reason": r.finish_reason,
+                                       "logprobs": lp(r.logprobs)},
+        )
+
+    prompt_ids = _encode_prompt(get_state(request), body.prompt)
+    return await _serve(request, body, prompt_ids, body.max_tokens, body.logprobs, "prompt", fmt)
 
 
 def render_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
@@ -356,65 +382,21 @@ def render_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-    state = get_state(request)
-    prompt_ids = render_chat(state, body)
-    adapter = await resolve_model(state, body.model)
-    try:
-        return await _chat(state, request, body, prompt_ids, adapter)
-    except BaseException:
-        release_model(state, adapter)
-        raise
+    def fmt(tok: Any) -> _Format:
+        def lp(x: list[SampleResult]) -> dict[str, Any] | None:
+            return chat_logprobs(tok, x) if body.logprobs else None
 
+        return _Format(
+            "chatcmpl", "chat.completion", "chat.completion.chunk",
+            delta_choice=lambda i, d: {"index": i, "delta": {"content": d.text} if d.text else {},
+                                       "finish_reason": d.finish_reason, "logprobs": lp(d.logprobs)},
+            final_choice=lambda i, r: {"index": i, "message": {"role": "assistant", "content": r.text},
+                                       "finish_reason": r.finish_reason, "logprobs": lp(r.logprobs)},
+            prelude=lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                               "logprobs": None},
+        )
 
-async def _chat(state: ServerState, request: Request, body: ChatCompletionRequest, prompt_ids: list[int],
-                adapter: AdapterHandle | None) -> Any:
+    prompt_ids = render_chat(get_state(request), body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = body.top_logprobs or 0
-    params = build_params(state, body, prompt_ids, adapter, max_tokens, top if body.logprobs else None, "messages")
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    model = body.model or state.base_name
-    tok = state.tokenizer
-
-    def base(obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
-
-    gens = _start(state, prompt_ids, params, adapter, body.n, rid)
-    if body.stream:
-        async def events() -> AsyncIterator[str]:
-            completion_tokens = 0
-            for i in range(body.n):
-                yield _sse(base("chat.completion.chunk", [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                             "finish_reason": None, "logprobs": None}]))
-            try:
-                async for i, d in _merge(gens):
-                    completion_tokens += len(d.token_ids)
-                    choice: dict[str, Any] = {"index": i, "delta": {"content": d.text} if d.text else {},
-                                              "finish_reason": d.finish_reason,
-                                              "logprobs": chat_logprobs(tok, d.logprobs) if body.logprobs else None}
-                    if body.return_token_ids:
-                        choice["token_ids"] = d.token_ids
-                    yield _sse(base("chat.completion.chunk", [choice]))
-            except Exception as e:  # noqa: BLE001
-                err = _engine_error(e)
-                yield _sse(error_body(err.status, err.message, code=err.code))
-            if body.stream_options and body.stream_options.include_usage:
-                yield _sse({**base("chat.completion.chunk", []), "usage": _usage(len(prompt_ids), completion_tokens)})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(_releasing(state, adapter, events()), media_type="text/event-stream")
-
-    results = await _run(state, request, adapter, gens)
-    choices = []
-    for i, r in enumerate(results):
-        c: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": r.text},
-                             "finish_reason": r.finish_reason,
-                             "logprobs": chat_logprobs(tok, r.logprobs) if body.logprobs else None}
-        if body.return_token_ids:
-            c["token_ids"] = r.token_ids
-        choices.append(c)
-    resp = base("chat.completion", choices)
-    resp["usage"] = _usage(len(prompt_ids), sum(len(r.token_ids) for r in results))
-    if body.return_token_ids:
-        resp["prompt_token_ids"] = prompt_ids
-    return JSONResponse(resp)
+    return await _serve(request, body, prompt_ids, max_tokens, top if body.logprobs else None, "messages", fmt)
