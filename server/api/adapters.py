@@ -19,6 +19,7 @@ from starlette.datastructures import UploadFile
 from adapters_store import AdapterError, extract_upload, validate_name
 from server.api.errors import APIError
 from server.api.state import ServerState, kind_of
+from server.engine.registry import AdapterEntry
 
 router = APIRouter()
 log = logging.getLogger("peftserve.adapters")
@@ -32,8 +33,8 @@ def _adapter_error(e: AdapterError) -> APIError:
     return APIError(e.status, str(e), param=e.field, code="invalid_adapter" if e.status in (400, 422) else None)
 
 
-def residency(state: ServerState, name: str, version: int) -> str:
-    key = (name, version)
+def residency(state: ServerState, entry: AdapterEntry) -> str:
+    key = entry.key
     if state.engine.slots.slot_of(key) is not None:
         return "device"
     if state.registry.in_cpu(key):
@@ -47,7 +48,7 @@ def _record(state: ServerState, name: str) -> dict[str, Any]:
         raise APIError(404, f"adapter '{name}' does not exist", param="name", code="adapter_not_found")
     rec = dict(e.record) if e.record else {"id": None, "name": name, "version": e.version, "peft_type": None,
                                             "source": str(e.path) if e.path else None}
-    rec.update(type=e.kind, residency=residency(state, name, e.version), in_flight=state.registry.in_flight(name),
+    rec.update(type=e.kind, residency=residency(state, e), in_flight=state.registry.in_flight(name),
                stored=e.stored)
     return rec
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server.api.errors import APIError, error_body
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 from server.api.state import ServerState
-from server.engine.async_engine import Delta, EngineDeadError, StepError
+from server.engine.async_engine import CapacityError, Delta, EngineDeadError, StepError
 from server.engine.registry import AdapterHandle
 from server.engine.sampler import SampleResult
 from server.engine.sequence import SamplingParams
@@ -118,8 +119,11 @@ class ChoiceResult:
 async def _merge(gens: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
     """Interleave the choices' delta streams; closing this closes (aborts) all of them."""
     if len(gens) == 1:
-        async for d in gens[0]:
-            yield 0, d
+        try:
+            async for d in gens[0]:
+                yield 0, d
+        finally:  # closing us must abort the sequence now, not when the generator is garbage-collected
+            await gens[0].aclose()
         return
     q: asyncio.Queue = asyncio.Queue()
     done = object()
@@ -157,6 +161,8 @@ def _start(state: ServerState, prompt_ids: list[int], params: SamplingParams, ad
 
 
 def _engine_error(e: BaseException) -> APIError:
+    if isinstance(e, CapacityError):
+        return APIError(400, str(e), code="kv_cache_too_small")
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), code="engine_dead")
     if isinstance(e, StepError):
@@ -166,13 +172,14 @@ def _engine_error(e: BaseException) -> APIError:
 
 async def _collect(gens: list[AsyncIterator[Delta]]) -> list[ChoiceResult]:
     results = [ChoiceResult() for _ in gens]
-    async for i, d in _merge(gens):
-        r = results[i]
-        r.text += d.text
-        r.token_ids += d.token_ids
-        r.logprobs += d.logprobs
-        if d.finished:
-            r.finish_reason = d.finish_reason
+    async with contextlib.aclosing(_merge(gens)) as merged:
+        async for i, d in merged:
+            r = results[i]
+            r.text += d.text
+            r.token_ids += d.token_ids
+            r.logprobs += d.logprobs
+            if d.finished:
+                r.finish_reason = d.finish_reason
     return results
 
 
@@ -207,11 +214,13 @@ async def _run(state: ServerState, request: Request, adapter: AdapterHandle | No
 
 
 async def _releasing(state: ServerState, adapter: AdapterHandle | None,
-                     events: AsyncIterator[str]) -> AsyncIterator[str]:
+                     events: AsyncGenerator[str, None]) -> AsyncIterator[str]:
+    """The SSE stream; when it ends or the client goes, abort the sequences first, then release the adapter."""
     try:
         async for e in events:
             yield e
     finally:
+        await events.aclose()
         release_model(state, adapter)
 
 
@@ -318,18 +327,23 @@ async def _serve(request: Request, body: _Sampling, prompt_ids: list[int], max_t
         raise
 
     if body.stream:
-        async def events() -> AsyncIterator[str]:
+        if state.engine.dead is not None:  # answer 503 now rather than a 200 whose stream carries the error
+            release_model(state, adapter)
+            raise _engine_error(EngineDeadError(f"engine stopped: {state.engine.dead!r}"))
+
+        async def events() -> AsyncGenerator[str, None]:
             completion_tokens = 0
             if f.prelude is not None:
                 for i in range(body.n):
                     yield _sse(envelope(f.chunk_obj, [f.prelude(i)]))
             try:
-                async for i, d in _merge(gens):
-                    completion_tokens += len(d.token_ids)
-                    choice = f.delta_choice(i, d)
-                    if body.return_token_ids:
-                        choice["token_ids"] = d.token_ids
-                    yield _sse(envelope(f.chunk_obj, [choice]))
+                async with contextlib.aclosing(_merge(gens)) as merged:
+                    async for i, d in merged:
+                        completion_tokens += len(d.token_ids)
+                        choice = f.delta_choice(i, d)
+                        if body.return_token_ids:
+                            choice["token_ids"] = d.token_ids
+                        yield _sse(envelope(f.chunk_obj, [choice]))
             except Exception as e:  # noqa: BLE001 - report in-band, the status line is already sent
                 err = _engine_error(e)
                 yield _sse(error_body(err.status, err.message, code=err.code))

@@ -67,6 +67,12 @@ def build_state(settings: Settings) -> ServerState:
         max_adapters=settings.max_adapters,
         max_rank=settings.max_rank,
     )
+    # Every request that fits max_model_len must fit the cache alone (+1 block: a prefix-tuning prefix
+    # that is not a multiple of the block size), or it would wait forever.
+    need = -(-runner.max_model_len // runner.block_size) + 1
+    if runner.num_blocks < need:
+        raise ValueError(f"--kv-cache-blocks {runner.num_blocks} x --block-size {runner.block_size} cannot hold "
+                         f"one sequence of --max-model-len {runner.max_model_len}: needs at least {need} blocks")
     engine = AsyncEngine(
         runner,
         max_num_seqs=settings.max_num_seqs,

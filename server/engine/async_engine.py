@@ -37,6 +37,10 @@ class StepError(RuntimeError):
     """A forward step failed; the requests in that step are failed, the engine goes on."""
 
 
+class CapacityError(RuntimeError):
+    """A request larger than the whole KV cache: it could never run."""
+
+
 MAX_FAILED_STEPS = 8  # consecutive failed steps after which the engine declares itself dead
 _FATAL_MARKERS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS",
                   "unspecified launch failure", "CUDA driver", "NCCL error")
@@ -138,6 +142,8 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self._fail_all(EngineDeadError("engine stopped (server shutting down)"))
 
     @property
     def alive(self) -> bool:
@@ -181,6 +187,9 @@ class AsyncEngine:
                        make_generator(params.seed))
         self._inbox.put(("add", req))
         self._wake.set()
+        if self.dead is not None or (self._thread is not None and not self._thread.is_alive()):
+            # the loop died (or stopped) after the check above; nothing will ever read the inbox
+            raise EngineDeadError(f"engine stopped: {self.dead!r}")
         finished = False
         self.in_flight += 1
         try:
@@ -222,9 +231,20 @@ class AsyncEngine:
         except BaseException as e:  # noqa: BLE001 - a dead loop must fail every waiter, not hang them
             log.exception("engine loop died")
             self.dead = e
-            for req in list(self._requests.values()):
-                self._emit(req, Delta([], "", error=EngineDeadError(f"engine stopped: {e!r}")))
-            self._requests.clear()
+            self._fail_all(EngineDeadError(f"engine stopped: {e!r}"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Answer every request the engine holds or has queued with `error` (the loop is gone)."""
+        while True:
+            try:
+                op, req = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if op == "add":
+                self._requests[req.seq.request_id] = req
+        for req in list(self._requests.values()):
+            self._emit(req, Delta([], "", error=error))
+        self._requests.clear()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -249,6 +269,13 @@ class AsyncEngine:
         from server.model.runner import SeqChunk  # model stays optional for scheduler tests
 
         out = self.scheduler.schedule()
+        for seq in out.rejected:
+            req = self._requests.get(seq.request_id)
+            if req is not None:
+                self._retire(req, "error")
+                need = self.allocator.blocks_for(seq.num_tokens) + self.allocator.blocks_for(seq.num_prefix)
+                self._emit(req, Delta([], "", error=CapacityError(
+                    f"request needs {need} KV blocks; the cache has {self.allocator.num_blocks}")))
         self.steps += 1
         self.last_step_at = time.monotonic()
         if not out.chunks:

@@ -10,12 +10,16 @@ event loop and off the engine's step loop.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+_uids = itertools.count()
+Key = tuple[str, int, int]  # (name, version, registration id): a re-uploaded name never reuses a key
 
 
 @dataclass(eq=False)
@@ -24,11 +28,12 @@ class AdapterHandle:
     version: int
     kind: str  # "lora" | "prefix" | "prompt"
     loaded: Any  # adapters_store LoadedAdapter (CPU tensors)
+    uid: int = -1
     held: bool = False  # a reference taken by acquire() and not yet released
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.name, self.version)
+    def key(self) -> Key:
+        return (self.name, self.version, self.uid)
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,11 @@ class AdapterEntry:
     path: Path | None  # None: exists only in memory (tests, benchmarks)
     stored: bool  # True: lives in the store (upload); False: a local dir given at start-up
     record: dict[str, Any] | None = None  # the store's record, for listings
+    uid: int = field(default_factory=lambda: next(_uids))
+
+    @property
+    def key(self) -> Key:
+        return (self.name, self.version, self.uid)
 
 
 class AdapterRegistry:
@@ -49,10 +59,10 @@ class AdapterRegistry:
         self.max_cpu = max_cpu
         self._lock = threading.Lock()
         self._entries: dict[str, AdapterEntry] = {}
-        self._cpu: OrderedDict[tuple[str, int], Any] = OrderedDict()
-        self._inflight: Counter[tuple[str, int]] = Counter()
-        self._loading: dict[tuple[str, int], asyncio.Future] = {}
-        self.on_stale: Callable[[tuple[str, int]], None] | None = None  # a version no request will use again
+        self._cpu: OrderedDict[Key, Any] = OrderedDict()
+        self._inflight: Counter[Key] = Counter()
+        self._loading: dict[Key, asyncio.Future] = {}
+        self.on_stale: Callable[[Key], None] | None = None  # a registration no request will use again
         self.cpu_loads = 0
         self.cpu_evictions = 0
 
@@ -62,8 +72,8 @@ class AdapterRegistry:
         entry = AdapterEntry(name, version, loaded.kind, Path(path) if path else None, stored=False)
         self._set(entry)
         with self._lock:
-            self._cache((name, version), loaded)
-        return AdapterHandle(name, version, loaded.kind, loaded)
+            self._cache(entry.key, loaded)
+        return AdapterHandle(name, version, loaded.kind, loaded, entry.uid)
 
     def register(self, name: str, version: int, kind: str, path: str | Path, record: dict[str, Any]) -> None:
         """Register a stored adapter version (on disk; loaded on first use)."""
@@ -73,15 +83,15 @@ class AdapterRegistry:
         with self._lock:
             old = self._entries.get(entry.name)
             self._entries[entry.name] = entry
-        if old is not None and old.version != entry.version:
-            self._retire((old.name, old.version))
+        if old is not None:
+            self._retire(old.key)
 
     def remove(self, name: str) -> AdapterEntry | None:
         """Take a name out of service: new requests get 404; requests in flight go on."""
         with self._lock:
             entry = self._entries.pop(name, None)
         if entry is not None:
-            self._retire((entry.name, entry.version))
+            self._retire(entry.key)
         return entry
 
     def entry(self, name: str) -> AdapterEntry | None:
@@ -97,9 +107,9 @@ class AdapterRegistry:
 
     def in_flight(self, name: str) -> int:
         with self._lock:
-            return sum(n for (nm, _), n in self._inflight.items() if nm == name)
+            return sum(n for (nm, _, _), n in self._inflight.items() if nm == name)
 
-    def in_cpu(self, key: tuple[str, int]) -> bool:
+    def in_cpu(self, key: Key) -> bool:
         with self._lock:
             return key in self._cpu
 
@@ -112,8 +122,8 @@ class AdapterRegistry:
         """A handle without taking a reference, only if the current version is in CPU memory."""
         with self._lock:
             e = self._entries.get(name)
-            loaded = self._cpu.get((e.name, e.version)) if e else None
-        return AdapterHandle(e.name, e.version, e.kind, loaded) if e and loaded is not None else None
+            loaded = self._cpu.get(e.key) if e else None
+        return AdapterHandle(e.name, e.version, e.kind, loaded, e.uid) if e and loaded is not None else None
 
     async def acquire(self, name: str) -> AdapterHandle | None:
         """The current version of `name`, loaded (from disk in a thread if needed), with a reference taken.
@@ -121,13 +131,13 @@ class AdapterRegistry:
         entry = self.entry(name)
         if entry is None:
             return None
-        key = (entry.name, entry.version)
+        key = entry.key
         with self._lock:
             loaded = self._cpu.get(key)
             if loaded is not None:
                 self._cpu.move_to_end(key)
                 self._inflight[key] += 1
-                return AdapterHandle(entry.name, entry.version, entry.kind, loaded, held=True)
+                return AdapterHandle(entry.name, entry.version, entry.kind, loaded, entry.uid, held=True)
         fut = self._loading.get(key)
         if fut is None:  # single flight: concurrent requests for one adapter share one disk load
             fut = asyncio.get_running_loop().create_future()
@@ -150,7 +160,7 @@ class AdapterRegistry:
             loaded = await asyncio.shield(fut)
         with self._lock:
             self._inflight[key] += 1
-        return AdapterHandle(entry.name, entry.version, entry.kind, loaded, held=True)
+        return AdapterHandle(entry.name, entry.version, entry.kind, loaded, entry.uid, held=True)
 
     def release(self, handle: AdapterHandle) -> None:
         """Give back acquire()'s reference; a second release of the same handle does nothing."""
@@ -163,11 +173,11 @@ class AdapterRegistry:
             if self._inflight[key] <= 0:
                 del self._inflight[key]
             current = self._entries.get(handle.name)
-            stale = key not in self._inflight and (current is None or current.version != handle.version)
+            stale = key not in self._inflight and (current is None or current.uid != handle.uid)
         if stale:
             self._retire(key)
 
-    def _cache(self, key: tuple[str, int], loaded: Any) -> None:
+    def _cache(self, key: Key, loaded: Any) -> None:
         """Insert into the CPU LRU (lock held); evicting drops only the cache's reference."""
         self._cpu[key] = loaded
         self._cpu.move_to_end(key)
@@ -178,7 +188,7 @@ class AdapterRegistry:
             del self._cpu[old]
             self.cpu_evictions += 1
 
-    def _retire(self, key: tuple[str, int]) -> None:
+    def _retire(self, key: Key) -> None:
         """A version that is no longer current: drop it from CPU, and tell the engine once unused."""
         with self._lock:
             self._cpu.pop(key, None)

@@ -29,6 +29,7 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     loads: list[tuple[int, Sequence]] = field(default_factory=list)  # (slot, seq): load seq.adapter there
     preempted: list[Sequence] = field(default_factory=list)
+    rejected: list[Sequence] = field(default_factory=list)  # could never fit the KV cache; finished
 
     @property
     def num_tokens(self) -> int:
@@ -148,6 +149,11 @@ class Scheduler:
             prefix_blocks = 0
             if seq.num_prefix and self.slots is not None and self.slots.slot_of(seq.adapter_key) is None:
                 prefix_blocks = self.allocator.blocks_for(seq.num_prefix)
+            if total_blocks + self.allocator.blocks_for(seq.num_prefix) > self.allocator.num_blocks:
+                self.waiting.popleft()  # would wait forever: even an empty cache cannot hold it
+                self.finish(seq, "error")
+                out.rejected.append(seq)
+                continue
             if not self.allocator.can_allocate(total_blocks + prefix_blocks):
                 break
             n = min(seq.num_tokens, budget)

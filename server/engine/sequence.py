@@ -70,7 +70,7 @@ class Sequence:
         """Token ids at KV positions [start, start+n); virtual (prompt-tuning) positions read as 0."""
         v = self.num_virtual
         head = [0] * max(0, min(v, start + n) - start)
-        return head + self.all_ids[max(start - v, 0):start + n - v]
+        return head + self.all_ids[max(start - v, 0):max(start + n - v, 0)]
 
     @property
     def context_len(self) -> int:

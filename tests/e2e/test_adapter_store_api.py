@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import tarfile
+import time
 import zipfile
 
 import httpx
@@ -293,3 +294,34 @@ def test_replace_and_delete_while_streaming(base, lora_dirs, tmp_path):
         with srv.client() as c:
             assert complete(c, "live", prompts[0]).status_code == 404
         assert eng.allocator.num_used == 0 and eng.slots.num_in_use == 0
+
+
+def test_reuploaded_name_never_serves_the_old_weights(base, lora_dirs, tmp_path):
+    """DELETE gives up waiting (short --shutdown-timeout) while a stream still runs on 'x' v1, then a new
+    'x' is uploaded (version 1 again): new requests get the new weights, the old stream keeps the old."""
+    n = 100
+    p = [9, 8, 7, 6]
+    ref1 = greedy(peft_model(base, lora_dirs["v1"]), p, n)
+    ref2 = greedy(peft_model(base, lora_dirs["v2"]), PROMPT, 6)
+    with live_server(model=base, adapters_dir=str(tmp_path / "s"), max_model_len=128, kv_cache_blocks=64,
+                     shutdown_timeout=0.2) as srv:
+        with srv.client() as c:
+            assert upload(c, "x", files_of(lora_dirs["v1"])).status_code == 201
+        srv.state.engine.fault_injector = lambda chunks: time.sleep(0.01)  # keep the old stream running ~1 s
+
+        async def scenario():
+            async with srv.async_client() as ac:
+                old = asyncio.create_task(_stream_tokens(ac, "x", p, n))
+                while srv.state.engine.num_running < 1:
+                    await asyncio.sleep(0.005)
+                assert (await ac.delete("/v1/adapters/x")).status_code == 204
+                r = await ac.post("/v1/adapters", data={"name": "x"}, files=multipart(files_of(lora_dirs["v2"])))
+                assert r.status_code == 201 and r.json()["version"] == 1
+                new = await ac.post("/v1/completions", json={"model": "x", "prompt": PROMPT, "max_tokens": 6,
+                                                              "min_tokens": 6, "temperature": 0,
+                                                              "return_token_ids": True})
+                return await old, new
+
+        old, new = asyncio.run(scenario())
+        assert new.json()["choices"][0]["token_ids"] == ref2
+        assert old == ref1

@@ -1,0 +1,91 @@
+"""Engine edge cases: a request larger than the KV cache, closing a one-choice stream, requests queued while
+the engine dies."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from server.engine.block_manager import BlockAllocator
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import SamplingParams, Sequence
+
+
+def test_request_larger_than_the_kv_cache_is_never_admitted_and_never_fails() -> None:
+    """A request the whole KV cache cannot hold is finished as rejected, not left waiting forever (which
+    would spin the engine loop at 100% CPU)."""
+    sched = Scheduler(BlockAllocator(4, 16), max_num_seqs=4, max_batch_tokens=64)
+    s = Sequence("big", list(range(1, 81)), SamplingParams(max_tokens=4))
+    sched.add(s)
+    for _ in range(3):
+        out = sched.schedule()
+    assert out.chunks or s.is_finished, "request neither scheduled nor rejected: it waits forever"
+
+
+def test_merge_of_one_choice_closes_it() -> None:
+    """Closing _merge with one choice closes the engine generator at once (its finally queues the abort),
+    rather than leaving it to garbage collection."""
+    from server.api.openai import _merge
+
+    closed = []
+
+    async def gen():
+        try:
+            while True:
+                yield SimpleNamespace(token_ids=[1])
+                await asyncio.sleep(0)
+        finally:
+            closed.append(True)
+
+    async def main():
+        g = gen()
+        m = _merge([g])
+        await m.__anext__()
+        await m.aclose()
+        await asyncio.sleep(0.05)
+        # g is still referenced (as by the gens list in _serve's closure); check before asyncio.run's
+        # shutdown_asyncgens closes it for us
+        assert closed, "closing _merge left the engine generator (and its sequence) running"
+        return g
+
+    asyncio.run(main())
+
+
+def test_engine_death_fails_requests_still_in_the_inbox(tmp_path) -> None:
+    """A request whose 'add' is queued while the fatal step runs is answered with EngineDeadError too."""
+    from server.engine.async_engine import AsyncEngine, EngineDeadError, StepError
+    from tests.tiny import tiny_tokenizer
+
+    runner = SimpleNamespace(tokenizer=tiny_tokenizer(), num_blocks=64, block_size=16, eos_token_ids={0})
+    eng = AsyncEngine(runner, max_num_seqs=4, max_batch_tokens=64, max_model_len=256, max_adapters=2)
+    in_step, go = threading.Event(), threading.Event()
+
+    def fault(_chunks):
+        in_step.set()
+        go.wait(5)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    eng.fault_injector = fault
+    eng.start()
+
+    async def main():
+        p = SamplingParams(max_tokens=4)
+        first = eng.generate([1, 2, 3], p)
+        t1 = asyncio.ensure_future(first.__anext__())
+        await asyncio.get_running_loop().run_in_executor(None, in_step.wait, 5)
+        second = eng.generate([4, 5, 6], p)
+        t2 = asyncio.ensure_future(second.__anext__())
+        await asyncio.sleep(0.05)  # second's add is now in the inbox
+        go.set()
+        with pytest.raises((StepError, EngineDeadError)):
+            await asyncio.wait_for(t1, 5)
+        with pytest.raises(EngineDeadError):  # not a TimeoutError: queued requests are answered too
+            await asyncio.wait_for(t2, 3)
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.stop(1)
