@@ -138,29 +138,27 @@ class AdapterRegistry:
                 self._cpu.move_to_end(key)
                 self._inflight[key] += 1
                 return AdapterHandle(entry.name, entry.version, entry.kind, loaded, entry.uid, held=True)
-        fut = self._loading.get(key)
-        if fut is None:  # single flight: concurrent requests for one adapter share one disk load
-            fut = asyncio.get_running_loop().create_future()
-            self._loading[key] = fut
-            try:
-                if self._loader is None or entry.path is None:
-                    raise RuntimeError(f"adapter {name!r} has no files to load from")
-                loaded = await asyncio.to_thread(self._loader, entry.path)
-                with self._lock:
-                    self._cache(key, loaded)
-                    self.cpu_loads += 1
-                fut.set_result(loaded)
-            except BaseException as e:
-                fut.set_exception(e)
-                fut.exception()  # retrieved: no "never retrieved" warning when nobody else waits
-                raise
-            finally:
-                self._loading.pop(key, None)
-        else:
-            loaded = await asyncio.shield(fut)
+        task = self._loading.get(key)
+        if task is None:  # single flight: concurrent requests for one adapter share one disk load
+            task = asyncio.ensure_future(self._load(key, entry))
+            self._loading[key] = task
+        # shielded: a request cancelled while waiting must not cancel the load the others wait for
+        loaded = await asyncio.shield(task)
         with self._lock:
             self._inflight[key] += 1
         return AdapterHandle(entry.name, entry.version, entry.kind, loaded, entry.uid, held=True)
+
+    async def _load(self, key: Key, entry: AdapterEntry) -> Any:
+        try:
+            if self._loader is None or entry.path is None:
+                raise RuntimeError(f"adapter {entry.name!r} has no files to load from")
+            loaded = await asyncio.to_thread(self._loader, entry.path)
+            with self._lock:
+                self._cache(key, loaded)
+                self.cpu_loads += 1
+            return loaded
+        finally:
+            self._loading.pop(key, None)
 
     def release(self, handle: AdapterHandle) -> None:
         """Give back acquire()'s reference; a second release of the same handle does nothing."""

@@ -14,15 +14,16 @@ from server.engine.scheduler import Scheduler
 from server.engine.sequence import SamplingParams, Sequence
 
 
-def test_request_larger_than_the_kv_cache_is_never_admitted_and_never_fails() -> None:
+def test_request_larger_than_the_kv_cache_is_rejected() -> None:
     """A request the whole KV cache cannot hold is finished as rejected, not left waiting forever (which
     would spin the engine loop at 100% CPU)."""
     sched = Scheduler(BlockAllocator(4, 16), max_num_seqs=4, max_batch_tokens=64)
     s = Sequence("big", list(range(1, 81)), SamplingParams(max_tokens=4))
     sched.add(s)
     for _ in range(3):
-        out = sched.schedule()
-    assert out.chunks or s.is_finished, "request neither scheduled nor rejected: it waits forever"
+        sched.schedule()
+    assert s.is_finished and s.finish_reason == "error", "request neither scheduled nor rejected: it waits forever"
+    assert sched.allocator.num_free == 4 and not sched.has_work
 
 
 def test_merge_of_one_choice_closes_it() -> None:
