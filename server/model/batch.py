@@ -63,9 +63,12 @@ class StepBatch:
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """[S, 1, 1, L_max] bool: key j is visible to the decode query of row s."""
+    def decode_mask(self, window: int | None) -> torch.Tensor | None:
+        """[S, 1, 1, L_max] bool: key j is visible to the decode query of row s; None when every key is
+        (same-length contexts, no window): SDPA runs faster without a mask."""
         key = ("decode", window)
+        if key not in self._masks and window is None and int(self.decode_len.min()) == self.decode_ctx.shape[1]:
+            self._masks[key] = None
         if key not in self._masks:
             j = torch.arange(self.decode_ctx.shape[1], device=self.decode_ctx.device)[None, :]
             q = (self.decode_len - 1)[:, None]
