@@ -66,11 +66,12 @@ def lora_apply(
     ranks: torch.Tensor,  # [S]
     scales: torch.Tensor,  # [S]
     meta: LoRAMeta,
+    cache: dict | None = None,  # CPU only: stacked-weight cache of this module (see lora_apply_ref)
 ) -> torch.Tensor:
     """y += scale[slot] * (x @ A[slot].T) @ B[slot].T for every token with a slot; base tokens untouched."""
     if meta.num_segments == 0:
         return y
     if not _use_triton(x):
-        return lora_apply_ref(x, y, a, b, ranks, scales, meta)
+        return lora_apply_ref(x, y, a, b, ranks, scales, meta, cache)
     h = lora_shrink(x, a, ranks, meta)
     return lora_expand(h, b, ranks, scales, meta, y)

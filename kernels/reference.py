@@ -67,22 +67,28 @@ def lora_apply_ref(
     ranks: torch.Tensor,  # [S] int32
     scales: torch.Tensor,  # [S] float32
     meta: LoRAMeta,
+    cache: dict | None = None,  # per-module dict the caller empties whenever a slot's weights change
 ) -> torch.Tensor:
     """Shrink then expand, segment by segment, with no intermediate [T, R_max] buffer.
 
     Same result as lora_expand_ref(lora_shrink_ref(x, ...), ...). On a CPU the cost of a decode step's
     LoRA is mostly per-op overhead (the matmuls are tiny), so each segment is two ops: one linear for
-    the shrink and one addmm for expand, scale and accumulate together.
+    the shrink and one addmm for expand, scale and accumulate together. With a `cache`, adjacent
+    segments of equal length and rank run as one bmm pair over stacked weights (see _apply_stacked).
     """
     sl = scales.tolist()
+    seg_r = meta.seg_ranks(ranks)
+    done: set[int] = set()
+    if cache is not None and meta.contiguous and meta.num_segments > 1:
+        done = _apply_stacked(x, y, a, b, seg_r, scales, meta, cache)
     threads = torch.get_num_threads()
     # These matmuls are tiny: waking an OpenMP team for each costs ~100 us from a non-main thread (the
     # engine's), 20x the work itself. One thread does them faster.
     if threads > 1 and x.device.type == "cpu":
         torch.set_num_threads(1)
     try:
-        for i, (s, r) in enumerate(zip(meta.slots, meta.seg_ranks(ranks), strict=True)):
-            if r == 0 or meta.lens[i] == 0:
+        for i, (s, r) in enumerate(zip(meta.slots, seg_r, strict=True)):
+            if r == 0 or meta.lens[i] == 0 or i in done:
                 continue
             rows = _rows(meta, i)
             h = F.linear(x[rows], a[s, :r])  # [n, r]
@@ -94,3 +100,49 @@ def lora_apply_ref(
         if threads > 1 and x.device.type == "cpu":
             torch.set_num_threads(threads)
     return y
+
+
+def _apply_stacked(
+    x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, seg_r: tuple[int, ...],
+    scales: torch.Tensor, meta: LoRAMeta, cache: dict,
+) -> set[int]:
+    """Runs of adjacent segments with the same length and rank (decode: one token per sequence, requests
+    spread evenly over adapters) as bmm + baddbmm over the run's weights stacked [D, r, K] / [D, r, N].
+
+    Stacking copies weights, so the stacks are cached by (slots, rank): a decode batch keeps the same
+    adapters step after step. No work on padding: a run only holds segments of one rank. Returns the
+    segments done here.
+    """
+    done: set[int] = set()
+    rows0 = meta._cache.get("row_starts")
+    if rows0 is None:  # first row of each segment (contiguous meta), read once per step
+        rows0 = meta._cache["row_starts"] = [int(meta.token_indices[st]) if n else -1
+                                             for st, n in zip(meta.starts, meta.lens, strict=True)]
+    i, n_seg = 0, meta.num_segments
+    while i < n_seg:
+        j = i + 1
+        while (j < n_seg and seg_r[j] == seg_r[i] and meta.lens[j] == meta.lens[i]
+               and rows0[j] == rows0[j - 1] + meta.lens[j - 1]):  # adjacent rows, no base row between
+            j += 1
+        r, n = seg_r[i], meta.lens[i]
+        if j - i > 1 and r > 0 and n > 0:
+            slots = meta.slots[i:j]
+            key = (slots, r)
+            st = cache.get(key)
+            if st is None:
+                if len(cache) >= 4:  # batches change as requests come and go: keep the newest few
+                    cache.clear()
+                idx = list(slots)
+                st = (a[idx, :r].contiguous(),  # [D, r, K]
+                      b[idx, :, :r].transpose(1, 2).contiguous(),  # [D, r, N]
+                      scales[idx].to(x.dtype).view(-1, 1, 1))
+                cache[key] = st
+            a_st, bt_st, sc = st
+            first = rows0[i]
+            d = j - i
+            xs = x[first:first + d * n].view(d, n, -1)
+            h = torch.bmm(xs, a_st.transpose(1, 2)).mul_(sc)  # [D, n, r], scaled
+            y[first:first + d * n].view(d, n, -1).baddbmm_(h, bt_st)
+            done.update(range(i, j))
+        i = j
+    return done

@@ -104,7 +104,7 @@ class Decoder:
             return
         m = lora.module(layer, name, batch.active_slots)
         if m is not None:
-            lora_apply(x, y, *m, batch.lora_meta)
+            lora_apply(x, y, *m, batch.lora_meta, cache=lora.cache_for(layer, name))
 
     def forward(self, batch: StepBatch, cache: PagedKVCache, lora: LoRASlots | None) -> torch.Tensor:
         """Run all layers over the flat batch; returns fp32 logits [N, vocab] of batch.logits_rows."""

@@ -31,6 +31,9 @@ class LoRASlots:
         self.ranks: dict[tuple[int, str], torch.Tensor] = {}
         self.scales: dict[tuple[int, str], torch.Tensor] = {}
         self._host_ranks: dict[tuple[int, str], list[int]] = {}
+        # CPU only: per module, weights of the step's adapters stacked for one bmm (kernels.lora_apply_ref);
+        # emptied whenever any slot changes.
+        self.stack_cache: dict[tuple[int, str], dict] | None = {} if device.type == "cpu" else None
 
     def _allocate(self, key: tuple[int, str]) -> None:
         k_in, n_out = self.info.module_shape(key[1])
@@ -71,6 +74,7 @@ class LoRASlots:
         """
         self._check(slot, weights)
         self.clear_slot(slot)
+        self._drop_stacks()
         for key, (a, b, scaling) in weights.items():
             if key not in self.a:
                 self._allocate(key)
@@ -81,8 +85,13 @@ class LoRASlots:
             self.scales[key][slot] = float(scaling)
             self._host_ranks[key][slot] = r
 
+    def _drop_stacks(self) -> None:
+        if self.stack_cache is not None:
+            self.stack_cache.clear()
+
     def clear_slot(self, slot: int) -> None:
         """Make a slot contribute nothing (rank 0 everywhere, buffers zeroed)."""
+        self._drop_stacks()
         for key, host in self._host_ranks.items():
             if host[slot]:
                 self.a[key][slot].zero_()
@@ -99,3 +108,9 @@ class LoRASlots:
         if host is None or not any(host[s] for s in active_slots):
             return None
         return self.a[key], self.b[key], self.ranks[key], self.scales[key]
+
+    def cache_for(self, layer: int, name: str) -> dict | None:
+        """The stacked-weight cache of one module (CPU), None on CUDA."""
+        if self.stack_cache is None:
+            return None
+        return self.stack_cache.setdefault((layer, name), {})

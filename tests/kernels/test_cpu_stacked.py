@@ -1,0 +1,65 @@
+"""The CPU twin's stacked path (runs of equal-length, equal-rank segments as one bmm) equals the plain twin,
+and its weight cache is emptied when a slot changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import LoRAMeta, lora_apply
+from kernels.reference import lora_expand_ref, lora_shrink_ref
+
+
+def setup(slots_of_tokens: list[int], ranks: list[int], k: int = 40, n: int = 24, r_max: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    s = len(ranks)
+    a = torch.randn(s, r_max, k, generator=g)
+    b = torch.randn(s, n, r_max, generator=g)
+    for i, r in enumerate(ranks):  # buffers beyond a slot's rank hold junk: it must never be read
+        a[i, r:] = 1e4
+        b[i, :, r:] = 1e4
+    x = torch.randn(len(slots_of_tokens), k, generator=g)
+    y = torch.randn(len(slots_of_tokens), n, generator=g)
+    return x, y, a, b, torch.tensor(ranks, dtype=torch.int32), torch.rand(s, generator=g) + 0.5
+
+
+@pytest.mark.parametrize("token_slots, ranks, stacked", [
+    ([0, 0, 1, 1, 2, 2, 3, 3], [4, 4, 4, 4], True),  # one run of 4 segments
+    ([0, 0, 1, 1, 2, 2, 3, 3, -1, -1], [4, 8, 8, 4], True),  # ranks split the run: (0), (1, 2), (3)
+    ([2, 2, 2, 0, 0, 1, 1, 1], [4, 4, 4], False),  # lengths 3, 2, 3: no two adjacent alike
+    ([0, 1, 2, 3, 4, 5], [16, 16, 16, 16, 16, 16], True),  # decode: one token per adapter
+    ([-1, 1, 1, 0, 0, -1, 3, 3, 2, 2], [4, 4, 4, 4], True),  # a base row splits the runs: (1, 0), (3, 2)
+    ([0, -1, 1], [4, 4], False),  # equal segments, but not adjacent rows
+])
+def test_stacked_equals_plain_twin(token_slots, ranks, stacked):
+    x, y, a, b, rk, sc = setup(token_slots, ranks)
+    meta = LoRAMeta.from_token_slots(token_slots)
+    want = lora_expand_ref(lora_shrink_ref(x, a, rk, meta), b, rk, sc, meta, y.clone())
+    cache: dict = {}
+    got = lora_apply(x, y.clone(), a, b, rk, sc, meta, cache=cache)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    again = lora_apply(x, y.clone(), a, b, rk, sc, meta, cache=cache)  # from the cache
+    torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-4)
+    assert bool(cache) == stacked
+
+
+def test_slot_reload_empties_the_stack_cache():
+    from adapters_store.base_info import BaseModelInfo
+    from server.model.lora_slots import LoRASlots
+
+    info = BaseModelInfo("llama", 1, 16, 32, 4, 2, 4, 64)
+    slots = LoRASlots(info, max_adapters=2, max_rank=4, dtype=torch.float32, device=torch.device("cpu"))
+    w = {(0, "q_proj"): (torch.randn(2, 16), torch.randn(16, 2), 1.0)}
+    slots.load_slot(0, w)
+    slots.load_slot(1, w)
+    x, y = torch.randn(4, 16), torch.zeros(4, 16)
+    meta = LoRAMeta.from_token_slots([0, 0, 1, 1])
+    a, b, rk, sc = slots.module(0, "q_proj", (0, 1))
+    lora_apply(x, y, a, b, rk, sc, meta, cache=slots.cache_for(0, "q_proj"))
+    assert slots.cache_for(0, "q_proj")
+    w2 = {(0, "q_proj"): (torch.randn(2, 16), torch.randn(16, 2), 3.0)}
+    slots.load_slot(1, w2)
+    assert not slots.cache_for(0, "q_proj")  # new weights in slot 1: stale stacks dropped
+    y2 = lora_apply(x, torch.zeros(4, 16), a, b, rk, sc, meta, cache=slots.cache_for(0, "q_proj"))
+    ref = lora_apply(x, torch.zeros(4, 16), a, b, rk, sc, meta)
+    torch.testing.assert_close(y2, ref)
