@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 # Import the Triton launchers before defining the same-named switches below: importing the submodule
@@ -12,7 +14,7 @@ import torch
 from kernels.lora_expand import lora_expand_triton
 from kernels.lora_shrink import lora_shrink_triton
 from kernels.metadata import LoRAMeta
-from kernels.reference import lora_apply_ref, lora_expand_ref, lora_shrink_ref
+from kernels.reference import StackCache, lora_apply_ref, lora_expand_ref, lora_shrink_ref
 
 __all__ = [
     "LoRAMeta",
@@ -21,6 +23,7 @@ __all__ = [
     "lora_expand",
     "lora_shrink_ref",
     "lora_apply_ref",
+    "StackCache",
     "lora_expand_ref",
     "lora_shrink_triton",
     "lora_expand_triton",
@@ -66,7 +69,7 @@ def lora_apply(
     ranks: torch.Tensor,  # [S]
     scales: torch.Tensor,  # [S]
     meta: LoRAMeta,
-    cache: dict | None = None,  # CPU only: stacked-weight cache of this module (see lora_apply_ref)
+    cache: tuple[StackCache, Any] | None = None,  # CPU only: (stacked-weight cache, module key)
 ) -> torch.Tensor:
     """y += scale[slot] * (x @ A[slot].T) @ B[slot].T for every token with a slot; base tokens untouched."""
     if meta.num_segments == 0:

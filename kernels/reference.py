@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -67,7 +69,7 @@ def lora_apply_ref(
     ranks: torch.Tensor,  # [S] int32
     scales: torch.Tensor,  # [S] float32
     meta: LoRAMeta,
-    cache: dict | None = None,  # per-module dict the caller empties whenever a slot's weights change
+    cache: tuple[StackCache, Any] | None = None,  # (cache, module key); emptied whenever a slot changes
 ) -> torch.Tensor:
     """Shrink then expand, segment by segment, with no intermediate [T, R_max] buffer.
 
@@ -102,17 +104,50 @@ def lora_apply_ref(
     return y
 
 
+class StackCache:
+    """Stacked weights of the CPU twin's bmm path: one entry per module (its current run of slots), bounded
+    in bytes. A run that does not fit is computed segment by segment instead: no eviction churn."""
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._d: dict[Any, tuple[Any, tuple[torch.Tensor, ...], int]] = {}
+
+    def lookup(self, module: Any, key: Any) -> tuple[torch.Tensor, ...] | None:
+        e = self._d.get(module)
+        return e[1] if e is not None and e[0] == key else None
+
+    def fits(self, module: Any, nbytes: int) -> bool:
+        e = self._d.get(module)
+        return self.used - (e[2] if e is not None else 0) + nbytes <= self.max_bytes
+
+    def store(self, module: Any, key: Any, tensors: tuple[torch.Tensor, ...], nbytes: int) -> None:
+        old = self._d.pop(module, None)
+        if old is not None:
+            self.used -= old[2]
+        self._d[module] = (key, tensors, nbytes)
+        self.used += nbytes
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.used = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
 def _apply_stacked(
     x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, seg_r: tuple[int, ...],
-    scales: torch.Tensor, meta: LoRAMeta, cache: dict,
+    scales: torch.Tensor, meta: LoRAMeta, cache: tuple[StackCache, Any],
 ) -> set[int]:
     """Runs of adjacent segments with the same length and rank (decode: one token per sequence, requests
     spread evenly over adapters) as bmm + baddbmm over the run's weights stacked [D, r, K] / [D, r, N].
 
-    Stacking copies weights, so the stacks are cached by (slots, rank): a decode batch keeps the same
-    adapters step after step. No work on padding: a run only holds segments of one rank. Returns the
-    segments done here.
+    Stacking copies weights, so the stacks are cached per module by (slots, rank): a decode batch keeps
+    the same adapters step after step. No work on padding: a run only holds segments of one rank. Returns
+    the segments done here.
     """
+    store, module = cache
     done: set[int] = set()
     rows0 = meta._cache.get("row_starts")
     if rows0 is None:  # first row of each segment (contiguous meta), read once per step
@@ -124,25 +159,24 @@ def _apply_stacked(
         while (j < n_seg and seg_r[j] == seg_r[i] and meta.lens[j] == meta.lens[i]
                and rows0[j] == rows0[j - 1] + meta.lens[j - 1]):  # adjacent rows, no base row between
             j += 1
-        r, n = seg_r[i], meta.lens[i]
-        if j - i > 1 and r > 0 and n > 0:
+        r, n, d = seg_r[i], meta.lens[i], j - i
+        if d > 1 and r > 0 and n > 0:
             slots = meta.slots[i:j]
-            key = (slots, r)
-            st = cache.get(key)
-            if st is None:
-                if len(cache) >= 4:  # batches change as requests come and go: keep the newest few
-                    cache.clear()
+            key = (slots, r, i)
+            st = store.lookup(module, key)
+            nbytes = d * r * (a.shape[2] + b.shape[1]) * a.element_size()
+            if st is None and store.fits(module, nbytes):
                 idx = list(slots)
                 st = (a[idx, :r].contiguous(),  # [D, r, K]
                       b[idx, :, :r].transpose(1, 2).contiguous(),  # [D, r, N]
                       scales[idx].to(x.dtype).view(-1, 1, 1))
-                cache[key] = st
-            a_st, bt_st, sc = st
-            first = rows0[i]
-            d = j - i
-            xs = x[first:first + d * n].view(d, n, -1)
-            h = torch.bmm(xs, a_st.transpose(1, 2)).mul_(sc)  # [D, n, r], scaled
-            y[first:first + d * n].view(d, n, -1).baddbmm_(h, bt_st)
-            done.update(range(i, j))
+                store.store(module, key, st, nbytes)
+            if st is not None:
+                a_st, bt_st, sc = st
+                first = rows0[i]
+                xs = x[first:first + d * n].view(d, n, -1)
+                h = torch.bmm(xs, a_st.transpose(1, 2)).mul_(sc)  # [D, n, r], scaled
+                y[first:first + d * n].view(d, n, -1).baddbmm_(h, bt_st)
+                done.update(range(i, j))
         i = j
     return done

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from adapters_store.base_info import LORA_MODULES, BaseModelInfo
+from kernels import StackCache
 
 LoRAWeights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
 
@@ -31,9 +32,9 @@ class LoRASlots:
         self.ranks: dict[tuple[int, str], torch.Tensor] = {}
         self.scales: dict[tuple[int, str], torch.Tensor] = {}
         self._host_ranks: dict[tuple[int, str], list[int]] = {}
-        # CPU only: per module, weights of the step's adapters stacked for one bmm (kernels.lora_apply_ref);
-        # emptied whenever any slot changes.
-        self.stack_cache: dict[tuple[int, str], dict] | None = {} if device.type == "cpu" else None
+        # CPU only: weights of the step's adapters stacked for one bmm per module (kernels.lora_apply_ref),
+        # at most 256 MiB in all; emptied whenever any slot changes.
+        self.stack_cache: StackCache | None = StackCache() if device.type == "cpu" else None
 
     def _allocate(self, key: tuple[int, str]) -> None:
         k_in, n_out = self.info.module_shape(key[1])
@@ -109,8 +110,6 @@ class LoRASlots:
             return None
         return self.a[key], self.b[key], self.ranks[key], self.scales[key]
 
-    def cache_for(self, layer: int, name: str) -> dict | None:
-        """The stacked-weight cache of one module (CPU), None on CUDA."""
-        if self.stack_cache is None:
-            return None
-        return self.stack_cache.setdefault((layer, name), {})
+    def cache_for(self, layer: int, name: str) -> tuple[StackCache, tuple[int, str]] | None:
+        """(stacked-weight cache, module key) for lora_apply on CPU; None on CUDA."""
+        return None if self.stack_cache is None else (self.stack_cache, (layer, name))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import LoRAMeta, lora_apply
+from kernels import LoRAMeta, StackCache, lora_apply
 from kernels.reference import lora_expand_ref, lora_shrink_ref
 
 
@@ -35,12 +35,23 @@ def test_stacked_equals_plain_twin(token_slots, ranks, stacked):
     x, y, a, b, rk, sc = setup(token_slots, ranks)
     meta = LoRAMeta.from_token_slots(token_slots)
     want = lora_expand_ref(lora_shrink_ref(x, a, rk, meta), b, rk, sc, meta, y.clone())
-    cache: dict = {}
-    got = lora_apply(x, y.clone(), a, b, rk, sc, meta, cache=cache)
+    cache = StackCache()
+    got = lora_apply(x, y.clone(), a, b, rk, sc, meta, cache=(cache, "m"))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    again = lora_apply(x, y.clone(), a, b, rk, sc, meta, cache=cache)  # from the cache
+    again = lora_apply(x, y.clone(), a, b, rk, sc, meta, cache=(cache, "m"))  # from the cache
     torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-4)
-    assert bool(cache) == stacked
+    assert (cache.used > 0) == stacked
+
+
+def test_stack_cache_budget_falls_back_to_segments():
+    token_slots, ranks = [0, 0, 1, 1, 2, 2], [4, 4, 4]
+    x, y, a, b, rk, sc = setup(token_slots, ranks)
+    meta = LoRAMeta.from_token_slots(token_slots)
+    want = lora_expand_ref(lora_shrink_ref(x, a, rk, meta), b, rk, sc, meta, y.clone())
+    tiny = StackCache(max_bytes=16)  # nothing fits: computed segment by segment, same result
+    torch.testing.assert_close(lora_apply(x, y.clone(), a, b, rk, sc, meta, cache=(tiny, "m")), want,
+                               rtol=1e-5, atol=1e-4)
+    assert tiny.used == 0 and len(tiny) == 0
 
 
 def test_slot_reload_empties_the_stack_cache():
@@ -56,10 +67,10 @@ def test_slot_reload_empties_the_stack_cache():
     meta = LoRAMeta.from_token_slots([0, 0, 1, 1])
     a, b, rk, sc = slots.module(0, "q_proj", (0, 1))
     lora_apply(x, y, a, b, rk, sc, meta, cache=slots.cache_for(0, "q_proj"))
-    assert slots.cache_for(0, "q_proj")
+    assert slots.stack_cache.used > 0
     w2 = {(0, "q_proj"): (torch.randn(2, 16), torch.randn(16, 2), 3.0)}
     slots.load_slot(1, w2)
-    assert not slots.cache_for(0, "q_proj")  # new weights in slot 1: stale stacks dropped
+    assert slots.stack_cache.used == 0  # new weights in slot 1: stale stacks dropped
     y2 = lora_apply(x, torch.zeros(4, 16), a, b, rk, sc, meta, cache=slots.cache_for(0, "q_proj"))
     ref = lora_apply(x, torch.zeros(4, 16), a, b, rk, sc, meta)
     torch.testing.assert_close(y2, ref)
