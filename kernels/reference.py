@@ -105,35 +105,42 @@ def lora_apply_ref(
 
 
 class StackCache:
-    """Stacked weights of the CPU twin's bmm path: one entry per module (its current run of slots), bounded
-    in bytes. A run that does not fit is computed segment by segment instead: no eviction churn."""
+    """Stacked weights of the CPU twin's bmm path, by module and run of slots, bounded in bytes. A module
+    keeps its newest few runs; a run that does not fit the budget is computed segment by segment instead
+    (no eviction churn across modules)."""
+
+    PER_MODULE = 4
 
     def __init__(self, max_bytes: int = 256 << 20) -> None:
         self.max_bytes = max_bytes
         self.used = 0
-        self._d: dict[Any, tuple[Any, tuple[torch.Tensor, ...], int]] = {}
+        self._d: dict[Any, dict[Any, tuple[tuple[torch.Tensor, ...], int]]] = {}
 
     def lookup(self, module: Any, key: Any) -> tuple[torch.Tensor, ...] | None:
-        e = self._d.get(module)
-        return e[1] if e is not None and e[0] == key else None
+        e = self._d.get(module, {}).get(key)
+        return e[0] if e is not None else None
 
-    def fits(self, module: Any, nbytes: int) -> bool:
-        e = self._d.get(module)
-        return self.used - (e[2] if e is not None else 0) + nbytes <= self.max_bytes
-
-    def store(self, module: Any, key: Any, tensors: tuple[torch.Tensor, ...], nbytes: int) -> None:
-        old = self._d.pop(module, None)
-        if old is not None:
-            self.used -= old[2]
-        self._d[module] = (key, tensors, nbytes)
+    def store(self, module: Any, key: Any, tensors: tuple[torch.Tensor, ...], nbytes: int) -> bool:
+        """Keep `tensors` unless the budget is spent; returns whether they were kept."""
+        runs = self._d.setdefault(module, {})
+        if len(runs) >= self.PER_MODULE:  # the oldest run of this module goes
+            oldest = next(iter(runs))
+            self.used -= runs.pop(oldest)[1]
+        if self.used + nbytes > self.max_bytes:
+            return False
+        runs[key] = (tensors, nbytes)
         self.used += nbytes
+        return True
+
+    def fits(self, nbytes: int) -> bool:
+        return self.used + nbytes <= self.max_bytes
 
     def clear(self) -> None:
         self._d.clear()
         self.used = 0
 
     def __len__(self) -> int:
-        return len(self._d)
+        return sum(len(r) for r in self._d.values())
 
 
 def _apply_stacked(
@@ -162,10 +169,10 @@ def _apply_stacked(
         r, n, d = seg_r[i], meta.lens[i], j - i
         if d > 1 and r > 0 and n > 0:
             slots = meta.slots[i:j]
-            key = (slots, r, i)
+            key = (slots, r)
             st = store.lookup(module, key)
             nbytes = d * r * (a.shape[2] + b.shape[1]) * a.element_size()
-            if st is None and store.fits(module, nbytes):
+            if st is None and store.fits(nbytes):
                 idx = list(slots)
                 st = (a[idx, :r].contiguous(),  # [D, r, K]
                       b[idx, :, :r].transpose(1, 2).contiguous(),  # [D, r, N]

@@ -74,3 +74,20 @@ def test_slot_reload_empties_the_stack_cache():
     y2 = lora_apply(x, torch.zeros(4, 16), a, b, rk, sc, meta, cache=slots.cache_for(0, "q_proj"))
     ref = lora_apply(x, torch.zeros(4, 16), a, b, rk, sc, meta)
     torch.testing.assert_close(y2, ref)
+
+
+def test_two_runs_in_one_module_both_cached_and_per_module_cap():
+    token_slots, ranks = [0, 0, 1, 1, 2, 2, 3, 3], [4, 4, 8, 8]  # runs (0, 1) at rank 4 and (2, 3) at rank 8
+    x, y, a, b, rk, sc = setup(token_slots, ranks)
+    meta = LoRAMeta.from_token_slots(token_slots)
+    want = lora_expand_ref(lora_shrink_ref(x, a, rk, meta), b, rk, sc, meta, y.clone())
+    cache = StackCache()
+    for _ in range(2):
+        torch.testing.assert_close(lora_apply(x, y.clone(), a, b, rk, sc, meta, cache=(cache, "m")), want,
+                                   rtol=1e-5, atol=1e-4)
+    assert len(cache) == 2
+    used = cache.used
+    for k in range(StackCache.PER_MODULE + 2):  # more runs than a module keeps: the oldest go, bytes follow
+        cache.store("m", ("other", k), (torch.zeros(1),), 10)
+    assert len(cache) == StackCache.PER_MODULE
+    assert cache.used == 10 * StackCache.PER_MODULE and used > 0
