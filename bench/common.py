@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import random
@@ -15,6 +16,18 @@ from server.engine.sequence import SamplingParams
 from server.model.default_model import save_llama_family
 from server.model.runner import ModelRunner
 from server.threads import claim_for_engine
+
+
+def add_workload_args(ap: argparse.ArgumentParser) -> None:
+    """The model shape and request shape every runner takes."""
+    ap.add_argument("--model", help="HF checkpoint dir (default: a random Llama of --hidden/--layers)")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--num-requests", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=32)
 
 
 def bench_model(hidden: int, layers: int, heads: int, kv_heads: int, cache: str = "/tmp/peftserve-bench") -> str:

@@ -28,7 +28,15 @@ from typing import Any
 
 import torch
 
-from bench.common import bench_model, hf_generate, make_engine, random_prompts, run_engine, run_isolated
+from bench.common import (
+    add_workload_args,
+    bench_model,
+    hf_generate,
+    make_engine,
+    random_prompts,
+    run_engine,
+    run_isolated,
+)
 from server.threads import engine_threads
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -189,14 +197,7 @@ def peft_baselines(args: argparse.Namespace, model_dir: str, prompts: list[list[
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="HF checkpoint dir (default: a random Llama of --hidden/--layers)")
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--num-requests", type=int, default=32)
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--output-len", type=int, default=32)
+    add_workload_args(ap)
     ap.add_argument("--ks", default="1,8,32", help="comma-separated numbers of distinct adapters")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--max-rank", type=int, default=64, help="engine LoRA slot rank (and loader limit)")

@@ -12,7 +12,15 @@ import json
 
 import torch
 
-from bench.common import bench_model, hf_generate, make_engine, random_prompts, run_engine, run_isolated
+from bench.common import (
+    add_workload_args,
+    bench_model,
+    hf_generate,
+    make_engine,
+    random_prompts,
+    run_engine,
+    run_isolated,
+)
 
 
 def hf_baseline(model_dir: str, dtype: str, device: str, pad: int, prompts: list[list[int]], output_len: int,
@@ -29,14 +37,7 @@ def hf_baseline(model_dir: str, dtype: str, device: str, pad: int, prompts: list
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="HF checkpoint dir (default: a random Llama of --hidden/--layers)")
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--num-requests", type=int, default=32)
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--output-len", type=int, default=32)
+    add_workload_args(ap)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each side; the best is reported")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
