@@ -8,7 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -102,8 +102,6 @@ def build_params(state: ServerState, body: _Sampling, prompt_ids: list[int], ada
 def _choice_params(params: SamplingParams, i: int) -> SamplingParams:
     if i == 0 or params.seed is None:
         return params
-    from dataclasses import replace
-
     return replace(params, seed=params.seed + i)
 
 

@@ -118,13 +118,6 @@ class AdapterRegistry:
         return len(self._cpu)
 
     # ---- use ----------------------------------------------------------------------------------------
-    def get(self, name: str) -> AdapterHandle | None:
-        """A handle without taking a reference, only if the current version is in CPU memory."""
-        with self._lock:
-            e = self._entries.get(name)
-            loaded = self._cpu.get(e.key) if e else None
-        return AdapterHandle(e.name, e.version, e.kind, loaded, e.uid) if e and loaded is not None else None
-
     async def acquire(self, name: str) -> AdapterHandle | None:
         """The current version of `name`, loaded (from disk in a thread if needed), with a reference taken.
         None if the name is unknown. Release with `release(handle)` when the request ends."""
