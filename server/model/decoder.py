@@ -97,6 +97,15 @@ class Decoder:
             down_bias=take("mlp.down_proj.bias", s.mlp_bias),
         )
 
+    def base_weight(self, layer: int, name: str) -> torch.Tensor:
+        """The frozen weight [out, in] of one projection (q/k/v: a row slice of the fused qkv)."""
+        w = self.layers[layer]
+        q_end, k_end = self.q_size, self.q_size + self.kv_size
+        fused = {"q_proj": w.qkv[:q_end], "k_proj": w.qkv[q_end:k_end], "v_proj": w.qkv[k_end:]}
+        if name in fused:
+            return fused[name]
+        return {"o_proj": w.o, "gate_proj": w.gate, "up_proj": w.up, "down_proj": w.down}[name]
+
     @staticmethod
     def _proj(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, layer: int, name: str,
               batch: StepBatch, hooks: ActiveHooks) -> torch.Tensor:

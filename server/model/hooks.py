@@ -73,7 +73,11 @@ def has_hooks(form: StepHooks) -> bool:
 
 @dataclass(frozen=True)
 class DeviceContext:
-    """What a family's device form may size itself by. `kv_cache` has `write_all_layers(slots, k, v)`."""
+    """What a family's device form may size itself by and read.
+
+    `kv_cache` has `write_all_layers(slots, k, v)`; `base_weight(layer, name)` is a projection's frozen
+    base weight [out, in] (a view: never write to it), e.g. for DoRA's column norms.
+    """
 
     shapes: BaseModelInfo
     max_adapters: int
@@ -81,6 +85,7 @@ class DeviceContext:
     dtype: torch.dtype
     device: torch.device
     kv_cache: Any
+    base_weight: Callable[[int, str], torch.Tensor]
 
 
 class ResidentForm(Protocol):
