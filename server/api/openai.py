@@ -19,6 +19,7 @@ from server.api.errors import APIError, error_body
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.api.state import ServerState
 from server.engine.async_engine import CapacityError, Delta, EngineDeadError, StepError
+from server.engine.prompt_logprobs import PromptLogprob
 from server.engine.registry import AdapterHandle
 from server.engine.sampler import SampleResult
 from server.engine.sequence import SamplingParams
@@ -73,8 +74,10 @@ def build_params(state: ServerState, body: SamplingFields, prompt_ids: list[int]
     used = len(prompt_ids) + virtual
     if max_tokens is None:
         max_tokens = min(16 if isinstance(body, CompletionRequest) else limit - used, s.max_tokens_limit)
-    if max_tokens < 1:
-        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+    echo = isinstance(body, CompletionRequest) and body.echo
+    if max_tokens < (0 if echo else 1):  # echo with max_tokens 0 scores the prompt alone
+        raise APIError(400, f"max_tokens must be at least 1 (0 only with echo), got {max_tokens}",
+                       param="max_tokens")
     if max_tokens > s.max_tokens_limit:
         raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit {s.max_tokens_limit} "
                             "(--max-tokens-limit)", param="max_tokens")
@@ -115,6 +118,7 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[SampleResult] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 async def _merge(gens: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
@@ -179,6 +183,8 @@ async def _collect(gens: list[AsyncIterator[Delta]], results: list[ChoiceResult]
             r.text += d.text
             r.token_ids += d.token_ids
             r.logprobs += d.logprobs
+            if d.prompt_logprobs is not None:
+                r.prompt_logprobs = d.prompt_logprobs
             if d.finished:
                 r.finish_reason = d.finish_reason
     return results
@@ -288,9 +294,9 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 
 def _encode_prompt(state: ServerState, prompt: Any) -> list[int]:
-    if isinstance(prompt, list) and prompt and all(isinstance(x, str) for x in prompt):
+    if isinstance(prompt, list) and prompt and all(isinstance(x, str | list) for x in prompt):
         if len(prompt) != 1:
-            raise APIError(400, f"batched prompts are not supported: got {len(prompt)} strings; send one "
+            raise APIError(400, f"batched prompts are not supported: got {len(prompt)} prompts; send one "
                                 "request per prompt", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
@@ -311,7 +317,8 @@ class _Format:
 
 
 async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None,
-                 logprobs: int | None, prompt_param: str, fmt: Callable[[Any], _Format]) -> Any:
+                 logprobs: int | None, prompt_param: str, fmt: Callable[[Any], _Format],
+                 prompt_logprobs: int | None = None) -> Any:
     """Resolve the adapter, validate, run the choices, answer as JSON or SSE. The adapter reference is
     held until the last choice ends (for a stream: until the stream closes). What the request log and
     metrics need goes on `request.state` (server.api.context) as it becomes known."""
@@ -322,6 +329,8 @@ async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int], 
     ctx.resolved, ctx.adapter = True, adapter.name if adapter is not None else None
     try:
         params = build_params(state, body, prompt_ids, adapter, max_tokens, logprobs, prompt_param)
+        if prompt_logprobs is not None:
+            params = replace(params, prompt_logprobs=prompt_logprobs)
         f = fmt(state.tokenizer)
         rid = f"{f.id_prefix}-{uuid.uuid4().hex}"
         ctx.response_id, ctx.prompt_tokens, ctx.completion_tokens = rid, len(prompt_ids), 0
@@ -380,22 +389,70 @@ async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int], 
     return JSONResponse(resp)
 
 
+def _echo_entries(prompt_ids: list[int], scored: list[PromptLogprob | None] | None,
+                  top_n: int) -> list[SampleResult]:
+    """The prompt's part of an echoed `logprobs`: the first token's logprob is null (no context)."""
+    out = [SampleResult(prompt_ids[0])]
+    for e in (scored or [None])[1:]:
+        if e is not None:
+            out.append(SampleResult(e.token_id, e.logprob, (e.top_logprobs or [])[:top_n] if top_n else None))
+    return out
+
+
+def vllm_prompt_logprobs(tok: Any, scored: list[PromptLogprob | None], top_n: int) -> list[Any]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}} holding the prompt token and the top `top_n`."""
+    out: list[Any] = []
+    for e in scored:
+        if e is None:
+            out.append(None)
+            continue
+        d = {str(e.token_id): {"logprob": e.logprob, "rank": e.rank, "decoded_token": _tok_str(tok, e.token_id)}}
+        for rank, (t, lp) in enumerate((e.top_logprobs or [])[:top_n], start=1):
+            d.setdefault(str(t), {"logprob": lp, "rank": rank, "decoded_token": _tok_str(tok, t)})
+        out.append(d)
+    return out
+
+
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
+    state = get_state(request)
+    prompt_ids = _encode_prompt(state, body.prompt)
+    echo, top_n = body.echo, body.logprobs or 0
+    prompt_text = ""
+    if echo:  # the prompt as the client sent it (a string), or its tokens decoded
+        p = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and not isinstance(
+            body.prompt[0], int) else body.prompt
+        prompt_text = p if isinstance(p, str) else state.tokenizer.decode(prompt_ids)
+
     def fmt(tok: Any) -> _Format:
+        echoed: set[int] = set()  # streamed choices whose first chunk carried the prompt
+
         def lp(x: list[SampleResult]) -> dict[str, Any] | None:
             return completion_logprobs(tok, x) if body.logprobs is not None else None
 
+        def choice(i: int, text: str, lps: list[SampleResult], finish: str | None,
+                   scored: list[PromptLogprob | None] | None, first: bool) -> dict[str, Any]:
+            if echo and first:
+                text = prompt_text + text
+                lps = _echo_entries(prompt_ids, scored, top_n) + lps
+            c = {"index": i, "text": text, "finish_reason": finish, "logprobs": lp(lps)}
+            if body.prompt_logprobs is not None and scored is not None:
+                c["prompt_logprobs"] = vllm_prompt_logprobs(tok, scored, body.prompt_logprobs)
+            return c
+
+        def delta_choice(i: int, d: Delta) -> dict[str, Any]:
+            first = i not in echoed
+            echoed.add(i)
+            return choice(i, d.text, d.logprobs, d.finish_reason, d.prompt_logprobs, first)
+
         return _Format(
-            "cmpl", "text_completion", "text_completion",
-            delta_choice=lambda i, d: {"index": i, "text": d.text, "finish_reason": d.finish_reason,
-                                       "logprobs": lp(d.logprobs)},
-            final_choice=lambda i, r: {"index": i, "text": r.text, "finish_reason": r.finish_reason,
-                                       "logprobs": lp(r.logprobs)},
+            "cmpl", "text_completion", "text_completion", delta_choice=delta_choice,
+            final_choice=lambda i, r: choice(i, r.text, r.logprobs, r.finish_reason, r.prompt_logprobs, True),
         )
 
-    prompt_ids = _encode_prompt(get_state(request), body.prompt)
-    return await _serve(request, body, prompt_ids, body.max_tokens, body.logprobs, "prompt", fmt)
+    scored_n = max(top_n, body.prompt_logprobs or 0) if body.scores_prompt else None
+    return await _serve(request, body, prompt_ids, body.max_tokens, body.logprobs, "prompt", fmt, scored_n)
 
 
 def render_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:

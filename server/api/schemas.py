@@ -53,16 +53,16 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[StrictInt] | list[str]
+    # one prompt: a string or token ids; a list of one string or one token-id list (lm-eval sends these)
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    echo: StrictBool = False
+    echo: StrictBool = False  # the choice's text (and logprobs) start with the prompt's
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None  # vLLM extension: score the prompt
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the prompt's tokens are scored (echo with logprobs, or vLLM's prompt_logprobs)."""
+        return (self.echo and self.logprobs is not None) or self.prompt_logprobs is not None
 
 
 class TextPart(BaseModel):

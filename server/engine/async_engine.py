@@ -23,6 +23,7 @@ import torch
 
 from server.engine.block_manager import BlockAllocator
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.prompt_logprobs import PromptLogprob, PromptScorer
 from server.engine.registry import AdapterHandle
 from server.engine.sampler import SampleResult, make_generator, sample
 from server.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
@@ -85,6 +86,7 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: BaseException | None = None
+    prompt_logprobs: list[PromptLogprob | None] | None = None  # on the first delta of a prompt-scoring request
 
 
 @dataclass
@@ -120,6 +122,7 @@ class Request:
     generator: Any
     first_token_at: float | None = None
     last_token_at: float | None = None
+    scorer: PromptScorer | None = None  # the request scores its prompt (SamplingParams.prompt_logprobs)
 
     @property
     def adapter_name(self) -> str | None:
@@ -233,6 +236,8 @@ class AsyncEngine:
             seq.num_prefix = adapter.adapter.prefix_tokens
         req = Request(seq, IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.Queue(), loop,
                       make_generator(params.seed))
+        if params.prompt_logprobs is not None:
+            req.scorer = PromptScorer(seq.prompt_ids, seq.num_virtual, params.prompt_logprobs)
         self._post(AddRequest(req))
         if self.dead is not None or (self._thread is not None and not self._thread.is_alive()):
             # the loop died (or stopped) after the check above; nothing will ever read the inbox
@@ -354,7 +359,7 @@ class AsyncEngine:
                     ob.on_adapter_load(seq.adapter.name, slot, time.monotonic() - t_load)
             if self.fault_injector is not None:
                 self.fault_injector(out.chunks)
-            logits = self.runner.execute([self._model_chunk(c) for c in out.chunks])
+            logits = self.runner.execute([self._model_chunk(c, self._logits_from(c)) for c in out.chunks])
         except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving the rest
             self._step_failed(out, e)
             return None
@@ -378,21 +383,58 @@ class AsyncEngine:
             raise EngineDeadError(f"{'fatal device error' if fatal else 'repeated failures'}: {e}") from e
 
     def _postprocess(self, out: SchedulerOutput, logits: torch.Tensor, t0: float) -> None:
-        """Advance every chunk, sample the sequences that reached their end, deliver, tell the observers."""
-        sampled = [c for c in out.chunks if c.want_logits]
+        """Advance every chunk, score prompts, sample the sequences that reached their end, deliver, tell
+        the observers."""
+        sampled, sample_rows = self._score_prompts(out, logits)
         for c in out.chunks:
             c.seq.num_computed += c.num_tokens
-        if sampled:
-            reqs = [self._requests[c.seq.request_id] for c in sampled]
+        batch: dict[asyncio.AbstractEventLoop, list[tuple[Request, Delta]]] = {}
+        reqs = []
+        for c in sampled:
+            req = self._requests[c.seq.request_id]
+            if req.seq.params.max_tokens == 0:  # prompt scoring only: done once the prompt is in
+                batch.setdefault(req.loop, []).append((req, self._scored_only(req)))
+            else:
+                reqs.append(req)
+        if len(reqs) != len(sampled) or len(sample_rows) != logits.shape[0]:
+            keep = [r for c, r in zip(sampled, sample_rows, strict=True) if c.seq.params.max_tokens != 0]
+            logits = logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
+        if reqs:
             results = sample(logits, [r.seq.params for r in reqs], [r.generator for r in reqs],
                              [self._suppressed(r.seq) for r in reqs])
-            batch: dict[asyncio.AbstractEventLoop, list[tuple[Request, Delta]]] = {}
             for req, res in zip(reqs, results, strict=True):
                 batch.setdefault(req.loop, []).append((req, self._advance(req, res)))
-            for loop, items in batch.items():  # one wake-up of each requester loop per step, not per token
-                self._deliver(loop, items)
+        for loop, items in batch.items():  # one wake-up of each requester loop per step, not per token
+            self._deliver(loop, items)
         for ob in self.observers:
             ob.on_step(self, out.num_tokens, len(out.chunks), time.monotonic() - t0)
+
+    def _logits_from(self, c: ScheduledChunk) -> int | None:
+        """First row of the chunk whose logits prompt scoring needs (None: none, the common case)."""
+        req = self._requests.get(c.seq.request_id)
+        if req is None or req.scorer is None:
+            return None
+        return req.scorer.logits_from(c.start, c.num_tokens)
+
+    def _score_prompts(self, out: SchedulerOutput, logits: torch.Tensor) -> tuple[list[ScheduledChunk], list[int]]:
+        """Hand each prompt-scoring chunk its rows of `logits`; the chunks to sample and their rows."""
+        sampled, rows, row = [], [], 0
+        for c in out.chunks:
+            lf = self._logits_from(c)
+            k = c.num_tokens - lf if lf is not None else int(c.want_logits)
+            if lf is not None:
+                self._requests[c.seq.request_id].scorer.add(c.start + lf, logits[row:row + k])
+            if c.want_logits:
+                sampled.append(c)
+                rows.append(row + k - 1)
+            row += k
+        return sampled, rows
+
+    def _scored_only(self, req: Request) -> Delta:
+        """The answer of a max_tokens=0 request: its prompt's logprobs, nothing generated."""
+        self._retire(req, "length")
+        return Delta([], "", finished=True, finish_reason="length", prompt_tokens=len(req.seq.prompt_ids),
+                     prompt_logprobs=req.scorer.entries if req.scorer is not None else None)
 
     def _suppressed(self, seq: Sequence) -> list[int] | None:
         """Token ids that must not be sampled yet: EOS and stop ids until min_tokens are out."""
@@ -409,11 +451,12 @@ class AsyncEngine:
         self.runner.load_adapter(slot, adapter.adapter, kv_slots)
 
     @staticmethod
-    def _model_chunk(c: ScheduledChunk) -> SeqChunk:
+    def _model_chunk(c: ScheduledChunk, logits_from: int | None = None) -> SeqChunk:
         """The runner's view of a scheduled chunk; the adapter in `slot` adds its own part there."""
         seq = c.seq
         return SeqChunk(seq_id=seq.seq_id, token_ids=seq.token_ids(c.start, c.num_tokens), start_pos=c.start,
-                        block_table=seq.block_table, want_logits=c.want_logits, adapter_slot=seq.slot)
+                        block_table=seq.block_table, want_logits=c.want_logits, adapter_slot=seq.slot,
+                        logits_from=logits_from)
 
     def _retire(self, req: Request, reason: str) -> None:
         """Take a request out of the engine: free its blocks and slot, tell the observers."""
@@ -459,6 +502,8 @@ class AsyncEngine:
             prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids),
         )
+        if first and req.scorer is not None:
+            delta.prompt_logprobs = req.scorer.entries
         if finished:
             self._retire(req, reason)
         return delta

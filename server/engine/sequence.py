@@ -21,6 +21,9 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # None = off; 0 = chosen token only; N = chosen + top-N
+    # Score the prompt (echo, vLLM prompt_logprobs): None = off; 0 = each prompt token only; N = + top-N.
+    # With max_tokens 0 the prompt is scored and nothing is generated.
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:

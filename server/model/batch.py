@@ -33,6 +33,9 @@ class SeqChunk:
     pos_offset: int = 0
     # Prompt tuning: [k, hidden] vectors replacing the input embeddings of this chunk's first k tokens.
     input_embeds: torch.Tensor | None = None
+    # Prompt scoring: logits of every row from this one to the chunk's end (in order), instead of only the
+    # last row's; None for the common case. Only sequences that score their prompt set it.
+    logits_from: int | None = None
 
 
 @dataclass
@@ -52,7 +55,7 @@ class StepBatch:
     embeds: list[tuple[int, torch.Tensor]]  # (first row, [k, hidden]) input embedding overrides
     segments: LoRAMeta | None  # rows grouped by row-hook slot; None: no row of this step has one
     active_slots: tuple[int, ...]  # distinct row-hook slots (see build_step) in use this step
-    logits_rows: torch.Tensor  # [N] int64, in the caller's chunk order
+    logits_rows: torch.Tensor  # [N] int64, in the caller's chunk order (a chunk with logits_from: its rows)
     decode_rows: torch.Tensor | None  # [S] rows of the single-token chunks (batched attention)
     decode_ctx: torch.Tensor | None  # [S, L_max] flat slots of each one's context, padded with 0
     decode_len: torch.Tensor | None  # [S] context length (prefix included); the query is the last
@@ -147,6 +150,8 @@ def _check(c: SeqChunk, num_blocks: int, block_size: int, max_model_len: int, ma
         raise ValueError(f"sequence {c.seq_id}: adapter_slot {c.adapter_slot} not in [-1, {max_adapters})")
     if c.prefix_slots and (min(c.prefix_slots) < 0 or max(c.prefix_slots) >= num_slots):
         raise ValueError(f"sequence {c.seq_id}: prefix slots must be in [0, {num_slots})")
+    if c.logits_from is not None and not 0 <= c.logits_from < n:
+        raise ValueError(f"sequence {c.seq_id}: logits_from {c.logits_from} not in [0, {n})")
     if c.input_embeds is not None and (c.input_embeds.dim() != 2 or c.input_embeds.shape[0] > n
                                        or c.input_embeds.shape[1] != hidden):
         raise ValueError(f"sequence {c.seq_id}: input_embeds must be [k <= {n}, {hidden}], "
@@ -171,7 +176,7 @@ def build_step(chunks: list[SeqChunk], *, block_size: int, num_blocks: int, max_
     write: list[int] = []
     token_slots: list[int] = []
     embeds: list[tuple[int, torch.Tensor]] = []
-    last_row = [0] * len(chunks)
+    logit_rows: list[list[int]] = [[] for _ in chunks]
     decode: list[tuple[int, SeqChunk]] = []
     prefills: list[PrefillPart] = []
     for i in order:
@@ -184,7 +189,10 @@ def build_step(chunks: list[SeqChunk], *, block_size: int, num_blocks: int, max_
         token_slots.extend([row_slot[i]] * n)
         if c.input_embeds is not None and c.input_embeds.shape[0] > 0:
             embeds.append((row, c.input_embeds))
-        last_row[i] = row + n - 1
+        if c.logits_from is not None:
+            logit_rows[i] = list(range(row + c.logits_from, row + n))
+        elif c.want_logits:
+            logit_rows[i] = [row + n - 1]
         p = len(c.prefix_slots) if c.prefix_slots else 0
         if n == 1:
             decode.append((row, c))
@@ -206,7 +214,7 @@ def build_step(chunks: list[SeqChunk], *, block_size: int, num_blocks: int, max_
 
     active = tuple(sorted({s for s in token_slots if s >= 0}))
     meta = LoRAMeta.from_token_slots(token_slots, device=device) if active else None
-    logits_rows = [last_row[i] for i, c in enumerate(chunks) if c.want_logits]
+    logits_rows = [r for rows in logit_rows for r in rows]
     as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)
     return StepBatch(
         token_ids=as_tensor(tokens),

@@ -74,7 +74,8 @@ class ModelRunner:
         self._hooks: dict[frozenset[int], ActiveHooks] = {}
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Compute one step; returns fp32 logits [chunks with want_logits, vocab] in chunk order.
+        """Compute one step; returns fp32 logits [rows, vocab] in chunk order: one row per chunk with
+        `want_logits`, or rows logits_from..end of a chunk that sets `logits_from` (prompt scoring).
 
         A chunk's `adapter_slot` brings in what the family in that slot contributes (its `ChunkPart`
         and its row hooks).
