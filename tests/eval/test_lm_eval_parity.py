@@ -67,8 +67,8 @@ def test_lm_eval_local_completions_equals_hf_backend(tiny_root: str, tmp_path) -
                      seed=3)
     tasks = write_task(str(tmp_path))
     home = str(tmp_path / "hf-home")
-    ref = run_lm_eval("hf", {"base": f"pretrained={base},dtype=float32",
-                             "lora": f"pretrained={base},peft={lora},dtype=float32"}, tasks, home)
+    ref = run_lm_eval("hf", {"base": f"pretrained={base},dtype=float32,device=cpu",
+                             "lora": f"pretrained={base},peft={lora},dtype=float32,device=cpu"}, tasks, home)
     # the adapter changes the items' loglikelihoods, so agreeing on it means something
     assert max(abs(a - b) for k in ref["base"]["ll"] for a, b in zip(ref["base"]["ll"][k], ref["lora"]["ll"][k],
                                                                      strict=True)) > 0.1
