@@ -8,7 +8,7 @@ import math
 import signal
 import sys
 
-from server.config import SettingsError, _Parser, add_serve_args, settings_from_args
+from server.config import ArgParser, SettingsError, add_serve_args, settings_from_args
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -39,8 +39,8 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="peftserve", description="Multi-adapter PEFT inference server")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    p = ArgParser(prog="peftserve", description="Multi-adapter PEFT inference server")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=ArgParser)
     serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
     add_serve_args(serve)
     serve.set_defaults(func=_serve)
