@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import signal
 import sys
 
@@ -23,6 +22,7 @@ def _serve(ns: argparse.Namespace) -> int:
 
     from server.api.app import create_app
     from server.api.state import build_state
+    from server.shutdown import DrainingServer
 
     try:
         state = build_state(settings)
@@ -30,11 +30,11 @@ def _serve(ns: argparse.Namespace) -> int:
         print(f"peftserve: error: {e}", file=sys.stderr)
         return 2
     app = create_app(state)
-    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; a drained shutdown is a
-    # clean exit, so turn that into status 0.
+    # The server drains in-flight requests on SIGTERM (one deadline, see server.shutdown), then uvicorn
+    # re-raises the signal; a drained shutdown is a clean exit, so turn that into status 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    DrainingServer(config, state.engine, settings.shutdown_timeout).run()
     return 0
 
 
