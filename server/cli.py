@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sqlite3
 import sys
 
 from server.config import ArgParser, SettingsError, add_serve_args, settings_from_args
@@ -26,7 +27,7 @@ def _serve(ns: argparse.Namespace) -> int:
 
     try:
         state = build_state(settings)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, sqlite3.Error) as e:
         print(f"peftserve: error: {e}", file=sys.stderr)
         return 2
     app = create_app(state)

@@ -64,6 +64,13 @@ async def _read_upload(request: Request, default_name: str | None = None) -> tup
                             f"content-type {ctype or 'none'!r}", param="body")
     try:
         form = await request.form(max_files=8, max_fields=8, max_part_size=limit)
+    except OSError as e:  # large parts are spooled to a temp file: its disk can be full
+        log.error("receiving an upload failed", exc_info=e)
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise APIError(507 if full else 500, f"could not receive the upload: spooling it to the server's temp "
+                                             f"dir failed ({errno.errorcode.get(e.errno or 0, 'OSError')}: "
+                                             f"{e.strerror or e}); nothing was stored",
+                       code="insufficient_storage" if full else "upload_io_error") from e
     except Exception as e:  # noqa: BLE001 - starlette raises its own types for malformed multipart
         raise APIError(400, f"malformed multipart body: {e}", param="body") from e
     name = form.get("name", default_name)
