@@ -7,8 +7,9 @@ devices and pickles are refused; other extra files (README.md ...) are ignored.
 
 Archive bombs: the unpacked size is capped by one budget (the server passes its upload limit). Each
 member's declared size is charged before a byte of it is read, and a `.tar.gz` is decompressed
-through a counting reader, so headers that lie (or huge pax/long-name headers) stop at the first byte
-over the budget. A bomb is refused after reading at most the budget, never the whole expansion.
+through a counting reader that allows only the charged member data plus a small header allowance,
+so a huge pax or long-name header stops after about 1 MiB. A bomb is refused before its members are
+inflated, never after the whole expansion.
 """
 
 from __future__ import annotations
@@ -33,18 +34,26 @@ _CHUNK = 1 << 20
 
 
 class _Budget:
-    """Bytes the archive may still unpack to; 413 naming the limit at the first byte over."""
+    """Bytes the archive may still unpack to; 413 naming the limit at the first byte over.
+
+    For a tar stream it also says how far the decompressed stream may go: the members charged so far
+    (data padded to whole blocks, plus header blocks) and a fixed allowance for headers, so a huge
+    pax or long-name header stops after `HEADER_ALLOWANCE` bytes, not after the whole budget."""
+
+    HEADER_ALLOWANCE = 1 << 20
 
     def __init__(self, limit: int, name: str | None) -> None:
         self.limit = limit
         self.name = name or f"the limit of {limit} bytes"
         self.used = 0
+        self.stream_allowance = self.HEADER_ALLOWANCE
 
     def charge(self, n: int, what: str) -> None:
         self.used += n
         if self.used > self.limit:
             raise AdapterError(f"archive unpacks to more than {self.limit} bytes ({what}), over {self.name}",
                                field="files", status=413)
+        self.stream_allowance += -(-n // _TAR_BLOCK) * _TAR_BLOCK + 3 * _TAR_BLOCK
 
 
 def extract_upload(
@@ -79,7 +88,7 @@ def extract_upload(
     if name.lower().endswith(".zip"):
         members = _zip_members(data, budget)
     else:
-        members = _tar_members(data, budget, max_members)
+        members = _tar_members(data, budget)
     found: dict[str, bytes] = {}
     count = 0
     for path, size, read in members:
@@ -134,11 +143,11 @@ def _pick(found: dict[str, bytes]) -> dict[str, bytes]:
 
 
 class _CappedReader(io.RawIOBase):
-    """The decompressed tar stream, counted: past `cap` bytes it raises instead of inflating more."""
+    """The decompressed tar stream, counted: past what the budget allows it raises instead of inflating
+    more (member data is allowed once its size is charged; headers get a fixed allowance)."""
 
-    def __init__(self, raw: gzip.GzipFile, cap: int, budget: _Budget) -> None:
+    def __init__(self, raw: gzip.GzipFile, budget: _Budget) -> None:
         self._raw = raw
-        self._cap = cap
         self._budget = budget
         self.read_bytes = 0
 
@@ -146,21 +155,20 @@ class _CappedReader(io.RawIOBase):
         return True
 
     def read(self, n: int = -1) -> bytes:
-        left = self._cap - self.read_bytes
+        cap = self._budget.stream_allowance
+        left = cap - self.read_bytes
         want = left + 1 if n is None or n < 0 else min(n, left + 1)
         data = self._raw.read(want)
         self.read_bytes += len(data)
-        if self.read_bytes > self._cap:
-            raise AdapterError(f"archive unpacks to more than {self._budget.limit} bytes (its tar stream passed "
-                               f"{self._cap} bytes with headers), over {self._budget.name}", field="files",
-                               status=413)
+        if self.read_bytes > cap:
+            raise AdapterError(f"archive unpacks to more than {self._budget.limit} bytes or hides data in its "
+                               f"headers (its tar stream passed {cap} bytes, {self._budget.used} of them declared "
+                               f"member data), over {self._budget.name}", field="files", status=413)
         return data
 
 
-def _tar_members(data: bytes, budget: _Budget, max_members: int) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
-    # Headers, padding and the end-of-archive marker come on top of member data: a few blocks each.
-    cap = budget.limit + _TAR_BLOCK * (3 * max_members + 24)
-    stream = _CappedReader(gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb"), cap, budget)
+def _tar_members(data: bytes, budget: _Budget) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
+    stream = _CappedReader(gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb"), budget)
     try:
         tar = tarfile.open(fileobj=stream, mode="r|")  # a stream: skipping a member inflates through the cap
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
