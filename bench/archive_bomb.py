@@ -37,27 +37,32 @@ def tgz_bomb(size: int, pax: bool = False) -> bytes:
     reads whole before any member is seen)."""
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9) as gz:
-        if pax:
-            record = b"comment=" + b"0" * size + b"\n"
-            n = len(record) + 1
-            n += len(str(n + len(str(n)))) + 1
-            record = f"{n} ".encode() + record
+        if pax:  # one "LEN comment=0000...\n" record, streamed
+            body = size + len(" comment=\n")
+            n = body + len(str(body))
+            n = body + len(str(n))
             info = tarfile.TarInfo("././@PaxHeader")
             info.type = tarfile.XHDTYPE
-            info.size = len(record)
+            info.size = n
             gz.write(info.tobuf(tarfile.USTAR_FORMAT))
-            gz.write(record + bytes(-len(record) % 512))
+            gz.write(f"{n} comment=".encode())
+            _zeros(gz, size, b"0")
+            gz.write(b"\n" + bytes(-n % 512))
             size = 2
         info = tarfile.TarInfo("adapter_model.safetensors")
         info.size = size
         gz.write(info.tobuf(tarfile.USTAR_FORMAT))
-        left = size
-        while left:
-            n = min(left, len(_CHUNK))
-            gz.write(_CHUNK[:n])
-            left -= n
+        _zeros(gz, size)
         gz.write(bytes(-size % 512) + bytes(1024))
     return buf.getvalue()
+
+
+def _zeros(f: gzip.GzipFile, size: int, byte: bytes = b"\0") -> None:
+    chunk = byte * len(_CHUNK)
+    while size:
+        n = min(size, len(chunk))
+        f.write(chunk[:n])
+        size -= n
 
 
 def measure(name: str, data: bytes, limit: int) -> dict[str, object]:
