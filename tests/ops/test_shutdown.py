@@ -114,7 +114,7 @@ def test_sigterm_deadline_ends_long_streams_with_an_error_and_exits_0(tiny_root:
 
 
 def wait_ready(proc: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 240  # a cold start (torch, transformers, the model) on a busy 2-core box
     while True:
         assert proc.poll() is None, proc.stdout.read()
         try:
