@@ -93,6 +93,16 @@ class Settings(BaseSettings):
             return [item.strip() for item in v.split(",") if item.strip()]
         return v
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _paths_as_str(cls, v: Any) -> Any:
+        """Code may pass pathlib paths (tests, benchmarks); settings hold them as strings."""
+        if isinstance(v, os.PathLike):
+            return os.fspath(v)
+        if isinstance(v, list | tuple):
+            return [os.fspath(x) if isinstance(x, os.PathLike) else x for x in v]
+        return v
+
     @model_validator(mode="after")
     def _checked(self) -> Settings:
         return self.validate()
