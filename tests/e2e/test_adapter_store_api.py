@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import tarfile
+import threading
 import time
 import zipfile
 
@@ -243,6 +244,14 @@ def test_upload_size_limit_and_concurrent_same_name(base, lora_dirs, tmp_path):
         assert codes == [201, 409, 409, 409]
 
 
+async def _until(cond, what: str, timeout: float = 60.0) -> None:
+    """Wait for an engine state change, with a deadline and a message."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
 async def _stream_tokens(ac: httpx.AsyncClient, model: str, prompt: list[int], n: int) -> list[int]:
     ids: list[int] = []
     async with ac.stream("POST", "/v1/completions", json={
@@ -271,21 +280,26 @@ def test_replace_and_delete_while_streaming(base, lora_dirs, tmp_path):
         async def scenario():
             async with srv.async_client() as ac:
                 streams = [asyncio.create_task(_stream_tokens(ac, "live", p, n)) for p in prompts]
-                while eng.num_running < len(prompts):
-                    await asyncio.sleep(0.01)
-                r = await ac.put("/v1/adapters/live", data={"name": "live"}, files=multipart(files_of(lora_dirs["v2"])))
-                assert r.status_code == 200 and r.json()["version"] == 2
-                assert not all(t.done() for t in streams)  # replaced while they were streaming
+                await _until(lambda: eng.num_running == len(prompts), "all streams running")
+                gate = threading.Event()  # hold the engine between steps while the PUT runs
+                eng.fault_injector = lambda chunks: gate.wait(60)
+                try:
+                    r = await ac.put("/v1/adapters/live", data={"name": "live"},
+                                     files=multipart(files_of(lora_dirs["v2"])))
+                    assert r.status_code == 200 and r.json()["version"] == 2
+                    assert not any(t.done() for t in streams)  # replaced while they were streaming
+                finally:
+                    eng.fault_injector = None
+                    gate.set()
                 after = await ac.post("/v1/completions", json={"model": "live", "prompt": prompts[0], "max_tokens": 6,
                                                                 "min_tokens": 6, "temperature": 0,
                                                                 "return_token_ids": True})
                 old = await asyncio.gather(*streams)
                 streams2 = [asyncio.create_task(_stream_tokens(ac, "live", p, n)) for p in prompts]
-                while eng.num_running < len(prompts):
-                    await asyncio.sleep(0.01)
+                await _until(lambda: eng.num_running == len(prompts), "all second streams running")
                 d = await ac.delete("/v1/adapters/live")
-                assert all(t.done() for t in streams2)  # the delete waited for them
-                return old, after, await asyncio.gather(*streams2), d
+                assert srv.state.registry.in_flight("live") == 0  # the delete waited for them
+                return old, after, await asyncio.wait_for(asyncio.gather(*streams2), 60), d
 
         old, after, new, d = asyncio.run(scenario())
         assert old == ref1  # every stream finished on the version it started with
@@ -315,8 +329,7 @@ def test_reuploaded_name_never_serves_the_old_weights(base, lora_dirs, tmp_path)
         async def scenario():
             async with srv.async_client() as ac:
                 old = asyncio.create_task(_stream_tokens(ac, "x", p, n))
-                while srv.state.engine.num_running < 1:
-                    await asyncio.sleep(0.005)
+                await _until(lambda: srv.state.engine.num_running >= 1, "the old stream running")
                 assert (await ac.delete("/v1/adapters/x")).status_code == 204
                 r = await ac.post("/v1/adapters", data={"name": "x"}, files=multipart(files_of(lora_dirs["v2"])))
                 assert r.status_code == 201 and r.json()["version"] == 1
@@ -404,8 +417,6 @@ def _tgz_bomb(mb: int) -> bytes:
 def test_archive_bomb_refused_off_the_event_loop(base, lora_dirs, tmp_path, monkeypatch, kind):
     """A small archive that unpacks far past --max-upload-mb: 413 naming the flag, the store unchanged, and
     the server answers /health while the archive is being unpacked (in a worker thread, not on the loop)."""
-    import threading
-
     import server.api.adapters as adapters_api
 
     bomb = _zip_bomb(48) if kind == "zip" else _tgz_bomb(48)

@@ -41,13 +41,15 @@ def test_sigkill_during_uploads_leaves_store_intact(tiny_root, tmp_path):
                                  "--port", str(port), "--max-model-len", "128", "--kv-cache-blocks", "32",
                                  "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
+        deadline = time.monotonic() + 240  # a cold start on a busy 2-core box
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not become ready"
             try:
                 if httpx.get(url + "/ready", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
 
         def pump(k: int, url: str = url, round_: int = round_) -> None:
             with httpx.Client(base_url=url, timeout=30) as c:
