@@ -20,8 +20,9 @@ from starlette.datastructures import UploadFile
 
 from adapters_store import AdapterError, extract_upload, validate_name
 from server.api.errors import APIError
-from server.api.state import ServerState, kind_of
+from server.api.state import ServerState
 from server.engine.registry import AdapterEntry
+from server.families import family_for
 
 router = APIRouter()
 log = logging.getLogger("peftserve.adapters")
@@ -37,7 +38,7 @@ def _adapter_error(e: AdapterError) -> APIError:
 
 def residency(state: ServerState, entry: AdapterEntry) -> str:
     key = entry.key
-    if state.engine.slots.slot_of(key) is not None:
+    if state.engine.is_resident(key):
         return "device"
     if state.registry.in_cpu(key):
         return "cpu"
@@ -125,7 +126,7 @@ def _unpack_and_add(state: ServerState, name: str, source: Any, replace: bool) -
     if isinstance(source, dict):
         mb = state.settings.max_upload_mb
         source = extract_upload(source, max_total_bytes=mb << 20, limit_name=f"--max-upload-mb {mb}")
-    return state.store.add(name, source, state.runner.info, state.settings.max_rank, replace)
+    return state.store.add(name, source, state.model.shapes, state.settings.max_rank, replace)
 
 
 async def _store(state: ServerState, name: str, source: Any, replace: bool) -> dict[str, Any]:
@@ -147,7 +148,7 @@ async def _store(state: ServerState, name: str, source: Any, replace: bool) -> d
     # older one (which the store may already have pruned). No await between the check and the register.
     current = state.registry.entry(rec.name)
     if current is None or not current.stored or current.version < rec.version:
-        state.registry.register(rec.name, rec.version, kind_of(rec.peft_type), rec.path, rec.to_dict())
+        state.registry.register(rec.name, rec.version, rec.path, rec.to_dict())
     log.info("adapter %s v%d stored (%s, %d bytes) in %.0f ms", rec.name, rec.version, rec.peft_type,
              rec.size_bytes, 1000 * (time.monotonic() - t0))
     return _written(state, rec)
@@ -158,7 +159,9 @@ def _written(state: ServerState, rec: Any) -> dict[str, Any]:
     current = state.registry.entry(rec.name)
     if current is not None and current.version == rec.version:
         return _record(state, rec.name)
-    return {**rec.to_dict(), "type": kind_of(rec.peft_type), "residency": "disk", "in_flight": 0, "stored": True}
+    family = family_for(rec.peft_type)
+    kind = family.name if family is not None else rec.peft_type
+    return {**rec.to_dict(), "type": kind, "residency": "disk", "in_flight": 0, "stored": True}
 
 
 async def _delete(state: ServerState, name: str) -> None:
@@ -178,7 +181,7 @@ async def _delete(state: ServerState, name: str) -> None:
                 raise _adapter_error(e) from e
         except (OSError, sqlite3.Error) as e:
             if name not in state.registry:  # still in the store: keep serving it rather than half-delete it
-                state.registry.register(name, entry.version, entry.kind, entry.path, entry.record or {})
+                state.registry.register(name, entry.version, entry.path, entry.record or {})
             raise _store_failure(e, name, "delete") from e
     log.info("adapter %s deleted", name)
 
