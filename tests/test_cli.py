@@ -126,3 +126,14 @@ def test_settings_built_in_code_ignore_the_environment(monkeypatch):
     assert Settings().max_num_seqs == 64 and Settings(max_num_seqs=5).max_num_seqs == 5
     with pytest.raises(SettingsError, match="--port: invalid value 0"):
         Settings(port=0)
+
+
+def test_adapter_named_like_the_base_model_refused_at_start(tiny_root):
+    from tests.adapters import make_lora
+    from tests.tiny import make_tiny_checkpoint
+
+    base = make_tiny_checkpoint(tiny_root)
+    lora = make_lora(base, os.path.join(tiny_root, "cli-basename-lora"), r=2, targets=["q_proj"], seed=1)
+    r = run_cli("serve", "--model", base, "--served-model-name", "same", "--adapter", f"same={lora}",
+                "--port", "8124")
+    assert r.returncode == 2 and "'same'" in r.stderr and "--served-model-name" in r.stderr, r.stderr
