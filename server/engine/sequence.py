@@ -27,7 +27,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # a temperature this small divides logits into inf/nan; vLLM treats it as greedy too
+        return self.temperature < 1e-5 or self.top_k == 1
 
 
 class SeqStatus(enum.Enum):
