@@ -24,6 +24,8 @@ class Settings:
     block_size: int = 16
     max_adapters: int = 8
     max_rank: int = 64
+    attention_backend: str = "auto"  # auto | triton | torch
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     adapter: list[str] = field(default_factory=list)  # NAME=PATH, repeatable
     adapters_dir: str | None = None  # None: $PEFTSERVE_CACHE_DIR/adapters, else ~/.cache/peftserve/adapters
     max_cpu_adapters: int = 64
@@ -50,6 +52,8 @@ class Settings:
             bad("device", self.device, "choose auto, cpu or cuda")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             bad("dtype", self.dtype, "choose auto, float32, float16 or bfloat16")
+        if self.attention_backend not in ("auto", "triton", "torch"):
+            bad("attention-backend", self.attention_backend, "choose auto, triton or torch")
         if not 0 < self.port < 65536:
             bad("port", self.port, "must be 1-65535")
         for name in ("max_num_seqs", "max_batch_tokens", "block_size", "max_adapters", "max_rank",
@@ -102,7 +106,8 @@ HELP = {
     "host": "address to listen on",
     "port": "port to listen on",
     "device": "auto | cpu | cuda",
-    "dtype": "auto | float32 | float16 | bfloat16 (auto: the checkpoint's dtype on CUDA, float32 on CPU)",
+    "dtype": "auto | float32 | float16 | bfloat16 (auto: bfloat16 on CUDA, float16 for a float16 checkpoint; "
+             "float32 on CPU)",
     "max_model_len": "longest prompt + output in tokens, virtual tokens included (default: the model's limit)",
     "max_num_seqs": "sequences decoded together in one step",
     "max_batch_tokens": "token budget of one engine step (prefill chunks + decodes)",
@@ -111,6 +116,9 @@ HELP = {
     "block_size": "tokens per KV block",
     "max_adapters": "adapters resident on the device at once (slots)",
     "max_rank": "largest LoRA rank accepted",
+    "attention_backend": "auto | triton | torch: paged attention kernels (auto: Triton on CUDA, the torch "
+                         "gather+SDPA twin on CPU; triton on CPU needs TRITON_INTERPRET=1)",
+    "enforce_eager": "never replay decode steps through CUDA graphs (CUDA only; true/false)",
     "adapter": "NAME=PATH of a local PEFT adapter dir to serve; repeatable",
     "adapters_dir": "where uploaded adapters are stored (default $PEFTSERVE_CACHE_DIR/adapters or "
                     "~/.cache/peftserve/adapters)",

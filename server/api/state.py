@@ -66,6 +66,10 @@ def build_state(settings: Settings) -> ServerState:
         max_model_len=settings.max_model_len,
         max_adapters=settings.max_adapters,
         max_rank=settings.max_rank,
+        max_num_seqs=settings.max_num_seqs,
+        max_batch_tokens=max(settings.max_batch_tokens, settings.max_num_seqs),
+        attention_backend=settings.attention_backend,
+        enforce_eager=settings.enforce_eager,
     )
     # Every request that fits max_model_len must fit the cache alone (+1 block: a prefix-tuning prefix
     # that is not a multiple of the block size), or it would wait forever.

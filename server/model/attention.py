@@ -4,7 +4,9 @@ Single-token chunks (decode) of all sequences run as ONE batched SDPA: their con
 through a padded [S, L_max] slot index and masked. GQA uses a grouped reshape, not a repeat: the G
 query heads sharing a KV head become G "query positions" of that head, so K/V are read once.
 Multi-token chunks (prefill) run per sequence; a first chunk with no prefix attends to its own fresh
-K/V directly (no gather).
+K/V directly (no gather). That is the torch twin; when the step carries block-table metadata
+(`batch.attn`, the Triton backend: CUDA, or forced under the interpreter) the paged kernels of
+kernels/paged_attention.py read K/V straight from the blocks instead.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 from server.model.batch import StepBatch
 
 
@@ -26,6 +29,8 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Semantics: out[t] = softmax(q[t] @ K_ctx(t).T * scale + mask) @ V_ctx(t); returns [T, H * D]."""
+    if batch.attn is not None:
+        return _paged_kernels(q, k_cache, v_cache, batch, window, scale)
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = num_heads // kv_heads
@@ -56,3 +61,22 @@ def paged_attention(
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
         out[part.rows] = op[0].transpose(0, 1).reshape(n, num_heads * head_dim)
     return out
+
+
+def _paged_kernels(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,
+                   window: int | None, scale: float) -> torch.Tensor:
+    """The Triton backend: decode and prefill kernels write their rows of one output."""
+    meta = batch.attn
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
+    kc = k_cache.view(-1, meta.block_size, kv_heads, head_dim)
+    vc = v_cache.view(-1, meta.block_size, kv_heads, head_dim)
+    out = torch.empty_like(q)
+    if meta.decode is not None:
+        d = meta.decode
+        paged_decode_attention(q, kc, vc, d.block_tables, d.q_start, d.ctx_len, d.prefix_len, scale=scale,
+                               window=window, out=out)
+    if meta.prefill is not None:
+        p = meta.prefill
+        paged_prefill_attention(q, kc, vc, p.block_tables, p.q_start, p.q_len, p.ctx_len, p.prefix_len,
+                                max_q_len=p.max_q_len, scale=scale, window=window, out=out)
+    return out.view(q.shape[0], -1)
