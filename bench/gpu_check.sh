@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check on a rented CUDA machine (H200), sized for < 8 minutes including start-up:
-#   1. the kernel tests with real Triton (pytest -m gpu tests/kernels: LoRA + paged attention in bf16/fp16)
+#   1. the kernel tests with real Triton (pytest -m gpu tests/kernels: LoRA + paged attention in bf16/fp16,
+#      and the whole paged-attention grid in fp32/fp16)
 #   2. shrink/expand micro-benchmark (tokens 1-256, hidden 4096, ranks 8-64, 1-64 adapters; % of HBM roofline)
 #   3. paged decode attention micro-benchmark (context 512-8k; GB/s of KV read, % of HBM peak)
 #   4. end to end: ~1B random Llama, 64 distinct r=16 adapters, base vs mixed, eager vs CUDA graphs
@@ -57,8 +58,10 @@ else
   step "env" 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; \
     $PY -c \"import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
     triton.__version__, torch.cuda.get_device_name())\""
-  step "pytest -m gpu tests/kernels" 180 "$PY" -m pytest -m gpu tests/kernels -q -rs --durations=5 \
-    -p no:cacheprovider -x
+  step "pytest -m gpu tests/kernels" 150 "$PY" -m pytest -m gpu tests/kernels -q -rs --durations=5 \
+    -p no:cacheprovider
+  step "pytest paged attention grid (real Triton)" 90 "$PY" -m pytest tests/kernels/test_paged_attention.py -q \
+    -p no:cacheprovider
   step "bench_kernels (bf16)" 100 "$PY" -m bench.bench_kernels --dtype bfloat16 --ranks r8 r16 r64 mixed \
     --iters 30 --out "$OUT/bench_kernels.json"
   step "bench_attention (bf16)" 90 "$PY" -m bench.bench_attention --out "$OUT/bench_attention.json"
