@@ -58,7 +58,8 @@ else
   step "env" 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; \
     $PY -c \"import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
     triton.__version__, torch.cuda.get_device_name())\""
-  step "pytest -m gpu tests/kernels" 150 "$PY" -m pytest -m gpu tests/kernels -q -rs --durations=5 \
+  step "pytest -m gpu (kernels, CUDA graphs)" 150 "$PY" -m pytest -m gpu tests/kernels \
+    tests/model/test_paged_backend.py -q -rs --durations=5 \
     -p no:cacheprovider
   step "pytest paged attention grid (real Triton)" 90 "$PY" -m pytest tests/kernels/test_paged_attention.py -q \
     -p no:cacheprovider
