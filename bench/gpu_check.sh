@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot check on a rented CUDA machine (H200), sized for < 8 minutes including start-up:
+# One-shot check on a rented CUDA machine (H200), sized for < 8 minutes including start-up (each step has a
+# timeout; together at most 9.5 minutes, ~5 expected):
 #   1. the kernel tests with real Triton (pytest -m gpu tests/kernels: LoRA + paged attention in bf16/fp16,
 #      and the whole paged-attention grid in fp32/fp16)
 #   2. shrink/expand micro-benchmark (tokens 1-256, hidden 4096, ranks 8-64, 1-64 adapters; % of HBM roofline)
@@ -58,15 +59,15 @@ else
   step "env" 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; \
     $PY -c \"import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
     triton.__version__, torch.cuda.get_device_name())\""
-  step "pytest -m gpu (kernels, CUDA graphs)" 150 "$PY" -m pytest -m gpu tests/kernels \
+  step "pytest -m gpu (kernels, CUDA graphs)" 120 "$PY" -m pytest -m gpu tests/kernels \
     tests/model/test_paged_backend.py -q -rs --durations=5 \
     -p no:cacheprovider
-  step "pytest paged attention grid (real Triton)" 90 "$PY" -m pytest tests/kernels/test_paged_attention.py -q \
+  step "pytest paged attention grid (real Triton)" 120 "$PY" -m pytest tests/kernels/test_paged_attention.py -q \
     -p no:cacheprovider
-  step "bench_kernels (bf16)" 100 "$PY" -m bench.bench_kernels --dtype bfloat16 --ranks r8 r16 r64 mixed \
+  step "bench_kernels (bf16)" 90 "$PY" -m bench.bench_kernels --dtype bfloat16 --ranks r8 r16 r64 mixed \
     --iters 30 --out "$OUT/bench_kernels.json"
-  step "bench_attention (bf16)" 90 "$PY" -m bench.bench_attention --out "$OUT/bench_attention.json"
-  step "gpu_e2e" 240 "$PY" -m bench.gpu_e2e --out "$OUT/gpu_e2e.json"
+  step "bench_attention (bf16)" 60 "$PY" -m bench.bench_attention --out "$OUT/bench_attention.json"
+  step "gpu_e2e" 180 "$PY" -m bench.gpu_e2e --out "$OUT/gpu_e2e.json"
 fi
 step "summary" 60 "$PY" -m bench.gpu_summary "$OUT"
 log "gpu_check: exit status $status; files in $OUT"
