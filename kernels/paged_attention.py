@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_NEG = -1.0e30  # running-max start: finite, so a row that has seen no visible key yet never gives NaN
+_NEG = tl.constexpr(-1.0e30)  # running-max start: finite, so a row that has seen no visible key yet never gives NaN
 
 
 # ---------------------------------------------------------------------------------------------------
