@@ -42,10 +42,11 @@ if [[ $DRY -eq 1 ]]; then
   log "dry run on CPU: tiny shapes, Triton through its interpreter"
   step "env" 60 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   step "pytest paged attention (interpreter subset)" 300 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/kernels/test_paged_attention.py -k "split_kv or workspace or (decode_grid and dtype0-heads1)"
+    tests/kernels/test_paged_attention.py -k "split_kv or workspace or (decode_grid and float32-kv2xg4xd16-wNone)"
   step "bench_kernels --quick" 120 "$PY" -m bench.bench_kernels --quick --iters 2 --out "$OUT/bench_kernels.json"
   step "bench_attention --dry-run" 300 "$PY" -m bench.bench_attention --dry-run --out "$OUT/bench_attention.json"
   step "gpu_e2e --dry-run" 600 "$PY" -m bench.gpu_e2e --dry-run --out "$OUT/gpu_e2e.json"
+  step "compile_check (real Triton to sm_90 cubins, no GPU)" 900 env -u TRITON_INTERPRET "$PY" -m bench.compile_check
 else
   unset TRITON_INTERPRET  # the interpreter would run the kernels on the host
   PY=python3
@@ -62,8 +63,9 @@ else
   step "pytest -m gpu (kernels, CUDA graphs)" 120 "$PY" -m pytest -m gpu tests/kernels \
     tests/model/test_paged_backend.py -q -rs --durations=5 \
     -p no:cacheprovider
-  step "pytest paged attention grid (real Triton)" 120 "$PY" -m pytest tests/kernels/test_paged_attention.py -q \
-    -p no:cacheprovider
+  # fp16 cases only: fp32 "ieee" dots take minutes to compile and the interpreter covers fp32 on CPU
+  step "pytest paged attention grid (real Triton, fp16)" 120 "$PY" -m pytest tests/kernels/test_paged_attention.py \
+    -q -p no:cacheprovider -k "not float32"
   step "bench_kernels (bf16)" 90 "$PY" -m bench.bench_kernels --dtype bfloat16 --ranks r8 r16 r64 mixed \
     --iters 30 --out "$OUT/bench_kernels.json"
   step "bench_attention (bf16)" 60 "$PY" -m bench.bench_attention --out "$OUT/bench_attention.json"

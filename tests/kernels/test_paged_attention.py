@@ -116,11 +116,13 @@ DTYPES = [torch.float32, torch.float16]
 HEADS = [(2, 1, 16), (2, 4, 16), (1, 8, 64), (2, 2, 128)]
 
 
-def grid(variants: list[tuple[int | None, float]]) -> list[tuple]:
+def grid(variants: list[tuple[int | None, float]]) -> list:
     """Every dtype x head shape plain; the window / soft-cap variants on two head shapes per dtype (the
-    interpreter costs ~0.4 ms per program instance)."""
+    interpreter costs ~0.4 ms per program instance). Ids name the case, e.g. float16-kv2xg4xd16-w5-c0.0."""
     cases = [(d, h, None, 0.0) for d in DTYPES for h in HEADS]
-    return cases + [(d, h, w, c) for d in DTYPES for h in (HEADS[1], HEADS[2]) for w, c in variants]
+    cases += [(d, h, w, c) for d in DTYPES for h in (HEADS[1], HEADS[2]) for w, c in variants]
+    return [pytest.param(*c, id=f"{str(c[0]).removeprefix('torch.')}-kv{c[1][0]}xg{c[1][1]}xd{c[1][2]}-w{c[2]}-c{c[3]}")
+            for c in cases]
 
 
 @pytest.mark.parametrize("dtype, heads, window, softcap", grid([(5, 0.0), (None, 2.0), (7, 3.0)]))

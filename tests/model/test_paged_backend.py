@@ -183,13 +183,14 @@ def test_triton_backend_on_cpu_needs_the_interpreter(ckpt_dir: str, monkeypatch)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decode_equals_eager_on_gpu(ckpt_dir: str) -> None:
-    """Decode steps replayed from CUDA graphs (buckets 4 and 2 after padding) give the eager logits."""
+    """Decode steps replayed from CUDA graphs (bucket 4) give the eager logits (fp16: the padded batch may
+    pick another matmul algorithm, so not bit-identical)."""
     path = make_tiny_checkpoint(ckpt_dir, "llama", seed=3)
-    kw = dict(device="cuda", dtype="float32")
+    kw = dict(device="cuda", dtype="float16")
     graphed, eager = make_runner(path, "triton", **kw), make_runner(path, "triton", enforce_eager=True, **kw)
     assert graphed.graphs is not None and eager.graphs is None
     for step in script():
         for c in step:  # base and prefix rows only: LoRA steps are not graph-eligible
             c.lora_slot = -1
-        torch.testing.assert_close(graphed.execute(step), eager.execute(step), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(graphed.execute(step), eager.execute(step), atol=2e-2, rtol=2e-2)
     assert graphed.graphs.replays >= 2
