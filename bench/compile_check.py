@@ -7,7 +7,8 @@ global inside a kernel, an unsupported dtype mix in tl.dot, a block below the MM
 shared memory). This script builds each kernel of `kernels/paged_attention.py` through Triton's real
 compiler down to a cubin (Triton ships ptxas) for the configurations the GPU path launches (bf16,
 fp16, fp32; head_dim 64 and 128; splits, window, soft-capping) and prints the shared memory each
-needs. Run it in a process without TRITON_INTERPRET (it refuses otherwise).
+needs, then the LoRA shrink/expand kernels at their decode configs (bf16, split-K atomics). Run it in a
+process without TRITON_INTERPRET (it refuses otherwise).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                            options=dict(num_warps=num_warps, num_stages=num_stages))
         shown = {key: consts[key] for key in ("HEAD_DIM", "NUM_SPLITS", "USE_WINDOW", "SOFTCAP", "PRECISION")
                  if key in consts}
-        print(f"{fn.__name__:<22} {types.get('q_ptr', types.get('out_ptr')):<6} {shown} ok "
+        shown = shown or {key: v for key, v in consts.items() if key in ("ATOMIC", "BLOCK_N", "BLOCK_K")}
+        first_ptr = next(t for t in types.values() if t.startswith("*"))
+        print(f"{fn.__name__:<22} {first_ptr:<6} {shown} ok "
               f"({time.perf_counter() - t0:.1f}s, shared {k.metadata.shared} B)")
 
     dtypes = ["bf16"] if args.quick else ["bf16", "fp16", "fp32"]
@@ -79,8 +82,41 @@ def main(argv: list[str] | None = None) -> int:
                                                 BLOCK_D=hd, USE_WINDOW=win, SOFTCAP=cap, PRECISION=prec),
                   warps, stages)
             n += 1
+    if not args.quick:
+        n += lora_kernels(build)
     print(f"compile_check: {n} kernels compiled for sm_{args.arch}")
     return 0
+
+
+def lora_kernels(build: Any) -> int:
+    """The mixed-LoRA shrink/expand kernels (module names before and after issue 9's rename)."""
+    import importlib
+
+    def first(*names: str) -> Any:
+        for name in names:
+            try:
+                return importlib.import_module(name)
+            except ImportError:
+                continue
+        raise ImportError(f"none of {names}")
+
+    shrink = first("kernels.triton_shrink", "kernels.lora_shrink")
+    expand = first("kernels.triton_expand", "kernels.lora_expand")
+    n = 0
+    for dt in ("bf16", "fp16"):
+        p = "*" + dt
+        for atomic in (False, True):  # split-K partial sums meet in an fp32 buffer through atomics
+            build(shrink._shrink_kernel, dict(x_ptr=p, a_ptr=p, out_ptr="*fp32" if atomic else p, tok_ptr="*i64",
+                                              tiles_ptr="*i32", K="i32", stride_xm="i32", stride_as="i32",
+                                              stride_ar="i32", stride_om="i32", k_per_split="i32"),
+                  dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=128, ATOMIC=atomic, PRECISION="tf32"), 4)
+            n += 1
+        build(expand._expand_kernel, dict(h_ptr=p, b_ptr=p, y_ptr=p, tok_ptr="*i64", tiles_ptr="*i32",
+                                          scales_ptr="*fp32", N="i32", stride_hm="i32", stride_bs="i32",
+                                          stride_bn="i32", stride_ym="i32"),
+              dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=16, PRECISION="tf32"), 4)
+        n += 1
+    return n
 
 
 if __name__ == "__main__":
