@@ -63,15 +63,19 @@ def build_model(root: str, hidden: int, layers: int, heads: int, kv_heads: int, 
 
 
 def random_lora(info, rank: int, seed: int):  # noqa: ANN001, ANN201
-    """{(layer, module): (A [r, in], B [out, r], scaling)} on all 7 projections, nn.Linear-like scale."""
+    """A LoRA adapter on all 7 projections with random A [r, in], B [out, r] at an nn.Linear-like scale."""
     import torch
+
+    from server.families import LORA, AdapterSpec
+    from server.families.lora import LoraAdapter, LoraModuleWeights
 
     g = torch.Generator().manual_seed(seed)
     shapes = {m: info.module_shape(m) for m in
               ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
-    return {(layer, m): (torch.randn(rank, n_in, generator=g) / n_in ** 0.5,
-                         torch.randn(n_out, rank, generator=g) / rank ** 0.5, 2.0)
-            for layer in range(info.num_layers) for m, (n_in, n_out) in shapes.items()}
+    modules = {(layer, m): LoraModuleWeights(torch.randn(rank, n_in, generator=g) / n_in ** 0.5,
+                                             torch.randn(n_out, rank, generator=g) / rank ** 0.5, 2.0)
+               for layer in range(info.num_layers) for m, (n_in, n_out) in shapes.items()}
+    return LoraAdapter(family=LORA, spec=AdapterSpec("LORA", None), modules=modules)
 
 
 def run_workload(runner, prompts: list[list[int]], slots: list[int], output_len: int, budget: int) -> dict:  # noqa: ANN001
@@ -80,7 +84,7 @@ def run_workload(runner, prompts: list[list[int]], slots: list[int], output_len:
 
     from server.model.runner import SeqChunk
 
-    bs = runner.block_size
+    bs = runner.info.block_size
     n = len(prompts)
     per_seq = -(-(max(len(p) for p in prompts) + output_len) // bs)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(n)]
@@ -96,7 +100,7 @@ def run_workload(runner, prompts: list[list[int]], slots: list[int], output_len:
             if done[i] < len(p) and left > 0:
                 k = min(len(p) - done[i], left)
                 chunks.append(SeqChunk(i, p[done[i]:done[i] + k], done[i], tables[i], done[i] + k == len(p),
-                                       lora_slot=slots[i]))
+                                       adapter_slot=slots[i]))
                 left -= k
         logits = runner.execute(chunks)
         nxt = logits.argmax(-1).tolist()
@@ -108,7 +112,7 @@ def run_workload(runner, prompts: list[list[int]], slots: list[int], output_len:
             done[c.seq_id] += len(c.token_ids)
     itl = []
     for _ in range(output_len - 1):
-        chunks = [SeqChunk(i, [s[-1]], len(s) - 1, tables[i], True, lora_slot=slots[i]) for i, s in enumerate(seqs)]
+        chunks = [SeqChunk(i, [s[-1]], len(s) - 1, tables[i], True, adapter_slot=slots[i]) for i, s in enumerate(seqs)]
         t1 = time.perf_counter()
         nxt = runner.execute(chunks).argmax(-1).tolist()  # .tolist() syncs: the step is complete
         itl.append(time.perf_counter() - t1)
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if graphs is None:  # CPU dry run: the graph path's padded template, eagerly (scratch block = the last)
         graphs = DecodeGraphs(runner._forward, runner.buffers, args.num_seqs, blocks - 1, 16, capture=False)
     for s in range(args.adapters):
-        runner.load_lora(s, random_lora(runner.info, args.rank, seed=s))
+        runner.load_adapter(s, random_lora(runner.info.shapes, args.rank, seed=s))
     params = sum(t.numel() for t in runner.decoder.__dict__.values() if isinstance(t, torch.Tensor))
     params += sum(t.numel() for w in runner.decoder.layers for t in w.__dict__.values() if isinstance(t, torch.Tensor))
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu (dry run)'}; dtype {runner.dtype}; "

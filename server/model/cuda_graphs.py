@@ -40,7 +40,7 @@ def bucket_for(num_seqs: int, sizes: list[int]) -> int | None:
 def eligible(batch: StepBatch) -> bool:
     """A pure decode step the graphs can replay (see the module docstring)."""
     a = batch.attn
-    return (a is not None and a.prefill is None and a.decode is not None and batch.lora_meta is None
+    return (a is not None and a.prefill is None and a.decode is not None and batch.segments is None
             and not batch.embeds and a.decode.num_seqs == batch.num_tokens
             and batch.logits_rows.shape[0] == batch.num_tokens)
 
@@ -70,7 +70,7 @@ def template(bufs: StepBuffers, bucket: int, block_size: int) -> StepBatch:
     seqs = PagedSeqs(block_tables=d["dec_tables"][:bucket], q_start=d["dec_q_start"][:bucket], q_len=None,
                      ctx_len=d["dec_ctx_len"][:bucket], prefix_len=d["dec_prefix_len"][:bucket], max_q_len=1)
     return StepBatch(token_ids=d["token_ids"][:bucket], positions=d["positions"][:bucket],
-                     write_slots=d["write_slots"][:bucket], embeds=[], lora_meta=None, active_slots=(),
+                     write_slots=d["write_slots"][:bucket], embeds=[], segments=None, active_slots=(),
                      logits_rows=d["logits_rows"][:bucket], decode_rows=None, decode_ctx=None, decode_len=None,
                      prefills=[], attn=PagedAttnMeta(decode=seqs, prefill=None, block_size=block_size))
 

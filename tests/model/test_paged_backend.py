@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from server.families import LORA, AdapterSpec
+from server.families.lora import LoraAdapter, LoraModuleWeights
 from server.model.batch import build_step
 from server.model.cuda_graphs import DecodeGraphs, bucket_for, bucket_sizes
 from server.model.runner import ModelRunner, SeqChunk
@@ -29,14 +31,16 @@ def make_runner(path: str, backend: str, **kw) -> ModelRunner:
                     max_batch_tokens=64, attention_backend=backend, **kw)
     g = torch.Generator().manual_seed(5)
     # one LoRA adapter in slot 0 on q/v/down, random A and B so it changes the output
-    weights = {}
+    modules = {}
     for layer in range(r.spec.num_layers):
         for name, (n_in, n_out) in {"q_proj": (64, 64), "v_proj": (64, 32), "down_proj": (128, 64)}.items():
-            weights[(layer, name)] = (torch.randn(4, n_in, generator=g) * 0.3, torch.randn(n_out, 4, generator=g) * 0.3,
-                                      2.0)
-    r.load_lora(0, weights)
+            modules[(layer, name)] = LoraModuleWeights(torch.randn(4, n_in, generator=g) * 0.3,
+                                                       torch.randn(n_out, 4, generator=g) * 0.3, 2.0)
+    r.load_adapter(0, LoraAdapter(family=LORA, spec=AdapterSpec("LORA", None), modules=modules))
+    # a prefix-tuning adapter's K/V in its own blocks (chunks name them through prefix_slots)
     kv = torch.randn(r.spec.num_layers, 5, r.spec.num_kv_heads, r.spec.head_dim, generator=g)
-    r.write_prefix_kv(PREFIX_SLOTS, kv, kv * 0.5 + 0.1)
+    with torch.inference_mode():
+        r.kv_cache.write_all_layers(PREFIX_SLOTS, kv.to(r.device), (kv * 0.5 + 0.1).to(r.device))
     return r
 
 
@@ -45,14 +49,14 @@ def script() -> list[list[SeqChunk]]:
     p = random_prompts([9, 6, 7, 3], seed=2)
     pre = dict(prefix_slots=PREFIX_SLOTS, pos_offset=5)
     steps = [
-        [SeqChunk(0, p[0][:5], 0, TABLES[0], False), SeqChunk(1, p[1], 0, TABLES[1], True, lora_slot=0)],
+        [SeqChunk(0, p[0][:5], 0, TABLES[0], False), SeqChunk(1, p[1], 0, TABLES[1], True, adapter_slot=0)],
         [SeqChunk(0, p[0][5:], 5, TABLES[0], True), SeqChunk(2, p[2], 0, TABLES[2], True, **pre),
-         SeqChunk(1, [7], 6, TABLES[1], True, lora_slot=0), SeqChunk(3, p[3], 0, TABLES[3], True)],
+         SeqChunk(1, [7], 6, TABLES[1], True, adapter_slot=0), SeqChunk(3, p[3], 0, TABLES[3], True)],
     ]
     lens = [9, 7, 7, 3]
     for t in range(3):  # decodes of all four, with a 2-token chunk of seq 3 in the middle step
         step = [SeqChunk(0, [10 + t], lens[0], TABLES[0], True),
-                SeqChunk(1, [20 + t], lens[1], TABLES[1], True, lora_slot=0),
+                SeqChunk(1, [20 + t], lens[1], TABLES[1], True, adapter_slot=0),
                 SeqChunk(2, [30 + t], lens[2], TABLES[2], True, **pre)]
         n3 = 2 if t == 1 else 1
         step.append(SeqChunk(3, [40 + t] * n3, lens[3], TABLES[3], True))
@@ -71,12 +75,12 @@ def ckpt(request, ckpt_dir: str) -> str:
 def test_triton_backend_equals_twin_step_by_step(ckpt: str) -> None:
     twin, kern = make_runner(ckpt, "torch"), make_runner(ckpt, "triton")
     base = make_runner(ckpt, "torch")
-    base.clear_lora(0)
+    base.clear_slot(0)
     lora_changed = False
     for step in script():
         a, b, c = twin.execute(step), kern.execute(step), base.execute(step)
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
-        lora_rows = [i for i, ch in enumerate([x for x in step if x.want_logits]) if ch.lora_slot == 0]
+        lora_rows = [i for i, ch in enumerate([x for x in step if x.want_logits]) if ch.adapter_slot == 0]
         lora_changed |= bool((a[lora_rows] - c[lora_rows]).abs().max() > 1e-3)
     assert lora_changed  # the LoRA rows really differ from the base model's
     assert kern.buffers.grows == 0 and twin.buffers.grows == 0
@@ -99,8 +103,8 @@ def test_step_tensors_live_in_preallocated_buffers(ckpt_dir: str) -> None:
     assert len(seen) == 5
     for batch in seen:
         tensors = [batch.token_ids, batch.positions, batch.write_slots, batch.logits_rows]
-        if batch.lora_meta is not None:
-            tensors.append(batch.lora_meta.token_indices)
+        if batch.segments is not None:
+            tensors.append(batch.segments.token_indices)
         for part in (batch.attn.decode, batch.attn.prefill):
             if part is not None:
                 tensors += [part.block_tables, part.q_start, part.ctx_len, part.prefix_len]
@@ -145,11 +149,11 @@ def test_graph_template_padding_gives_eager_logits(ckpt_dir: str) -> None:
     for step in steps[:2]:  # the prefills
         eager.execute(step)
         padded.execute(step)
-    dec = [c for c in steps[2] if c.lora_slot < 0]  # 3 decode rows without LoRA (graph-eligible)
+    dec = [c for c in steps[2] if c.adapter_slot < 0]  # 3 decode rows without LoRA (graph-eligible)
     dec = [SeqChunk(c.seq_id, c.token_ids[:1], c.start_pos, c.block_table, True, prefix_slots=c.prefix_slots,
                     pos_offset=c.pos_offset) for c in dec]
     want = eager.execute(dec)
-    batch = build_step(dec, block_size=BS, num_blocks=padded.num_blocks, max_model_len=padded.max_model_len,
+    batch = build_step(dec, block_size=BS, num_blocks=padded.info.num_blocks, max_model_len=padded.info.max_model_len,
                        max_adapters=2, hidden=64, vocab_size=padded.spec.vocab_size, device=padded.device,
                        buffers=padded.buffers, paged=True)
     with torch.inference_mode():  # as the runner calls it
@@ -158,12 +162,12 @@ def test_graph_template_padding_gives_eager_logits(ckpt_dir: str) -> None:
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert padded.buffers.dev["write_slots"][3].item() == scratch * BS  # row 3 was padding
     for layer in range(padded.spec.num_layers):  # caches agree everywhere but the scratch block
-        keep = torch.ones(padded.num_blocks, dtype=torch.bool)
+        keep = torch.ones(padded.info.num_blocks, dtype=torch.bool)
         keep[scratch] = False
         torch.testing.assert_close(padded.kv_cache.k[layer][keep], eager.kv_cache.k[layer][keep])
     # a step with a LoRA row is not graph-eligible
-    lora_step = build_step([SeqChunk(1, [3], 8, TABLES[1], True, lora_slot=0)], block_size=BS,
-                           num_blocks=padded.num_blocks, max_model_len=padded.max_model_len, max_adapters=2,
+    lora_step = build_step([SeqChunk(1, [3], 8, TABLES[1], True, adapter_slot=0)], block_size=BS,
+                           num_blocks=padded.info.num_blocks, max_model_len=padded.info.max_model_len, max_adapters=2,
                            hidden=64, vocab_size=padded.spec.vocab_size, device=padded.device,
                            buffers=padded.buffers, paged=True)
     assert graphs.try_run(lora_step) is None
@@ -191,6 +195,6 @@ def test_cuda_graph_decode_equals_eager_on_gpu(ckpt_dir: str) -> None:
     assert graphed.graphs is not None and eager.graphs is None
     for step in script():
         for c in step:  # base and prefix rows only: LoRA steps are not graph-eligible
-            c.lora_slot = -1
+            c.adapter_slot = -1
         torch.testing.assert_close(graphed.execute(step), eager.execute(step), atol=2e-2, rtol=2e-2)
     assert graphed.graphs.replays >= 2
