@@ -6,7 +6,7 @@ The CPU interpreter runs kernels as numpy and accepts code that real Triton refu
 global inside a kernel, an unsupported dtype mix in tl.dot, a block below the MMA minimum, too much
 shared memory). This script builds each kernel of `kernels/paged_attention.py` through Triton's real
 compiler down to a cubin (Triton ships ptxas) for the configurations the GPU path launches (bf16,
-fp16, fp32; head_dim 64 and 128; splits, window, soft-capping) and prints the shared memory each
+fp16, and fp32 with --fp32; head_dim 64 and 128; splits, window, soft-capping) and prints the shared memory each
 needs, then the LoRA shrink/expand kernels at their decode configs (bf16, split-K atomics). Run it in a
 process without TRITON_INTERPRET (it refuses otherwise).
 """
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one bf16 decode config (and its split-KV reduce)")
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = Hopper)")
+    ap.add_argument("--fp32", action="store_true", help="also fp32 ('ieee' dots: minutes per kernel to compile)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("compile_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)")
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{fn.__name__:<22} {first_ptr:<6} {shown} ok "
               f"({time.perf_counter() - t0:.1f}s, shared {k.metadata.shared} B)")
 
-    dtypes = ["bf16"] if args.quick else ["bf16", "fp16", "fp32"]
+    dtypes = ["bf16"] if args.quick else ["bf16", "fp16"] + (["fp32"] if args.fp32 else [])
     n = 0
     for dt in dtypes:
         p = "*" + dt
