@@ -43,7 +43,7 @@ if [[ $DRY -eq 1 ]]; then
   step "env" 60 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   step "pytest paged attention (interpreter subset)" 300 "$PY" -m pytest -q -p no:cacheprovider \
     tests/kernels/test_paged_attention.py -k "split_kv or workspace or (decode_grid and float32-kv2xg4xd16-wNone)"
-  step "bench_kernels --quick" 120 "$PY" -m bench.bench_kernels --quick --iters 2 --out "$OUT/bench_kernels.json"
+  step "bench_kernels --quick" 300 "$PY" -m bench.bench_kernels --quick --iters 2 --out "$OUT/bench_kernels.json"
   step "bench_attention --dry-run" 300 "$PY" -m bench.bench_attention --dry-run --out "$OUT/bench_attention.json"
   step "gpu_e2e --dry-run" 600 "$PY" -m bench.gpu_e2e --dry-run --out "$OUT/gpu_e2e.json"
   step "compile_check (real Triton to sm_90 cubins, no GPU)" 900 env -u TRITON_INTERPRET "$PY" -m bench.compile_check
