@@ -314,7 +314,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag_of(name), action="append", default=argparse.SUPPRESS, metavar=_METAVARS.get(name),
                            help=help_)
         else:
-            p.add_argument(flag_of(name), default=argparse.SUPPRESS, metavar=_METAVARS.get(name), help=help_)
+            metavar = "true|false" if isinstance(default, bool) else _METAVARS.get(name)
+            p.add_argument(flag_of(name), default=argparse.SUPPRESS, metavar=metavar, help=help_)
 
 
 _METAVARS = {"adapter": "NAME=PATH", "allowed_adapter_dir": "DIR", "metrics_require_key": "true|false",
