@@ -22,6 +22,7 @@ class Settings:
     kv_cache_blocks: int | None = None
     kv_cache_fraction: float = 0.5
     block_size: int = 16
+    no_prefix_caching: bool = False
     max_adapters: int = 8
     max_rank: int = 64
     adapter: list[str] = field(default_factory=list)  # NAME=PATH, repeatable
@@ -109,6 +110,8 @@ HELP = {
     "kv_cache_blocks": "KV cache size in blocks (default: --kv-cache-fraction of free memory)",
     "kv_cache_fraction": "share of free device memory for the KV cache when --kv-cache-blocks is not set",
     "block_size": "tokens per KV block",
+    "no_prefix_caching": "turn off automatic prefix caching (reuse of full KV blocks across requests on the "
+                         "same adapter version) (true/false)",
     "max_adapters": "adapters resident on the device at once (slots)",
     "max_rank": "largest LoRA rank accepted",
     "adapter": "NAME=PATH of a local PEFT adapter dir to serve; repeatable",

@@ -80,6 +80,7 @@ def build_state(settings: Settings) -> ServerState:
         max_model_len=runner.max_model_len,
         max_adapters=settings.max_adapters,
         torch_threads=engine_threads,
+        prefix_caching=not settings.no_prefix_caching,
     )
     info, max_rank = runner.info, settings.max_rank
 

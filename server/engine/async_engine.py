@@ -79,6 +79,8 @@ class RequestStats:
     first_token_at: float | None
     finished_at: float
     num_preemptions: int
+    cache_queried_tokens: int = 0  # prefix cache: tokens looked up at the request's first admission
+    cache_hit_tokens: int = 0  # of which found cached (not prefilled)
 
 
 class EngineObserver:
@@ -107,7 +109,7 @@ class _Request:
 
 class AsyncEngine:
     def __init__(self, runner: Any, *, max_num_seqs: int, max_batch_tokens: int, max_model_len: int,
-                 max_adapters: int, torch_threads: int | None = None) -> None:
+                 max_adapters: int, torch_threads: int | None = None, prefix_caching: bool = True) -> None:
         self.runner = runner
         self.torch_threads = torch_threads  # CPU threads of the worker (see server.threads)
         self.tokenizer = runner.tokenizer
@@ -115,7 +117,8 @@ class AsyncEngine:
         self.allocator = BlockAllocator(runner.num_blocks, runner.block_size)
         self.slots = SlotManager(max_adapters)
         self.scheduler = Scheduler(self.allocator, max_num_seqs=max_num_seqs,
-                                   max_batch_tokens=max_batch_tokens, slots=self.slots)
+                                   max_batch_tokens=max_batch_tokens, slots=self.slots,
+                                   prefix_caching=prefix_caching)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._requests: dict[str, _Request] = {}
@@ -368,7 +371,8 @@ class AsyncEngine:
         self._requests.pop(seq.request_id, None)
         if self.observers:
             stats = RequestStats(seq.request_id, req.adapter_name, len(seq.prompt_ids), len(seq.output_ids),
-                                 reason, seq.arrival, req.first_token_at, time.monotonic(), seq.num_preemptions)
+                                 reason, seq.arrival, req.first_token_at, time.monotonic(), seq.num_preemptions,
+                                 seq.num_cache_queried, seq.num_cache_hit)
             for ob in self.observers:
                 ob.on_request_done(stats)
 
