@@ -15,8 +15,8 @@ from server.engine.slots import SlotManager
 
 
 def seq(prompt: list[int], max_tokens: int = 4, key=None, *, virtual: int = 0, prefix: int = 0) -> Sequence:
-    s = Sequence(request_id=f"r{random.random()}", prompt_ids=list(prompt), params=SamplingParams(max_tokens=max_tokens),
-                 num_virtual=virtual, num_prefix=prefix)
+    s = Sequence(request_id=f"r{random.random()}", prompt_ids=list(prompt),
+                 params=SamplingParams(max_tokens=max_tokens), num_virtual=virtual, num_prefix=prefix)
     s.adapter_key = key
     return s
 
