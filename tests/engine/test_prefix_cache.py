@@ -48,11 +48,13 @@ class FakeKV:
 
 def step(sched: Scheduler, kv: FakeKV | None = None, token: int = 7) -> list:
     out = sched.schedule()
-    for c in out.chunks:
+    for c in out.chunks:  # one forward: every chunk reads KV computed by earlier steps only
         assert c.start == c.seq.num_computed and c.num_tokens >= 1
         assert len(c.seq.block_table) * sched.allocator.block_size >= c.start + c.num_tokens
         if kv is not None:
             kv.check_context(c.seq, c.start)
+    for c in out.chunks:
+        if kv is not None:
             kv.write(c.seq, c.start, c.num_tokens, sched.allocator)
         c.seq.num_computed += c.num_tokens
     for c in out.chunks:
@@ -129,6 +131,31 @@ def test_fully_cached_prompt_still_computes_its_last_token():
     sched.add(again)
     first = step(sched, kv)
     assert [(c.start, c.num_tokens, c.want_logits) for c in first] == [(4, 4, True)]  # block 2 is recomputed
+    drain(sched, kv)
+
+
+def test_only_computed_kv_is_reused():
+    """A block is reusable once every position in it has been computed: not while its prompt is still being
+    prefilled in chunks, and not when its last position is a sampled token that was never fed back."""
+    alloc = BlockAllocator(64, 4)
+    sched = Scheduler(alloc, max_num_seqs=4, max_batch_tokens=10)
+    kv = FakeKV(4)
+    p = list(range(1, 25))
+    a = seq(p, max_tokens=2)
+    sched.add(a)
+    step(sched, kv)
+    step(sched, kv)  # a: 20 of 24 prompt tokens computed, in chunks of the budget
+    b = seq(p + [90] * 8, max_tokens=2)
+    sched.add(b)
+    chunks = step(sched, kv)  # a's last 4 prompt tokens and b in one step
+    assert [(c.seq is b, c.start, c.num_tokens) for c in chunks] == [(False, 20, 4), (True, 20, 6)]
+    drain(sched, kv)
+    c = seq([50, 51, 52], max_tokens=1)  # 4 tokens once sampled; the 4th was never computed
+    sched.add(c)
+    drain(sched, kv)
+    d = seq([50, 51, 52, 7, 60], max_tokens=1)
+    sched.add(d)
+    assert [(ch.start, ch.num_tokens) for ch in step(sched, kv)] == [(0, 5)]
     drain(sched, kv)
 
 
@@ -234,6 +261,7 @@ def test_fuzz_caching_preemption_aborts_and_adapter_churn(seed):
             assert c.seq.status is SeqStatus.RUNNING and c.start == c.seq.num_computed
             assert len(c.seq.block_table) * bs >= c.start + c.num_tokens
             kv.check_context(c.seq, c.start)
+        for c in out.chunks:
             kv.write(c.seq, c.start, c.num_tokens, alloc)
             c.seq.num_computed += c.num_tokens
         for c in out.chunks:
