@@ -39,7 +39,6 @@ def _run_config(args: dict[str, Any], model_dir: str, lora_dir: str, caching: bo
     """One configuration, in a fresh process: build the engine, run every workload, return the figures."""
     from adapters_store.loader import load_adapter
     from bench.common import make_engine
-    from server.engine.async_engine import EngineObserver
     from server.engine.registry import AdapterRegistry
     from server.engine.sequence import SamplingParams
 
@@ -50,13 +49,15 @@ def _run_config(args: dict[str, Any], model_dir: str, lora_dir: str, caching: bo
                          num_blocks=args["num_blocks"], prefix_caching=caching)
     adapter = AdapterRegistry().put("assistant", load_adapter(lora_dir, engine.runner.info, max_rank=LORA_RANK))
 
-    class Count(EngineObserver):
+    class Count:  # every token the model runs (prefill chunks and decodes), counted at the runner
         tokens = 0
+        execute = engine.runner.execute
 
-        def on_step(self, engine: Any, num_tokens: int, num_seqs: int, seconds: float) -> None:
-            Count.tokens += num_tokens
+    def counting_execute(chunks: list[Any]) -> Any:
+        Count.tokens += sum(len(c.token_ids) for c in chunks)
+        return Count.execute(chunks)
 
-    engine.observers.append(Count())
+    engine.runner.execute = counting_execute
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
 
     async def one(prompt: list[int], t0: float) -> tuple[float, list[int]]:
