@@ -228,7 +228,7 @@ def test_fuzz_caching_preemption_aborts_and_adapter_churn(seed):
     (same adapter version, position and tokens) — i.e. no cache hit ever served another adapter's KV."""
     rng = random.Random(seed)
     bs = 4
-    alloc = BlockAllocator(48, bs)
+    alloc = BlockAllocator(16, bs)
     slots = SlotManager(3)
     sched = Scheduler(alloc, max_num_seqs=6, max_batch_tokens=24, slots=slots)
     kv = FakeKV(bs)
@@ -281,7 +281,7 @@ def test_fuzz_caching_preemption_aborts_and_adapter_churn(seed):
     assert alloc.num_used == 0 and slots.num_in_use == 0 and not sched.slot_blocks
     assert alloc.num_free == alloc.num_blocks
     assert sched.prefix_cache.hit_tokens > 0  # caching was exercised, not just harmless
-    assert preempted + alloc.evictions > 0
+    assert preempted > 0 and alloc.evictions > 0  # the pool was short: preemption and LRU eviction both ran
 
 
 def _check_refcounts(sched: Scheduler) -> None:
