@@ -138,7 +138,12 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
     for _ in range(args.repeat):
         for caching in (True, False):
-            runs[caching].append(run_isolated(_run_config, cfg, model_dir, lora_dir, caching))
+            r = run_isolated(_run_config, cfg, model_dir, lora_dir, caching)
+            runs[caching].append(r)
+            print(f"run caching={'on' if caching else 'off'}: " + ", ".join(
+                f"{w} TTFT p50 {r[w]['ttft_p50']:.3f}s {r[w]['tok_per_s']:.1f} tok/s" for w in ("cold", "warm"))
+                + f", multi-turn prefill {r['multi_turn']['prefill_tokens']} in {r['multi_turn']['seconds']:.1f}s",
+                flush=True)
 
     def best(caching: bool, workload: str, key: str, low: bool = True) -> float:
         vals = [r[workload][key] for r in runs[caching]]
