@@ -47,7 +47,7 @@ def _run_config(args: dict[str, Any], model_dir: str, lora_dir: str, caching: bo
     engine = make_engine(model_dir, max_num_seqs=max(args["num_requests"], args["chats"]), max_model_len=max_len,
                          max_adapters=2, max_rank=LORA_RANK, max_batch_tokens=args["max_batch_tokens"],
                          num_blocks=args["num_blocks"], prefix_caching=caching)
-    adapter = AdapterRegistry().put("assistant", load_adapter(lora_dir, engine.runner.info, max_rank=LORA_RANK))
+    adapter = AdapterRegistry().put("assistant", load_adapter(lora_dir, engine.info.shapes, max_rank=LORA_RANK))
 
     class Count:  # every token the model runs (prefill chunks and decodes), counted at the runner
         tokens = 0
