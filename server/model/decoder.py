@@ -156,12 +156,10 @@ class Decoder:
         s = self.spec
         norm, eps = self._norm, s.rms_norm_eps
         h = F.embedding(batch.token_ids, self.embed)
-        if s.embed_scale is not None and not s.scale_input_embeds:
+        if s.embed_scale is not None:  # as HF's scaled embedding module: given inputs_embeds are not scaled
             h = h * torch.tensor(s.embed_scale, dtype=h.dtype)
         for row, e in batch.embeds:
             h[row:row + e.shape[0]] = e.to(device=h.device, dtype=h.dtype)
-        if s.embed_scale is not None and s.scale_input_embeds:  # Gemma 2 scales inputs_embeds too
-            h = h * torch.tensor(s.embed_scale, dtype=h.dtype)
         rope = [rope_cos_sin(inv, batch.positions, h.dtype) for inv in self.inv_freqs]
         q_end, k_end = self.q_size, self.q_size + self.kv_size
         for i, w in enumerate(self.layers):

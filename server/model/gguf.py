@@ -37,6 +37,7 @@ def build_atomically(path: str, build: Callable[[str], None]) -> str:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary directory
         try:
             os.rename(tmp, path)
         except OSError:
@@ -63,6 +64,10 @@ def gguf_to_checkpoint(gguf_path: str, out_dir: str) -> None:
     log.info("converting %s to a safetensors checkpoint (de-quantising, once)", gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The tensors are already plain fp32; only the "gguf quantizer" marker stops save_pretrained.
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     log.info("converted %s into %s", name, out_dir)

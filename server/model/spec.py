@@ -49,8 +49,7 @@ class ModelSpec:
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3, Gemma 3)
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + w), in fp32
     sandwich_norm: bool = False  # Gemma: norms after attention and around the MLP too
-    embed_scale: float | None = None  # Gemma: token embeddings times sqrt(hidden)
-    scale_input_embeds: bool = False  # the scale also applies to given inputs_embeds (Gemma 2, not 3)
+    embed_scale: float | None = None  # Gemma: token embeddings times sqrt(hidden) (not prompt-tuning's vectors)
     attn_scale: float | None = None  # None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
     attn_softcap: float | None = None  # scores = cap * tanh(scores / cap) (Gemma 2)
     final_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma 2)
@@ -171,7 +170,6 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         norm_plus_one=gemma,
         sandwich_norm=gemma,
         embed_scale=float(cfg.hidden_size) ** 0.5 if gemma else None,
-        scale_input_embeds=model_type == "gemma2",
         attn_scale=float(cfg.query_pre_attn_scalar) ** -0.5 if gemma else None,
         attn_softcap=softcap("attn_logit_softcapping"),
         final_softcap=softcap("final_logit_softcapping"),
