@@ -137,7 +137,7 @@ def ensure_default_model(cache_dir: str | None = None) -> str:
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     gguf_path = fetch_default_gguf(cache_dir)
-    return ensure_gguf_checkpoint(gguf_path, default_cache_root(cache_dir), DEFAULT_GGUF_SHA256)
+    return ensure_gguf_checkpoint(gguf_path, default_cache_root(cache_dir), DEFAULT_MODEL_NAME, DEFAULT_GGUF_SHA256)
 
 
 def _offline_message(downloads: str, reason: str) -> str:

@@ -7,6 +7,7 @@ The serving dtype is applied at load like any checkpoint's, so one conversion se
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -14,6 +15,16 @@ import tempfile
 from collections.abc import Callable
 
 log = logging.getLogger("peftserve.model")
+SOURCE_FILE = "peftserve_source.json"  # in a converted dir: the model's name and the GGUF it came from
+
+
+def source_name(model_dir: str) -> str | None:
+    """The model name recorded in a converted checkpoint dir, if it is one."""
+    try:
+        with open(os.path.join(model_dir, SOURCE_FILE)) as f:
+            return str(json.load(f)["name"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -48,7 +59,7 @@ def build_atomically(path: str, build: Callable[[str], None]) -> str:
     return path
 
 
-def gguf_to_checkpoint(gguf_path: str, out_dir: str) -> None:
+def gguf_to_checkpoint(gguf_path: str, out_dir: str, name: str, sha256: str) -> None:
     """De-quantise `gguf_path` with transformers and save an fp32 safetensors checkpoint in out_dir.
 
     The tokenizer and chat template come from the GGUF's own metadata.
@@ -70,6 +81,8 @@ def gguf_to_checkpoint(gguf_path: str, out_dir: str) -> None:
         del model.config.quantization_config
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, SOURCE_FILE), "w") as f:
+        json.dump({"name": name, "gguf": os.path.abspath(gguf_path), "sha256": sha256}, f)
     log.info("converted %s into %s", name, out_dir)
 
 
@@ -77,7 +90,7 @@ def gguf_checkpoint_dir(cache_root: str, sha256: str) -> str:
     return os.path.join(cache_root, "gguf", sha256[:16])
 
 
-def ensure_gguf_checkpoint(gguf_path: str, cache_root: str, sha256: str | None = None) -> str:
+def ensure_gguf_checkpoint(gguf_path: str, cache_root: str, name: str, sha256: str | None = None) -> str:
     """The converted checkpoint dir of a GGUF under cache_root/gguf/, converting on first use.
 
     Keyed by the file's sha256 (computed unless given) alone, so an edited file converts again and the same
@@ -85,5 +98,6 @@ def ensure_gguf_checkpoint(gguf_path: str, cache_root: str, sha256: str | None =
     """
     if not os.path.isfile(gguf_path):
         raise FileNotFoundError(f"--model {gguf_path!r}: no such .gguf file")
-    path = gguf_checkpoint_dir(cache_root, sha256 or sha256_file(gguf_path))
-    return build_atomically(path, lambda tmp: gguf_to_checkpoint(gguf_path, tmp))
+    digest = sha256 or sha256_file(gguf_path)
+    path = gguf_checkpoint_dir(cache_root, digest)
+    return build_atomically(path, lambda tmp: gguf_to_checkpoint(gguf_path, tmp, name, digest))

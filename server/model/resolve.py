@@ -21,7 +21,7 @@ from server.model.default_model import (
     ensure_default_model,
     ensure_demo_model,
 )
-from server.model.gguf import ensure_gguf_checkpoint
+from server.model.gguf import ensure_gguf_checkpoint, source_name
 
 log = logging.getLogger("peftserve.model")
 
@@ -48,12 +48,13 @@ def resolve_model(model: str | None, cache_dir: str | None = None) -> ResolvedMo
         return ResolvedModel(path, DEMO_MODEL_NAME)
     local = os.path.expanduser(model)
     if os.path.isdir(local):
-        return ResolvedModel(local, os.path.basename(os.path.normpath(local)))
+        return ResolvedModel(local, source_name(local) or os.path.basename(os.path.normpath(local)))
     if os.path.isfile(local):
         if not local.endswith(".gguf"):
             raise ValueError(f"--model {model!r}: a file must be a .gguf; otherwise pass a checkpoint directory")
-        path = ensure_gguf_checkpoint(local, default_cache_root(cache_dir))
-        return ResolvedModel(path, os.path.basename(local).removesuffix(".gguf"))
+        name = os.path.basename(local).removesuffix(".gguf")
+        path = ensure_gguf_checkpoint(local, default_cache_root(cache_dir), name)
+        return ResolvedModel(path, source_name(path) or os.path.basename(path))
     m = HUB_ID.match(model)
     if m is None:
         raise FileNotFoundError(f"--model {model!r}: no such directory or .gguf file, and not a hub id "

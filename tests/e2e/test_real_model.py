@@ -43,14 +43,15 @@ def chat_ids(tok: Any, msgs: list[dict[str, str]]) -> list[int]:
 
 
 def hf_greedy(model: Any, prompt_ids: list[int], n: int, eos: set[int]) -> list[int]:
-    """transformers' greedy generate for one prompt alone, cut at (and without) the first EOS."""
+    """transformers' greedy generate for one prompt alone, up to and including the first EOS (as the server
+    reports token_ids)."""
     with torch.inference_mode():
         out = model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
                              dtype=torch.long), max_new_tokens=n, do_sample=False, pad_token_id=min(eos))
     ids = out[0, len(prompt_ids):].tolist()
     for i, t in enumerate(ids):
         if t in eos:
-            return ids[:i]
+            return ids[:i + 1]
     return ids
 
 
