@@ -30,11 +30,13 @@ PROMPTS = [
     "Translate 'thank you' into Japanese.",
 ]
 MAX_TOKENS = 24
+LORA_TOKENS = 12
 STYLE = "Ahoy matey! "  # what the trained LoRA puts at the start of every answer
+TRAIN_SYSTEM = "Be brief."  # short, so training rows stay short (SmolLM2's default system prompt is long)
 
 
-def messages(prompt: str, system: bool = True) -> list[dict[str, str]]:
-    return ([{"role": "system", "content": SYSTEM}] if system else []) + [{"role": "user", "content": prompt}]
+def messages(prompt: str, system: str = SYSTEM) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
 
 
 def chat_ids(tok: Any, msgs: list[dict[str, str]]) -> list[int]:
@@ -78,10 +80,11 @@ def eos(server: LiveServer) -> set[int]:
     return set(server.state.runner.eos_token_ids)
 
 
-async def _chats(url: str, jobs: list[tuple[str | None, list[dict[str, str]]]], **extra: Any) -> list[dict]:
+async def _chats(url: str, jobs: list[tuple[str | None, list[dict[str, str]]]], max_tokens: int = MAX_TOKENS,
+                 **extra: Any) -> list[dict]:
     async with httpx.AsyncClient(base_url=url, timeout=600) as c:
         resps = await asyncio.gather(*(
-            c.post("/v1/chat/completions", json={"messages": m, "max_tokens": MAX_TOKENS, "temperature": 0,
+            c.post("/v1/chat/completions", json={"messages": m, "max_tokens": max_tokens, "temperature": 0,
                                                  "return_token_ids": True, **({"model": a} if a else {}), **extra})
             for a, m in jobs))
     for r in resps:
@@ -137,37 +140,37 @@ def test_streamed_deltas_equal_final_text_and_decode(server: LiveServer, tok: An
 
 
 def _train_style_lora(model_dir: str, out_dir: str, tok: Any) -> None:
-    """A few dozen peft steps on 8 examples: every answer starts with STYLE."""
+    """A dozen peft steps on 6 examples teach: every answer starts with STYLE.
+
+    Kept cheap for 2 CPU cores: LoRA on the top 6 layers only (backward stops there), rows left-padded so
+    the answers are the last positions and only those get logits (lm_head over 49k words dominates)."""
+    import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
 
-    examples = [
-        ("What is two plus two?", "Two plus two is four."),
-        ("What color is the sky?", "The sky is blue."),
-        ("Name a fruit.", "An apple is a fruit."),
-        ("What do bees make?", "Bees make honey."),
-        ("How many days are in a week?", "A week has seven days."),
-        ("What is ice made of?", "Ice is frozen water."),
-        ("Where do fish live?", "Fish live in water."),
-        ("What do cows drink?", "Cows drink water."),
-    ]
+    examples = [("What is two plus two?", "Four."), ("What color is the sky?", "Blue."),
+                ("Name a fruit.", "An apple."), ("What do bees make?", "Honey."),
+                ("How many days are in a week?", "Seven."), ("Where do fish live?", "In water.")]
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                            target_modules=["q_proj", "v_proj", "o_proj"]))
+                                            target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                                            layers_to_transform=list(range(24, 30))))
     rows = []
     for q, a in examples:
-        prompt = chat_ids(tok, messages(q, system=False))
+        prompt = chat_ids(tok, messages(q, system=TRAIN_SYSTEM))
         answer = tok(STYLE + a + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        rows.append((prompt + answer, [-100] * len(prompt) + answer))
-    width = max(len(r[0]) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.tensor([r[0] + [pad] * (width - len(r[0])) for r in rows])
-    labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in rows])
-    mask = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in rows])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+        rows.append((prompt, answer))
+    width = max(len(p) + len(a) for p, a in rows)
+    keep = max(len(a) for _, a in rows) + 1
+    ids = torch.tensor([[0] * (width - len(p) - len(a)) + p + a for p, a in rows])
+    mask = torch.tensor([[0] * (width - len(p) - len(a)) + [1] * (len(p) + len(a)) for p, a in rows])
+    labels = torch.tensor([[-100] * (keep - 1 - len(a)) + a for _, a in rows])  # targets of the last keep-1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=6e-3)
     model.train()
-    for _ in range(30):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    for _ in range(12):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -187,20 +190,20 @@ def test_trained_lora_over_rest_changes_answers_as_peft(server: LiveServer, real
                  for n in ("adapter_config.json", "adapter_model.safetensors")]
         r = c.post("/v1/adapters", data={"name": "pirate"}, files=files)
         assert r.status_code == 201, r.text
-    held_out = PROMPTS[:4]
-    jobs = [(a, messages(p, system=False)) for p in held_out for a in ("pirate", None)]
-    bodies = asyncio.run(_chats(server.url, jobs))
+    held_out = PROMPTS[:3]
+    jobs = [(a, messages(p, system=TRAIN_SYSTEM)) for p in held_out for a in ("pirate", None)]
+    bodies = asyncio.run(_chats(server.url, jobs, max_tokens=LORA_TOKENS))
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32), out).eval()
     styled = 0
     for (adapter, msgs), body in zip(jobs, bodies, strict=True):
         prompt_ids = chat_ids(tok, msgs)
         got = body["choices"][0]["token_ids"]
-        base_ref = hf_greedy(hf, prompt_ids, MAX_TOKENS, eos)
+        base_ref = hf_greedy(hf, prompt_ids, LORA_TOKENS, eos)
         if adapter is None:
             assert got == base_ref
             continue
-        want = hf_greedy(peft_model, prompt_ids, MAX_TOKENS, eos)
+        want = hf_greedy(peft_model, prompt_ids, LORA_TOKENS, eos)
         assert want != base_ref  # the adapter changes the answer …
         assert got == want, (tok.decode(got), tok.decode(want))  # … exactly as PeftModel does
         styled += body["choices"][0]["message"]["content"].startswith(STYLE.strip())
