@@ -75,6 +75,13 @@ def test_arch_adapter_matrix_mixed_batch_matches_peft(tiny_root: str, case: str)
     with live_server(model=base, adapter=[f"{n}={d}" for n, d in adapters.items()], max_model_len=64,
                      kv_cache_blocks=128, block_size=4, max_adapters=4, max_num_seqs=16) as srv:
         resps = asyncio.run(fire(srv.url))
+        if arch == "phi3":  # LoRA on the fused projections is refused at upload, naming the module
+            fused = make_lora(base, base + "-lora-qkv", r=4, targets=["qkv_proj"], seed=9)
+            files = [("files", (n, open(os.path.join(fused, n), "rb").read()))
+                     for n in ("adapter_config.json", "adapter_model.safetensors")]
+            with srv.client() as c:
+                r = c.post("/v1/adapters", data={"name": "fused"}, files=files)
+            assert 400 <= r.status_code < 500 and "qkv_proj" in r.json()["error"]["message"], r.text
     for (name, i), r in zip(jobs, resps, strict=True):
         assert r.status_code == 200, r.text
         body = r.json()
