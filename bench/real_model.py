@@ -125,9 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     run_engine(engine, prompts[:2], 2)  # warm-up
     run_engine(engine, prompts[:len(ranks)], 2, handles)  # loads each adapter into its slot
     base_runs, lora_runs = [], []
-    for _ in range(args.repeat):  # alternate, so a noisy neighbour biases both alike
+    for i in range(args.repeat):  # alternate, so a noisy neighbour biases both alike
         base_runs.append(run_engine(engine, prompts, args.output_len))
         lora_runs.append(run_engine(engine, prompts, args.output_len, mixed))
+        b, m = base_runs[-1]["tok_per_s"], lora_runs[-1]["tok_per_s"]
+        print(f"  run {i}: base {b:.1f} tok/s, LoRA mix {m:.1f} tok/s",
+              flush=True)
     engine.stop()
     best = lambda runs: max(runs, key=lambda r: r["tok_per_s"])  # noqa: E731
     base, lora = best(base_runs), best(lora_runs)
