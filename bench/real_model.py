@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> None:
 
     engine = make_engine(model_dir, max_num_seqs=n, max_model_len=max_len, max_adapters=len(ranks),
                          max_rank=max(ranks), max_batch_tokens=max(2048, n))
-    device = engine.runner.device.type
+    device = engine.info.device
     registry = AdapterRegistry()
-    handles = [registry.put(f"lora-r{r}", load_adapter(d, engine.runner.info, max_rank=max(ranks)))
+    handles = [registry.put(f"lora-r{r}", load_adapter(d, engine.info.shapes, max_rank=max(ranks)))
                for r, d in zip(ranks, lora_dirs, strict=True)]
     mixed = [handles[i % len(handles)] for i in range(n)]
     print(f"device={device} model={model_dir} requests={n} prompt_len~{sum(map(len, prompts)) / n:.0f} "

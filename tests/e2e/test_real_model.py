@@ -77,7 +77,7 @@ def server(real_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Liv
 
 @pytest.fixture(scope="module")
 def eos(server: LiveServer) -> set[int]:
-    return set(server.state.runner.eos_token_ids)
+    return set(server.state.model.eos_token_ids)
 
 
 async def _chats(url: str, jobs: list[tuple[str | None, list[dict[str, str]]]], max_tokens: int = MAX_TOKENS,
@@ -96,10 +96,10 @@ def test_default_model_is_smollm2(server: LiveServer, tok: Any) -> None:
     with server.client() as c:
         ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
     assert ids == ["SmolLM2-135M-Instruct"]
-    info = server.state.runner.info
+    info = server.state.model.shapes
     assert (info.num_layers, info.hidden_size, info.num_attention_heads, info.num_key_value_heads,
             info.vocab_size) == (30, 576, 9, 3, 49152)
-    assert server.state.runner.spec.tie_word_embeddings
+    assert server.state.engine.runner.spec.tie_word_embeddings
     assert "<|im_start|>" in tok.chat_template  # ChatML, from the GGUF's metadata
 
 
