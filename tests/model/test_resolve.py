@@ -53,7 +53,7 @@ def test_hub_id_resolves_through_the_cache(hub: str) -> None:
     for ref in ("acme/tiny-llama", "acme/tiny-llama@main", f"acme/tiny-llama@{COMMIT}"):
         r = resolve_model(ref)
         assert os.path.realpath(r.path) == os.path.realpath(hub) and r.name == "acme/tiny-llama"
-    assert ModelRunner(resolve_model("acme/tiny-llama").path, num_blocks=8).info.model_type == "llama"
+    assert ModelRunner(resolve_model("acme/tiny-llama").path, num_blocks=8).info.shapes.model_type == "llama"
 
 
 @pytest.mark.parametrize("ref", ["acme/missing", "acme/tiny-llama@v9"])
