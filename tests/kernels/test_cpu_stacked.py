@@ -56,7 +56,7 @@ def test_stack_cache_budget_falls_back_to_segments():
 
 def test_slot_reload_empties_the_stack_cache():
     from adapters_store.base_info import BaseModelInfo
-    from server.model.lora_slots import LoRASlots
+    from server.families.lora import LoRASlots
 
     info = BaseModelInfo("llama", 1, 16, 32, 4, 2, 4, 64)
     slots = LoRASlots(info, max_adapters=2, max_rank=4, dtype=torch.float32, device=torch.device("cpu"))

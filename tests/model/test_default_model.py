@@ -25,7 +25,7 @@ def test_default_model_builds_once_and_serves(tmp_path: str, monkeypatch: pytest
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
     r = ModelRunner(path)
-    info = r.info
+    info = r.info.shapes
     assert (info.num_layers, info.hidden_size, info.intermediate_size) == (4, 256, 688)
     assert (info.num_attention_heads, info.num_key_value_heads, r.max_model_len) == (8, 2, 2048)
     tok = r.tokenizer

@@ -46,7 +46,7 @@ def test_runner_attributes_and_limits(ckpt_dir: str) -> None:
     assert r.max_model_len == 256 and r.block_size == 8
     assert r.num_blocks * r.block_size == 8192  # CPU default: max(4 * max_model_len, 8192) tokens
     assert r.dtype == torch.float32 and r.eos_token_ids == {r.tokenizer.eos_token_id}
-    assert r.info.model_type == "qwen2" and r.info.num_key_value_heads == 2 and r.info.head_dim == 16
+    assert r.info.shapes.model_type == "qwen2" and r.info.shapes.num_key_value_heads == 2 and r.info.shapes.head_dim == 16
     with open(os.path.join(path, "config.json")) as f:
         assert r.info.vocab_size == json.load(f)["vocab_size"] == len(r.tokenizer)
     assert r.execute([]).shape == (0, r.info.vocab_size)
@@ -54,8 +54,8 @@ def test_runner_attributes_and_limits(ckpt_dir: str) -> None:
         r.execute([SeqChunk(0, list(range(9)), 0, [0], True)])
     with pytest.raises(ValueError, match="block ids must be in"):
         r.execute([SeqChunk(0, [1], 0, [r.num_blocks], True)])
-    with pytest.raises(ValueError, match="lora_slot 7"):
-        r.execute([SeqChunk(0, [1], 0, [0], True, lora_slot=7)])
+    with pytest.raises(ValueError, match="adapter_slot 7"):
+        r.execute([SeqChunk(0, [1], 0, [0], True, adapter_slot=7)])
 
 
 @pytest.mark.parametrize("dtype, device, ckpt, want", [
