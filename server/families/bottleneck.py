@@ -26,6 +26,7 @@ but those in `leave_out`; a layer's width is `int(hidden_size // reduction_facto
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -34,7 +35,12 @@ from typing import Any
 import torch
 
 from adapters_store.errors import AdapterError
-from kernels.bottleneck_ref import ACTIVATIONS
+from kernels.bottleneck import bottleneck_apply
+from kernels.bottleneck_ref import ACTIVATIONS, activate
+from kernels.row_scale import segment_rows
+from server.families.base import Adapter, AdapterFamily, AdapterSpec, DeviceContext, DeviceForm, Family
+from server.model.batch import StepBatch
+from server.model.shapes import BaseModelInfo
 
 PEFT_TYPE = "BOTTLENECK"  # how listings name the family; AdapterHub configs carry no peft_type
 WEIGHTS_NAME = "adapter.safetensors"
@@ -378,8 +384,6 @@ def block_output_ref(spec: BottleneckSpec, w: BottleneckWeights, h: torch.Tensor
 
     h: [n, d] residual stream entering the block; a: [n, d] the block's own output (o_proj / down_proj).
     """
-    from kernels.bottleneck_ref import activate
-
     if spec.is_parallel:
         x, resid = h, a
     else:
@@ -388,3 +392,158 @@ def block_output_ref(spec: BottleneckSpec, w: BottleneckWeights, h: torch.Tensor
     bn = torch.nn.functional.linear(activate(torch.nn.functional.linear(x, w.w_down, w.b_down), spec.activation),
                                     w.w_up, w.b_up)
     return bn * spec.scaling + resid
+
+
+# ---------------------------------------------------------------------------------------------- family
+
+
+@dataclass(frozen=True)
+class BottleneckAdapterSpec(AdapterSpec):
+    """The family interface's spec: the AdapterHub settings plus the resolved modules."""
+
+    bn: BottleneckSpec
+
+    @property
+    def rank(self) -> int:
+        return self.bn.rank
+
+    @property
+    def module_names(self) -> list[str]:
+        return self.bn.module_names
+
+
+@dataclass(frozen=True, eq=False)
+class BottleneckAdapter(Adapter):
+    modules: dict[tuple[int, str], BottleneckWeights]
+
+
+class Bottleneck(AdapterFamily):
+    name = Family.BOTTLENECK
+    peft_types = (PEFT_TYPE,)  # AdapterHub configs are recognised by is_adapterhub_config
+    weights_name = WEIGHTS_NAME
+    optional_files = (HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME, INTERFACE_NAME)
+
+    def parse(self, cfg: dict[str, Any], base: BaseModelInfo, *, max_rank: int) -> BottleneckAdapterSpec:
+        bn = parse_bottleneck(cfg, hidden_size=base.hidden_size, num_layers=base.num_layers,
+                              max_width=max(4 * base.hidden_size, max_rank))
+        return BottleneckAdapterSpec(peft_type=PEFT_TYPE, base_model_name_or_path=bn.base_model_name_or_path, bn=bn)
+
+    def check_files(self, files: dict[str, bytes]) -> None:
+        """The optional files that may come with an adapter: a head (the base's own) and Qwen2's interface."""
+        head = _json(files, HEAD_CONFIG_NAME)
+        check_head(head, HEAD_WEIGHTS_NAME in files)
+        check_interface(_json(files, INTERFACE_NAME))
+
+    def load(self, spec: AdapterSpec, tensors: dict[str, torch.Tensor], base: BaseModelInfo) -> BottleneckAdapter:
+        assert isinstance(spec, BottleneckAdapterSpec)
+        return BottleneckAdapter(family=self, spec=spec, modules=bottleneck_weights(spec.bn, tensors, base.hidden_size))
+
+    def device_form(self, ctx: DeviceContext) -> BottleneckSlots:
+        return BottleneckSlots(ctx)
+
+
+def _json(files: dict[str, bytes], name: str) -> Any:
+    raw = files.get(name)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{name} is not valid JSON: {e}", field=name) from None
+
+
+# How a slot's rows feed the kernel: the adapter's input and the residual it adds (see the module docstring).
+_IN_A, _IN_A_PLUS_H, _IN_H = 0, 1, 2
+
+
+class BottleneckSlots(DeviceForm):
+    """Per (layer, block): stacked down/up weights and biases [S, ...] with each slot's own width (widths grow
+    the pool when a wider adapter arrives), activation code and scaling; per slot its input/residual kind."""
+
+    def __init__(self, ctx: DeviceContext) -> None:
+        self.d = ctx.shapes.hidden_size
+        self.max_adapters = ctx.max_adapters
+        self.dtype, self.device = ctx.dtype, ctx.device
+        s = ctx.max_adapters
+        self.pools: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        self.widths: dict[tuple[int, str], torch.Tensor] = {}  # host int32 [S]
+        self.acts = torch.zeros(s, dtype=torch.int32, device=ctx.device)
+        self.scales = torch.zeros(s, dtype=torch.float32, device=ctx.device)
+        self.input_kind = [_IN_A] * s
+        self.resid_kind = [_IN_A] * s  # _IN_A: residual a; _IN_A_PLUS_H: residual a + h
+        self.mine = [False] * s
+
+    def _pool(self, key: tuple[int, str], width: int) -> dict[str, torch.Tensor]:
+        pool = self.pools.get(key)
+        have = pool["w_down"].shape[1] if pool is not None else 0
+        if width <= have:
+            return pool  # type: ignore[return-value]
+        m = -(-width // 16) * 16  # grow to a multiple of 16, keeping what the other slots hold
+        s, d, kw = self.max_adapters, self.d, dict(dtype=self.dtype, device=self.device)
+        new = {"w_down": torch.zeros(s, m, d, **kw), "b_down": torch.zeros(s, m, **kw),
+               "w_up": torch.zeros(s, d, m, **kw), "b_up": torch.zeros(s, d, **kw)}
+        if pool is not None:
+            new["w_down"][:, :have] = pool["w_down"]
+            new["b_down"][:, :have] = pool["b_down"]
+            new["w_up"][:, :, :have] = pool["w_up"]
+            new["b_up"].copy_(pool["b_up"])
+        else:
+            self.widths[key] = torch.zeros(s, dtype=torch.int32)
+        self.pools[key] = new
+        return new
+
+    def load(self, slot: int, adapter: Adapter, kv_slots: list[int]) -> None:
+        assert isinstance(adapter, BottleneckAdapter)
+        bn = adapter.spec.bn  # type: ignore[attr-defined]
+        self.clear(slot)
+        for key, w in adapter.modules.items():
+            m = bn.modules[key]
+            pool = self._pool(key, m)
+            pool["w_down"][slot, :m].copy_(w.w_down)
+            pool["b_down"][slot, :m].copy_(w.b_down)
+            pool["w_up"][slot, :, :m].copy_(w.w_up)
+            pool["b_up"][slot].copy_(w.b_up)
+            self.widths[key][slot] = m
+        self.acts[slot] = bn.activation
+        self.scales[slot] = bn.scaling
+        if bn.is_parallel:
+            self.input_kind[slot], self.resid_kind[slot] = _IN_H, _IN_A
+        else:
+            self.input_kind[slot] = _IN_A_PLUS_H if bn.original_ln_before else _IN_A
+            self.resid_kind[slot] = _IN_A if bn.residual_before_ln else self.input_kind[slot]
+        self.mine[slot] = True
+
+    def clear(self, slot: int) -> None:
+        if not self.mine[slot]:
+            return
+        for key, pool in self.pools.items():
+            if int(self.widths[key][slot]):
+                for t in pool.values():
+                    t[slot].zero_()
+                self.widths[key][slot] = 0
+        self.mine[slot] = False
+
+    def block_output(self, layer: int, block: str, h: torch.Tensor, out: torch.Tensor, batch: StepBatch
+                     ) -> torch.Tensor:
+        key = (layer, block)
+        pool = self.pools.get(key)
+        meta = batch.segments
+        if pool is None or meta is None:
+            return out
+        widths = self.widths[key]
+        segs = [(i, s) for i, s in enumerate(meta.slots) if self.mine[s] and int(widths[s]) and meta.lens[i]]
+        if not segs:
+            return out
+        x_in, resid = out, out.clone()  # base rows and other families' rows pass through unchanged
+        if any(self.input_kind[s] != _IN_A for _, s in segs):
+            x_in = out.clone()
+        for i, s in segs:
+            rows = segment_rows(meta, i)
+            if self.input_kind[s] == _IN_H:
+                x_in[rows] = h[rows]
+            elif self.input_kind[s] == _IN_A_PLUS_H:
+                x_in[rows] = out[rows] + h[rows]
+            if self.resid_kind[s] == _IN_A_PLUS_H:
+                resid[rows] = out[rows] + h[rows]
+        return bottleneck_apply(x_in, resid, pool["w_down"], pool["b_down"], pool["w_up"], pool["b_up"], widths,
+                                self.acts, self.scales, meta)

@@ -66,6 +66,18 @@ class Decoder:
         if state:
             raise ValueError(f"unexpected tensors in checkpoint: {sorted(state)[:5]}")
 
+    def projection(self, layer: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base's (weight [out, in], bias [out] or None) of one projection: views, not copies."""
+        w = self.layers[layer]
+        q_end, k_end = self.q_size, self.q_size + self.kv_size
+        if name in ("q_proj", "k_proj", "v_proj"):
+            lo, hi = {"q_proj": (0, q_end), "k_proj": (q_end, k_end), "v_proj": (k_end, k_end + self.kv_size)}[name]
+            return w.qkv[lo:hi], None if w.qkv_bias is None else w.qkv_bias[lo:hi]
+        attr = {"o_proj": "o", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}.get(name)
+        if attr is None:
+            raise ValueError(f"projection {name!r} unknown")
+        return getattr(w, attr), getattr(w, f"{attr}_bias")
+
     def _take_layer(self, state: dict[str, torch.Tensor], i: int) -> LayerWeights:
         pre = f"model.layers.{i}."
 
@@ -137,7 +149,7 @@ class Decoder:
                                    self.scale)
             o = self._proj(attn, w.o, w.o_bias, i, "o_proj", batch, hooks)
             for f in block_hooks:
-                o = f(i, "attn", x, o, batch)
+                o = f(i, "attn", h, o, batch)
             h = h + o
             x = rms_norm(h, w.post_norm, s.rms_norm_eps)
             gate = self._proj(x, w.gate, w.gate_bias, i, "gate_proj", batch, hooks)
@@ -145,7 +157,7 @@ class Decoder:
             act = F.silu(gate).mul_(up)
             d = self._proj(act, w.down, w.down_bias, i, "down_proj", batch, hooks)
             for f in block_hooks:
-                d = f(i, "mlp", x, d, batch)
+                d = f(i, "mlp", h, d, batch)
             h = h + d
         last = rms_norm(h.index_select(0, batch.logits_rows), self.norm, s.rms_norm_eps)
         return F.linear(last, self.lm_head).float()

@@ -119,7 +119,8 @@ class ModelRunner:
         if form is None:
             info = self.info
             ctx = DeviceContext(shapes=info.shapes, max_adapters=info.max_adapters, max_rank=info.max_rank,
-                                dtype=self.dtype, device=self.device, kv_cache=self.kv_cache)
+                                dtype=self.dtype, device=self.device, kv_cache=self.kv_cache,
+                                base_weight=self.decoder.projection)
             with torch.inference_mode():
                 form = self._forms[family] = family.device_form(ctx)
             if has_hooks(form):  # type: ignore[arg-type]
