@@ -93,3 +93,14 @@ def test_engine_death_fails_requests_still_in_the_inbox(tmp_path) -> None:
         asyncio.run(main())
     finally:
         eng.stop(1)
+
+
+def test_fatal_device_errors_known_by_type_then_by_message() -> None:
+    """torch's AcceleratorError is fatal whatever it says; a plain RuntimeError only with a CUDA marker."""
+    torch = pytest.importorskip("torch")
+    from server.engine.async_engine import is_fatal_device_error
+
+    assert is_fatal_device_error(torch.AcceleratorError("unspecified failure"))
+    assert is_fatal_device_error(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasGemmEx"))
+    assert not is_fatal_device_error(RuntimeError("shape mismatch"))
+    assert not is_fatal_device_error(ValueError("CUDA error: text in a user's value is not a device error"))
