@@ -22,8 +22,7 @@ import triton.language as tl
 
 from kernels.bottleneck_ref import ACTIVATIONS, bottleneck_apply_ref
 from kernels.metadata import LoRAMeta
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from kernels.triton_common import DTYPES, block_m_for
 
 
 @triton.jit
@@ -152,7 +151,7 @@ def _up_kernel(
 
 def down_config(max_seg_len: int, max_width: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_W, BLOCK_K, num_warps) from a fixed table; autotune does not run under the interpreter."""
-    block_m = 16 if max_seg_len <= 16 else 32 if max_seg_len <= 32 else 64
+    block_m = block_m_for(max_seg_len)
     block_w = 16 if max_width <= 16 else 32 if max_width <= 32 or block_m > 16 else 64
     block_k = 128 if k >= 1024 else 64
     num_warps = 4 if block_m * block_w <= 1024 else 8
@@ -161,7 +160,7 @@ def down_config(max_seg_len: int, max_width: int, k: int) -> tuple[int, int, int
 
 def up_config(max_seg_len: int, n: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_W, num_warps) from a fixed table."""
-    block_m = 16 if max_seg_len <= 16 else 32 if max_seg_len <= 32 else 64
+    block_m = block_m_for(max_seg_len)
     block_n = 64 if n <= 1024 or block_m <= 16 else 128
     num_warps = 4 if block_m * block_n <= 4096 else 8
     return block_m, block_n, 32, num_warps
@@ -169,8 +168,8 @@ def up_config(max_seg_len: int, n: int) -> tuple[int, int, int, int]:
 
 def _check_pool(name: str, w: torch.Tensor, b: torch.Tensor, widths: torch.Tensor, meta: LoRAMeta,
                 width_dim: int) -> None:
-    if w.dtype not in _DTYPES:
-        raise ValueError(f"{name} dtype {w.dtype} unsupported; expected one of {_DTYPES}")
+    if w.dtype not in DTYPES:
+        raise ValueError(f"{name} dtype {w.dtype} unsupported; expected one of {DTYPES}")
     if w.dim() != 3 or not w.is_contiguous():
         raise ValueError(f"{name} must be a contiguous 3-D pool, got shape {tuple(w.shape)} "
                          f"contiguous={w.is_contiguous()}")
@@ -183,7 +182,7 @@ def _check_pool(name: str, w: torch.Tensor, b: torch.Tensor, widths: torch.Tenso
                          f"{widths.dtype}")
     if meta.num_segments and max(meta.slots) >= w.shape[0]:
         raise ValueError(f"slot {max(meta.slots)} out of range for a pool of {w.shape[0]} slots")
-    for s, m in zip(meta.slots, meta.seg_ranks(widths), strict=True):
+    for s, m in zip(meta.slots, meta.seg_ranks(widths), strict=True):  # a width is a rank to the tile list
         if not 0 <= m <= w.shape[width_dim]:
             raise ValueError(f"width {m} of slot {s} outside [0, M_max={w.shape[width_dim]}]")
 

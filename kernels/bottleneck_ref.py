@@ -47,14 +47,6 @@ def activate(v: torch.Tensor, code: int) -> torch.Tensor:
     raise ValueError(f"activation code {code} unknown; known: {sorted(ACTIVATIONS.values())}")
 
 
-def _rows(meta: LoRAMeta, i: int) -> slice | torch.Tensor:
-    start, n = meta.starts[i], meta.lens[i]
-    if meta.contiguous:
-        first = int(meta.token_indices[start]) if n else 0
-        return slice(first, first + n)
-    return meta.token_indices[start:start + n]
-
-
 def bottleneck_down_ref(
     x: torch.Tensor,  # [T, D]
     w_down: torch.Tensor,  # [S, M_max, D] stacked down-projections of every slot
@@ -74,7 +66,7 @@ def bottleneck_down_ref(
     for i, (s, m) in enumerate(zip(meta.slots, meta.seg_ranks(widths), strict=True)):
         if m == 0 or meta.lens[i] == 0:
             continue
-        rows = _rows(meta, i)
+        rows = meta.rows(i)
         h = F.linear(x[rows].to(out.dtype), w_down[s, :m].to(out.dtype), b_down[s, :m].to(out.dtype))
         out[rows, :m] = activate(h, codes[s])
     return out
@@ -95,7 +87,7 @@ def bottleneck_up_ref(
     for i, (s, m) in enumerate(zip(meta.slots, meta.seg_ranks(widths), strict=True)):
         if m == 0 or meta.lens[i] == 0:
             continue
-        rows = _rows(meta, i)
+        rows = meta.rows(i)
         delta = F.linear(h[rows, :m].to(w_up.dtype), w_up[s, :, :m], b_up[s]) * sl[s]
         if isinstance(rows, slice):
             y[rows] += delta.to(y.dtype)
@@ -127,7 +119,7 @@ def bottleneck_apply_ref(
     for i, (s, m) in enumerate(zip(meta.slots, meta.seg_ranks(widths), strict=True)):
         if m == 0 or meta.lens[i] == 0:
             continue
-        rows = _rows(meta, i)
+        rows = meta.rows(i)
         h = activate(F.linear(x[rows], w_down[s, :m], b_down[s, :m]), codes[s])
         deltas.append((rows, F.linear(h, w_up[s, :, :m], b_up[s]).mul_(sl[s])))
     for rows, delta in deltas:

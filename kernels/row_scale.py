@@ -15,15 +15,6 @@ import torch
 from kernels.metadata import LoRAMeta
 
 
-def segment_rows(meta: LoRAMeta, i: int) -> slice | torch.Tensor:
-    """Rows of segment i: a slice when the meta's segments are contiguous, else an index tensor."""
-    start, n = meta.starts[i], meta.lens[i]
-    if meta.contiguous:
-        first = int(meta.token_indices[start]) if n else 0
-        return slice(first, first + n)
-    return meta.token_indices[start:start + n]
-
-
 def row_scale(
     y: torch.Tensor,  # [T, N] updated in place (may be a column slice of a wider tensor)
     mul: torch.Tensor,  # [S, N] per-slot multipliers, y's dtype and device
@@ -35,7 +26,7 @@ def row_scale(
     for i, s in enumerate(meta.slots):
         if not on[s] or meta.lens[i] == 0:
             continue
-        rows = segment_rows(meta, i)
+        rows = meta.rows(i)
         if isinstance(rows, slice):
             seg = y[rows]
             seg.mul_(mul[s])

@@ -37,7 +37,6 @@ import torch
 from adapters_store.errors import AdapterError
 from kernels.bottleneck import bottleneck_apply
 from kernels.bottleneck_ref import ACTIVATIONS, activate
-from kernels.row_scale import segment_rows
 from server.families.base import Adapter, AdapterFamily, AdapterSpec, DeviceContext, DeviceForm, Family
 from server.model.batch import StepBatch
 from server.model.shapes import BaseModelInfo
@@ -538,7 +537,7 @@ class BottleneckSlots(DeviceForm):
         if any(self.input_kind[s] != _IN_A for _, s in segs):
             x_in = out.clone()
         for i, s in segs:
-            rows = segment_rows(meta, i)
+            rows = meta.rows(i)
             if self.input_kind[s] == _IN_H:
                 x_in[rows] = h[rows]
             elif self.input_kind[s] == _IN_A_PLUS_H:
