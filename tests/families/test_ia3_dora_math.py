@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from adapters_store.loader import load_adapter
 from kernels.metadata import LoRAMeta
@@ -56,6 +57,15 @@ def _base_linear(mod: Any) -> Any:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = str(tmp_path_factory.mktemp("ia3-dora"))
     base = make_tiny_checkpoint(root, "qwen2", seed=5)
+    # HF initialises biases to zero; DoRA rescales the biased output without its bias and IA3 scales it with
+    # it, so make them count
+    path = os.path.join(base, "model.safetensors")
+    state = load_file(path)
+    g = torch.Generator().manual_seed(9)
+    for k in state:
+        if k.endswith("proj.bias"):
+            state[k] = torch.randn(state[k].shape, generator=g) * 0.5
+    save_file(state, path, metadata={"format": "pt"})
     return {
         "base": base,
         "ia3": [make_ia3(base, os.path.join(root, "ia3-a"), seed=1),
