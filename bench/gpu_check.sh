@@ -34,5 +34,9 @@ for dtype in bfloat16 float16; do
     | tee -a "$OUT/bench_kernels_$dtype.log" || status=$?
 done
 
+echo "== bench_bottleneck (bfloat16)" | tee "$OUT/bench_bottleneck.log"
+timeout 120 "$PY" -m bench.bench_bottleneck --dtype bfloat16 --out "$OUT/bench_bottleneck.json" 2>&1 \
+  | tee -a "$OUT/bench_bottleneck.log" || status=$?
+
 echo "gpu_check: exit status $status; logs in $OUT"
 exit "$status"
