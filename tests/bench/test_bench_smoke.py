@@ -40,7 +40,7 @@ def test_throughput_tiny(tmp_path: Path) -> None:
 @pytest.mark.timeout(150)
 def test_mixed_adapters_quick(tmp_path: Path) -> None:
     out_json = tmp_path / "mixed.json"
-    out = _run("bench.mixed_adapters", ["--quick", "--json", str(out_json)], tmp_path)
+    out = _run("bench.mixed_adapters", ["--quick", "--skip-families", "--json", str(out_json)], tmp_path)
     assert "== mixed adapters" in out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("workload"))
@@ -51,3 +51,16 @@ def test_mixed_adapters_quick(tmp_path: Path) -> None:
     result = json.loads(out_json.read_text())
     assert {r["name"] for r in result["rows"]} >= {"ours base", "ours LoRA K=2", "peft one-at-a-time K=2"}
     assert all(r["tok_per_s"] > 0 for r in result["rows"])
+
+
+@pytest.mark.timeout(150)
+def test_mixed_adapters_quick_new_families(tmp_path: Path) -> None:
+    out_json = tmp_path / "families.json"
+    out = _run("bench.mixed_adapters", ["--quick", "--skip-peft", "--skip-prompt-learning", "--json", str(out_json)],
+               tmp_path)
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("workload"))
+    for name in ("ours IA3 K=2", "ours DoRA K=2", "ours bottleneck K=1", "ours bottleneck K=2"):
+        assert any(line.startswith(name) for line in lines[header:]), (name, out)
+    result = json.loads(out_json.read_text())
+    assert not result["failures"] and all(r["tok_per_s"] > 0 for r in result["rows"])
