@@ -106,9 +106,8 @@ class DoraSlots(LoRASlots):
 
     def __init__(self, ctx: DeviceContext) -> None:
         super().__init__(ctx.shapes, ctx.max_adapters, ctx.max_rank, ctx.dtype, ctx.device)
-        if ctx.base_weight is None:
-            raise ValueError("DoRA needs the base model's projection weights (DeviceContext.base_weight)")
         self.base_weight = ctx.base_weight
+        self.base_bias = ctx.base_bias
         self.mul: dict[tuple[int, str], torch.Tensor] = {}
         self.add: dict[tuple[int, str], torch.Tensor | None] = {}
         self.on: dict[tuple[int, str], list[bool]] = {}
@@ -118,7 +117,8 @@ class DoraSlots(LoRASlots):
         folded: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
         tables: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
         for key, mod in adapter.modules.items():
-            weight, bias = self.base_weight(*key)
+            weight = self.base_weight(*key)
+            bias = self.base_bias(*key) if self.base_bias is not None else None
             g, gb, add = fold_dora(weight, bias, mod.a.to(weight.device), mod.b.to(weight.device), mod.scaling,
                                    adapter.magnitudes[key].to(weight.device))
             folded[key] = (mod.a, gb, mod.scaling)

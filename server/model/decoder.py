@@ -66,18 +66,6 @@ class Decoder:
         if state:
             raise ValueError(f"unexpected tensors in checkpoint: {sorted(state)[:5]}")
 
-    def projection(self, layer: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The base's (weight [out, in], bias [out] or None) of one projection: views, not copies."""
-        w = self.layers[layer]
-        q_end, k_end = self.q_size, self.q_size + self.kv_size
-        if name in ("q_proj", "k_proj", "v_proj"):
-            lo, hi = {"q_proj": (0, q_end), "k_proj": (q_end, k_end), "v_proj": (k_end, k_end + self.kv_size)}[name]
-            return w.qkv[lo:hi], None if w.qkv_bias is None else w.qkv_bias[lo:hi]
-        attr = {"o_proj": "o", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}.get(name)
-        if attr is None:
-            raise ValueError(f"projection {name!r} unknown")
-        return getattr(w, attr), getattr(w, f"{attr}_bias")
-
     def _take_layer(self, state: dict[str, torch.Tensor], i: int) -> LayerWeights:
         pre = f"model.layers.{i}."
 
@@ -108,6 +96,25 @@ class Decoder:
             down=take("mlp.down_proj.weight"),
             down_bias=take("mlp.down_proj.bias", s.mlp_bias),
         )
+
+    def base_weight(self, layer: int, name: str) -> torch.Tensor:
+        """The frozen weight [out, in] of one projection (q/k/v: a row slice of the fused qkv)."""
+        w = self.layers[layer]
+        q_end, k_end = self.q_size, self.q_size + self.kv_size
+        fused = {"q_proj": w.qkv[:q_end], "k_proj": w.qkv[q_end:k_end], "v_proj": w.qkv[k_end:]}
+        if name in fused:
+            return fused[name]
+        return {"o_proj": w.o, "gate_proj": w.gate, "up_proj": w.up, "down_proj": w.down}[name]
+
+    def base_bias(self, layer: int, name: str) -> torch.Tensor | None:
+        """The frozen bias [out] of one projection, or None (q/k/v: a slice of the fused qkv bias)."""
+        w = self.layers[layer]
+        q_end, k_end = self.q_size, self.q_size + self.kv_size
+        if name in ("q_proj", "k_proj", "v_proj"):
+            if w.qkv_bias is None:
+                return None
+            return {"q_proj": w.qkv_bias[:q_end], "k_proj": w.qkv_bias[q_end:k_end], "v_proj": w.qkv_bias[k_end:]}[name]
+        return {"o_proj": w.o_bias, "gate_proj": w.gate_bias, "up_proj": w.up_bias, "down_proj": w.down_bias}[name]
 
     @staticmethod
     def _proj(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, layer: int, name: str,

@@ -75,7 +75,11 @@ def has_hooks(form: StepHooks) -> bool:
 
 @dataclass(frozen=True)
 class DeviceContext:
-    """What a family's device form may size itself by. `kv_cache` has `write_all_layers(slots, k, v)`."""
+    """What a family's device form may size itself by and read.
+
+    `kv_cache` has `write_all_layers(slots, k, v)`; `base_weight(layer, name)` is a projection's frozen
+    base weight [out, in] (a view: never write to it), e.g. for DoRA's column norms.
+    """
 
     shapes: BaseModelInfo
     max_adapters: int
@@ -83,9 +87,9 @@ class DeviceContext:
     dtype: torch.dtype
     device: torch.device
     kv_cache: Any
-    # (layer, projection short name) -> the base's (weight [out, in], bias [out] or None) on the device,
-    # read-only views (DoRA's weight norms depend on them). None where the model offers none.
-    base_weight: Callable[[int, str], tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    base_weight: Callable[[int, str], torch.Tensor]
+    # the projection's frozen bias [out] (a view), or None where it has none (DoRA rescales the output without it)
+    base_bias: Callable[[int, str], torch.Tensor | None] | None = None
 
 
 class ResidentForm(Protocol):

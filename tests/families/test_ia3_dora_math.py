@@ -79,13 +79,17 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _ctx(info: BaseModelInfo, base_modules: dict[tuple[int, str], Any], calls: list[int]) -> DeviceContext:
-    def base_weight(layer: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def base_weight(layer: int, name: str) -> torch.Tensor:
         calls.append(1)
-        lin = _base_linear(base_modules[(layer, name)])
-        return lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
+        return _base_linear(base_modules[(layer, name)]).weight.detach()
+
+    def base_bias(layer: int, name: str) -> torch.Tensor | None:
+        calls.append(1)
+        bias = _base_linear(base_modules[(layer, name)]).bias
+        return None if bias is None else bias.detach()
 
     return DeviceContext(shapes=info, max_adapters=3, max_rank=16, dtype=torch.float32, device=torch.device("cpu"),
-                         kv_cache=None, base_weight=base_weight)
+                         kv_cache=None, base_weight=base_weight, base_bias=base_bias)
 
 
 @pytest.mark.parametrize("family", ["ia3", "dora"])

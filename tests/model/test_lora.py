@@ -108,3 +108,12 @@ def test_load_lora_rejects_bad_weights(setup: dict) -> None:
         load_lora(runner, 3, {(0, "k_proj"): (a, b, s)})  # q's B is wider than k's output
     with pytest.raises(ValueError, match="module not one of"):
         load_lora(runner, 3, {(0, "lm_head"): (a, b, s)})
+
+
+def test_base_weight_views_match_hf(setup: dict) -> None:
+    """DeviceContext.base_weight (what a DoRA-like family reads) is each projection's own HF weight."""
+    runner, hf = setup["runner"], setup["base"]
+    for name in ALL:
+        parent = hf.model.layers[1].self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) \
+            else hf.model.layers[1].mlp
+        torch.testing.assert_close(runner.decoder.base_weight(1, name), getattr(parent, name).weight.detach())
