@@ -151,6 +151,16 @@ class Decoder:
             return fused[name]
         return {"o_proj": w.o, "gate_proj": w.gate, "up_proj": w.up, "down_proj": w.down}[name]
 
+    def base_bias(self, layer: int, name: str) -> torch.Tensor | None:
+        """The frozen bias [out] of one projection, or None (q/k/v: a slice of the fused qkv bias)."""
+        w = self.layers[layer]
+        q_end, k_end = self.q_size, self.q_size + self.kv_size
+        if name in ("q_proj", "k_proj", "v_proj"):
+            if w.qkv_bias is None:
+                return None
+            return {"q_proj": w.qkv_bias[:q_end], "k_proj": w.qkv_bias[q_end:k_end], "v_proj": w.qkv_bias[k_end:]}[name]
+        return {"o_proj": w.o_bias, "gate_proj": w.gate_bias, "up_proj": w.up_bias, "down_proj": w.down_bias}[name]
+
     @staticmethod
     def _proj(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, layer: int, name: str,
               batch: StepBatch, hooks: ActiveHooks) -> torch.Tensor:
@@ -199,8 +209,9 @@ class Decoder:
             o = self._proj(attn, w.o, w.o_bias, i, "o_proj", batch, hooks)
             if s.sandwich_norm:
                 o = norm(o, w.post_norm, eps)
-            for f in block_hooks:  # a block's output as it is added to the residual (after Gemma's norm)
-                o = f(i, "attn", x, o, batch)
+            # hooks see the residual entering the block and its output as added to it (after Gemma's norm)
+            for f in block_hooks:
+                o = f(i, "attn", h, o, batch)
             h = h + o
             x = norm(h, w.pre_ff_norm if s.sandwich_norm else w.post_norm, eps)
             gate = self._proj(x, w.gate, w.gate_bias, i, "gate_proj", batch, hooks)
@@ -210,7 +221,7 @@ class Decoder:
             if s.sandwich_norm:
                 d = norm(d, w.post_ff_norm, eps)
             for f in block_hooks:
-                d = f(i, "mlp", x, d, batch)
+                d = f(i, "mlp", h, d, batch)
             h = h + d
         last = norm(h.index_select(0, batch.logits_rows), self.norm, eps)
         logits = F.linear(last, self.lm_head)
