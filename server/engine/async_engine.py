@@ -183,8 +183,8 @@ class AsyncEngine:
                 seq.num_virtual = adapter.loaded.num_virtual_tokens
             elif adapter.kind == "prefix":
                 seq.num_prefix = adapter.loaded.num_virtual_tokens
-        req = _Request(seq, IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.Queue(), loop,
-                       make_generator(params.seed))
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.min_tokens)
+        req = _Request(seq, detok, asyncio.Queue(), loop, make_generator(params.seed))
         self._inbox.put(("add", req))
         self._wake.set()
         if self.dead is not None or (self._thread is not None and not self._thread.is_alive()):

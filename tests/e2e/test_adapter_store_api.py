@@ -8,7 +8,6 @@ import json
 import os
 import struct
 import tarfile
-import time
 import zipfile
 
 import httpx
@@ -20,6 +19,7 @@ from safetensors.torch import save as st_save
 from tests.adapters import greedy, make_lora, peft_model
 from tests.server_utils import live_server
 from tests.tiny import make_tiny_checkpoint
+from tests.waits import EngineGate, async_wait_for, hold_first_step_until
 
 CFG = "adapter_config.json"
 WTS = "adapter_model.safetensors"
@@ -269,19 +269,25 @@ def test_replace_and_delete_while_streaming(base, lora_dirs, tmp_path):
 
         async def scenario():
             async with srv.async_client() as ac:
+                hold_first_step_until(eng, lambda: eng.in_flight == len(prompts), "every stream in the engine")
                 streams = [asyncio.create_task(_stream_tokens(ac, "live", p, n)) for p in prompts]
-                while eng.num_running < len(prompts):
-                    await asyncio.sleep(0.01)
-                r = await ac.put("/v1/adapters/live", data={"name": "live"}, files=multipart(files_of(lora_dirs["v2"])))
-                assert r.status_code == 200 and r.json()["version"] == 2
-                assert not all(t.done() for t in streams)  # replaced while they were streaming
+                await async_wait_for(lambda: eng.num_running == len(prompts), "every stream to be running")
+                # steps are held while the PUT runs, so the streams are certainly mid-way when v2 lands
+                gate = EngineGate(eng)
+                try:
+                    r = await ac.put("/v1/adapters/live", data={"name": "live"},
+                                     files=multipart(files_of(lora_dirs["v2"])))
+                    assert r.status_code == 200 and r.json()["version"] == 2
+                    assert not any(t.done() for t in streams)  # replaced while they were streaming
+                finally:
+                    gate.open()
                 after = await ac.post("/v1/completions", json={"model": "live", "prompt": prompts[0], "max_tokens": 6,
                                                                 "min_tokens": 6, "temperature": 0,
                                                                 "return_token_ids": True})
                 old = await asyncio.gather(*streams)
+                hold_first_step_until(eng, lambda: eng.in_flight == len(prompts), "every stream in the engine")
                 streams2 = [asyncio.create_task(_stream_tokens(ac, "live", p, n)) for p in prompts]
-                while eng.num_running < len(prompts):
-                    await asyncio.sleep(0.01)
+                await async_wait_for(lambda: eng.num_running == len(prompts), "every stream to be running")
                 d = await ac.delete("/v1/adapters/live")
                 assert all(t.done() for t in streams2)  # the delete waited for them
                 return old, after, await asyncio.gather(*streams2), d
@@ -307,16 +313,21 @@ def test_reuploaded_name_never_serves_the_old_weights(base, lora_dirs, tmp_path)
                      shutdown_timeout=0.2) as srv:
         with srv.client() as c:
             assert upload(c, "x", files_of(lora_dirs["v1"])).status_code == 201
-        srv.state.engine.fault_injector = lambda chunks: time.sleep(0.01)  # keep the old stream running ~1 s
+        eng = srv.state.engine
 
         async def scenario():
             async with srv.async_client() as ac:
                 old = asyncio.create_task(_stream_tokens(ac, "x", p, n))
-                while srv.state.engine.num_running < 1:
-                    await asyncio.sleep(0.005)
-                assert (await ac.delete("/v1/adapters/x")).status_code == 204
-                r = await ac.post("/v1/adapters", data={"name": "x"}, files=multipart(files_of(lora_dirs["v2"])))
-                assert r.status_code == 201 and r.json()["version"] == 1
+                await async_wait_for(lambda: eng.num_running == 1, "the old stream to be running")
+                gate = EngineGate(eng)  # the old stream cannot finish while 'x' is deleted and re-uploaded
+                try:
+                    assert (await ac.delete("/v1/adapters/x")).status_code == 204
+                    r = await ac.post("/v1/adapters", data={"name": "x"},
+                                      files=multipart(files_of(lora_dirs["v2"])))
+                    assert r.status_code == 201 and r.json()["version"] == 1
+                    assert not old.done()
+                finally:
+                    gate.open()
                 new = await ac.post("/v1/completions", json={"model": "x", "prompt": PROMPT, "max_tokens": 6,
                                                               "min_tokens": 6, "temperature": 0,
                                                               "return_token_ids": True})

@@ -15,6 +15,7 @@ import httpx
 from tests.adapters import make_lora
 from tests.server_utils import live_server
 from tests.tiny import make_tiny_checkpoint
+from tests.waits import wait_for
 
 CFG, WTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -41,13 +42,15 @@ def test_sigkill_during_uploads_leaves_store_intact(tiny_root, tmp_path):
                                  "--port", str(port), "--max-model-len", "128", "--kv-cache-blocks", "32",
                                  "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
+
+        def ready(url: str = url) -> bool:
+            assert proc.poll() is None, f"the server exited with {proc.returncode}"
             try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
+                return httpx.get(url + "/ready", timeout=1).status_code == 200
             except httpx.HTTPError:
-                time.sleep(0.1)
+                return False
+
+        wait_for(ready, "the server to become ready", poll=0.1)
 
         def pump(k: int, url: str = url, round_: int = round_) -> None:
             with httpx.Client(base_url=url, timeout=30) as c:
@@ -62,7 +65,11 @@ def test_sigkill_during_uploads_leaves_store_intact(tiny_root, tmp_path):
         threads = [threading.Thread(target=pump, args=(k,)) for k in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1.0 + 0.37 * round_)
+        # kill while uploads are in full flow: after this round's first acknowledged upload (an event, so a
+        # slow machine still gets one in), then a round-dependent moment later to land in different phases
+        wait_for(lambda round_=round_: any(n.startswith(f"r{round_}-") for n in list(stored_ok)),
+                 f"an upload of round {round_} to be acknowledged")
+        time.sleep(0.05 + 0.37 * round_)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         for t in threads:

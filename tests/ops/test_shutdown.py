@@ -55,7 +55,6 @@ def test_sigterm_drains_streams_and_exits_0(tiny_model: str) -> None:
         for t in threads:
             t.start()
         assert all(e.wait(30) for e in started), "the streams did not start"
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(30)
@@ -64,8 +63,7 @@ def test_sigterm_drains_streams_and_exits_0(tiny_model: str) -> None:
         for lines in streams:
             assert lines[-1] == "data: [DONE]", (lines[-3:], output)
             assert sum(line.startswith("data: {") for line in lines) == 60
-        assert code == 0, output
-        assert time.monotonic() - t0 < 20
+        assert code == 0, output  # (proc.wait's 25 s bound only turns a hang into a failure)
     finally:
         if proc.poll() is None:
             proc.kill()
