@@ -5,8 +5,11 @@ SentencePiece-style tokenizers):
 - The deltas handed out concatenate to the final text; with no stop string hit the final text is
   exactly `decode(token_ids, skip_special_tokens=True)`.
 - A character whose bytes are split over several tokens is handed out once its last token arrives.
-  If the sequence ends before that (max_tokens, EOS), the final delta carries what `decode` gives for
-  the incomplete bytes (U+FFFD), so the text still equals `decode(token_ids)`.
+  If the sequence ends before that (max_tokens), the final delta carries what `decode` gives for the
+  incomplete bytes (U+FFFD), never dropping them: the text is every complete character, then U+FFFD.
+  That is `decode(token_ids)` exactly for byte-level tokenizers; a byte-fallback (SentencePiece)
+  decoder turns the whole run of byte tokens into U+FFFD once one is incomplete, complete characters
+  before the cut included, and there the text keeps those characters.
 - A stop string matches when a token completes it (it may span any number of tokens); the text ends
   just before it. Before `min_tokens` tokens exist stop strings are not honoured (as vLLM): a stop
   string completed by an earlier token never stops the sequence, even once min_tokens is reached.
@@ -62,8 +65,10 @@ class IncrementalDetokenizer:
             return
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         new_text = self._decode(self._ids[self._prefix:])
-        if len(new_text) > len(prefix_text):
+        if new_text.startswith(prefix_text):
             self.text += new_text[len(prefix_text):]
+        else:  # a byte-fallback decoder renders a whole run of byte tokens as U+FFFD once any is incomplete
+            self.text += self._decode(self._ids[self._read:])
         self._prefix = self._read = len(self._ids)
 
     def take(self, final: bool) -> str:

@@ -43,7 +43,7 @@ def test_sigkill_during_uploads_leaves_store_intact(tiny_root, tmp_path):
                                  "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
 
-        def ready(url: str = url) -> bool:
+        def ready(url: str = url, proc: subprocess.Popen = proc) -> bool:
             assert proc.poll() is None, f"the server exited with {proc.returncode}"
             try:
                 return httpx.get(url + "/ready", timeout=1).status_code == 200

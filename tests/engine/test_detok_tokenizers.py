@@ -128,21 +128,32 @@ def test_special_tokens_are_skipped(tok: PreTrainedTokenizerFast) -> None:
     assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True) == "café 🙂"
 
 
-def test_character_cut_by_the_end_is_flushed_as_decode_gives_it(tok: PreTrainedTokenizerFast) -> None:
-    """Rule: a sequence ending inside a character (max_tokens hit mid-emoji) still ends with exactly
-    decode(token_ids): the incomplete bytes become U+FFFD in the last delta, never silently dropped."""
-    checked = 0
+def test_character_cut_by_the_end_is_flushed_as_decode_gives_it(tok: PreTrainedTokenizerFast, request) -> None:
+    """Rule: a sequence ending inside a character (max_tokens hit mid-emoji) ends with every complete
+    character, then U+FFFD for the incomplete bytes (in the last delta, never silently dropped). For
+    byte-level BPE that is exactly decode(token_ids). A byte-fallback decoder renders a whole run of byte
+    tokens as U+FFFD once one is incomplete (so decode(token_ids) loses a complete "中" before a cut "文");
+    the stream keeps the complete characters."""
+    checked = lossy = 0
     for text in TEXTS:
         ids = encode(tok, text)
         for cut in split_chars(tok, ids):
             part = ids[:cut]
             deltas, _, d = stream(tok, part)
-            want = tok.decode(part, skip_special_tokens=True)
-            assert want.endswith("\ufffd")
-            assert "".join(deltas) == d.text == want
+            whole = tok.decode(part, skip_special_tokens=True)
+            complete = max(i for i in range(cut) if not tok.decode(part[:i]).endswith("\ufffd"))
+            head = tok.decode(part[:complete], skip_special_tokens=True)
+            out = "".join(deltas)
+            assert out == d.text
+            assert out.startswith(head) and out[len(head):] and set(out[len(head):]) == {"\ufffd"}, (out, head)
             assert "\ufffd" not in "".join(deltas[:-1])  # only the last delta carries it
+            if request.node.callspec.params["tok"] == "byte_level_bpe":
+                assert out == whole
+            lossy += out != whole
             checked += 1
     assert checked >= 5
+    if request.node.callspec.params["tok"] == "sentencepiece_byte_fallback":
+        assert lossy, "the byte-fallback divergence described above did not occur: the fixture changed"
 
 
 def _stop_cases(tok: PreTrainedTokenizerFast) -> list[tuple[str, str]]:
@@ -192,12 +203,21 @@ def test_stop_string_before_min_tokens_is_not_honoured(tok: PreTrainedTokenizerF
     assert hit == first and "".join(deltas) == ""
 
 
-def test_random_token_streams_match_decode(tok: PreTrainedTokenizerFast) -> None:
+def test_random_token_streams_match_decode(tok: PreTrainedTokenizerFast, request) -> None:
     """Arbitrary id sequences (as a sampling model emits them: bytes of no valid character, specials, pieces
-    in any order) still stream to exactly decode(ids)."""
+    in any order) stream to decode(ids): exactly for byte-level BPE; for byte fallback up to decode's
+    rendering of a byte-token run holding invalid bytes as all U+FFFD (the stream keeps the valid ones)."""
     rng = random.Random(0)
     vocab = len(tok)
+    differs = 0
     for _ in range(40):
         ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 30))]
         deltas, _, d = stream(tok, ids)
-        assert "".join(deltas) == d.text == tok.decode(ids, skip_special_tokens=True), ids
+        out, want = "".join(deltas), tok.decode(ids, skip_special_tokens=True)
+        assert out == d.text
+        if request.node.callspec.params["tok"] == "byte_level_bpe":
+            assert out == want, ids
+        else:
+            assert len(out) == len(want) and all(a == b or b == "\ufffd" for a, b in zip(out, want, strict=True)), ids
+            differs += out != want
+    assert request.node.callspec.params["tok"] == "byte_level_bpe" or differs  # the case above did occur
