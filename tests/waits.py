@@ -66,8 +66,10 @@ class EngineGate:
         self.engine = engine
         self.previous = engine.fault_injector  # type: ignore[attr-defined]
         self._open = threading.Event()
+        self.entered = threading.Event()  # a step is waiting at the gate
 
         def gate(chunks: list) -> None:
+            self.entered.set()
             if not self._open.wait(timeout):
                 raise AssertionError(f"the test never opened the engine gate ({timeout:g}s)")
             if self.previous is not None:

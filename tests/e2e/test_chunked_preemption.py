@@ -23,11 +23,12 @@ from server.engine.async_engine import EngineObserver, RequestStats
 from tests.adapters import greedy_recompute, peft_model
 from tests.e2e.test_prompt_learning import build
 from tests.server_utils import live_server
-from tests.waits import async_wait_for, engine_settled, hold_first_step_until, wait_for
+from tests.waits import EngineGate, async_wait_for, engine_settled, wait_for
 
-N_TOKENS = 12
+N_TOKENS = 16
+SAMPLED_AT = 2  # the sampled request's place in the arrival order: among the first, while the cache is full
 EOS = 257
-SERVER = dict(max_model_len=64, block_size=4, kv_cache_blocks=17, max_batch_tokens=5, max_num_seqs=4,
+SERVER = dict(max_model_len=48, block_size=4, kv_cache_blocks=13, max_batch_tokens=5, max_num_seqs=4,
               max_adapters=8)
 SAMPLED = {"temperature": 1.0, "top_p": 0.95, "seed": 4242}
 
@@ -89,29 +90,40 @@ def test_chunked_prefill_and_preemption_with_every_adapter_kind(tiny_root: str) 
 
         async def fire() -> list[httpx.Response]:
             async with srv.async_client() as ac:
-                hold_first_step_until(eng, lambda: eng.in_flight == len(jobs) + 1, "every request in the engine")
-                tasks = []
-                for k, (name, prompt) in enumerate([*jobs, sampled_job]):  # one at a time: a fixed order
-                    extra = SAMPLED if k == len(jobs) else {}
-                    tasks.append(asyncio.create_task(ac.post("/v1/completions", json=body(name, prompt, **extra))))
-                    await async_wait_for(lambda k=k: eng.in_flight == k + 1, f"request {k} to reach the engine")
+                # A one-token primer's step is held at a gate while the requests enter the engine's inbox one
+                # at a time; when the gate opens the primer ends and the next step takes them all, in order.
+                gate = EngineGate(eng)
+                try:
+                    primer = asyncio.create_task(ac.post("/v1/completions", json={"prompt": [1], "max_tokens": 1}))
+                    await async_wait_for(gate.entered.is_set, "the primer's step to reach the gate")
+                    tasks = []
+                    order = [(n, p, {}) for n, p in jobs]
+                    order.insert(SAMPLED_AT, (*sampled_job, SAMPLED))
+                    for k, (name, prompt, extra) in enumerate(order):
+                        tasks.append(asyncio.create_task(ac.post("/v1/completions",
+                                                                 json=body(name, prompt, **extra))))
+                        await async_wait_for(lambda k=k: eng.in_flight == k + 2, f"request {k} to reach the engine")
+                finally:
+                    gate.open()
+                assert (await primer).status_code == 200
                 return await asyncio.gather(*tasks)
 
         resps = asyncio.run(fire())
         wait_for(engine_settled(eng), "every KV block to be free again")
         metrics = httpx.get(srv.url + "/metrics").text
 
-    for k, ((name, _), r) in enumerate(zip(jobs, resps, strict=False)):
+    sampled = resps.pop(SAMPLED_AT).json()
+    for k, ((name, _), r) in enumerate(zip(jobs, resps, strict=True)):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["token_ids"] == ref[k], (k, name)
-    sampled = resps[-1].json()
     # the sampled request was preempted and recomputed, and drew the same tokens as alone
-    assert rec.preemptions[sampled["id"] + "-0"] > 0, rec.preemptions
+    pattern = [rec.preemptions[r.json()["id"] + "-0"] for r in resps]
+    assert rec.preemptions[sampled["id"] + "-0"] > 0, (rec.preemptions[sampled["id"] + "-0"], pattern)
     assert sampled["choices"][0]["token_ids"] == alone.json()["choices"][0]["token_ids"]
 
-    kind_of = {resp.json()["id"] + "-0": name or "base" for (name, _), resp in zip(jobs, resps, strict=False)}
+    kind_of = {resp.json()["id"] + "-0": name or "base" for (name, _), resp in zip(jobs, resps, strict=True)}
     preempted_kinds = {kind_of[rid] for rid, n in rec.preemptions.items() if n and rid in kind_of}
-    assert preempted_kinds >= {"lora", "prefix-plain", "prompt", "ptuning"}, preempted_kinds
+    assert preempted_kinds >= {"lora", "prefix-plain", "prompt", "ptuning"}, (preempted_kinds, pattern)
     total = sum(rec.preemptions.values())
     assert f"peftserve_preemptions_total {float(total)}" in metrics
     inside = {(name, s, e) for name, s, e, v in chunks if s < e < v}
