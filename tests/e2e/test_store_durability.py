@@ -50,7 +50,7 @@ def test_sigkill_during_uploads_leaves_store_intact(tiny_root, tmp_path):
             except httpx.HTTPError:
                 return False
 
-        wait_for(ready, "the server to become ready", poll=0.1)
+        wait_for(ready, "the server to become ready", timeout=300, poll=0.1)  # start-up imports torch
 
         def pump(k: int, url: str = url, round_: int = round_) -> None:
             with httpx.Client(base_url=url, timeout=30) as c:

@@ -26,10 +26,10 @@ def test_sigterm_drains_streams_and_exits_0(tiny_model: str) -> None:
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--model", tiny_model, "--port", str(port), "--max-model-len",
-         "256", "--kv-cache-blocks", "64", "--shutdown-timeout", "20", "--log-level", "warning"],
+         "256", "--kv-cache-blocks", "64", "--shutdown-timeout", "120", "--log-level", "warning"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # a hang detector: start-up imports torch, slow on a busy core
         while True:
             assert proc.poll() is None, proc.stdout.read()
             try:
@@ -54,16 +54,16 @@ def test_sigterm_drains_streams_and_exits_0(tiny_model: str) -> None:
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
         for t in threads:
             t.start()
-        assert all(e.wait(30) for e in started), "the streams did not start"
+        assert all(e.wait(120) for e in started), "the streams did not start"
         proc.send_signal(signal.SIGTERM)
         for t in threads:
-            t.join(30)
-        code = proc.wait(25)
+            t.join(180)
+        code = proc.wait(60)
         output = proc.stdout.read()
         for lines in streams:
             assert lines[-1] == "data: [DONE]", (lines[-3:], output)
             assert sum(line.startswith("data: {") for line in lines) == 60
-        assert code == 0, output  # (proc.wait's 25 s bound only turns a hang into a failure)
+        assert code == 0, output  # (these bounds only turns a hang into a failure)
     finally:
         if proc.poll() is None:
             proc.kill()
