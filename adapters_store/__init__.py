@@ -1,8 +1,8 @@
 """PEFT adapters: config → typed spec, safe loading, and the atomic on-disk store.
 
-Imports nothing from the rest of peftserve. `spec`, `errors` and `base_info` do not import torch;
-the names from `loader`, `store` and `archive` are imported on first use so that importing the
-spec types stays cheap.
+Depends on the base model's shapes (`server.model.shapes`) and on the adapter families
+(`server.families`), which parse each family's config and check its weights; nothing else of peftserve.
+Only `errors` and `base_info` are imported eagerly (no torch); the rest on first use.
 """
 
 from importlib import import_module
@@ -10,26 +10,14 @@ from typing import Any
 
 from adapters_store.base_info import BaseModelInfo
 from adapters_store.errors import AdapterError
-from adapters_store.spec import (
-    AdapterSpec,
-    LoraModuleSpec,
-    LoraSpec,
-    PrefixSpec,
-    PromptSpec,
-    load_config,
-    parse_config,
-    validate_name,
-)
 
 _LAZY = {
-    "LoadedAdapter": "loader", "LoraModuleWeights": "loader", "load_adapter": "loader",
+    "AdapterSpec": "spec", "LoraModuleSpec": "spec", "LoraSpec": "spec", "PrefixSpec": "spec", "PromptSpec": "spec",
+    "load_config": "spec", "parse_config": "spec", "validate_name": "spec", "load_adapter": "loader",
     "AdapterRecord": "store", "AdapterStore": "store", "extract_upload": "archive",
 }
 
-__all__ = [
-    "AdapterError", "AdapterSpec", "BaseModelInfo", "LoraModuleSpec", "LoraSpec", "PrefixSpec", "PromptSpec",
-    "load_config", "parse_config", "validate_name", *_LAZY,
-]
+__all__ = ["AdapterError", "BaseModelInfo", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -24,9 +24,10 @@ from typing import Any
 
 from adapters_store.base_info import BaseModelInfo
 from adapters_store.errors import AdapterError
-from adapters_store.loader import CONFIG_NAME, WEIGHTS_NAME, LoadedAdapter, load_adapter
+from adapters_store.loader import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from adapters_store.safetensors_check import refuse_pickles
 from adapters_store.spec import validate_name
+from server.families import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +131,6 @@ class AdapterStore:
         with self._lock:
             return self._get(name, version).path
 
-    def load(self, name: str, base: BaseModelInfo, *, max_rank: int, version: int | None = None) -> LoadedAdapter:
-        """Load a stored adapter's tensors (see loader.load_adapter)."""
-        try:
-            return load_adapter(self.path(name, version), base, max_rank=max_rank)
-        except FileNotFoundError:  # deleted while we read it
-            raise AdapterError(f"adapter {name!r} does not exist", field="name", status=404) from None
-
     # ------------------------------------------------------------------------------------------ writes
 
     def add(
@@ -208,7 +202,7 @@ class AdapterStore:
         return {n: bytes(source[n]) for n in ADAPTER_FILES}
 
     def _commit(
-        self, name: str, tmp: Path, loaded: LoadedAdapter, sha: str, size: int, replace: bool
+        self, name: str, tmp: Path, loaded: Adapter, sha: str, size: int, replace: bool
     ) -> AdapterRecord:
         (latest,) = self._db.execute("SELECT MAX(version) FROM adapters WHERE name = ?", (name,)).fetchone()
         if latest is not None and not replace:

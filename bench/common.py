@@ -55,8 +55,7 @@ def make_engine(model_dir: str, *, max_num_seqs: int, max_model_len: int, max_ad
     threads = None if cuda else claim_for_engine()
     runner = ModelRunner(model_dir, device="cuda" if cuda else "cpu", dtype="auto",
                          max_model_len=max_model_len, max_adapters=max_adapters, max_rank=max_rank)
-    return AsyncEngine(runner, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
-                       max_model_len=max_model_len, max_adapters=max_adapters, torch_threads=threads)
+    return AsyncEngine(runner, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, torch_threads=threads)
 
 
 def run_engine(engine: AsyncEngine, prompts: list[list[int]], output_len: int,

@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> None:
                            max_rank=args.max_rank, max_batch_tokens=max(2048, n))
 
     engine = new_engine()
-    info = engine.runner.info
-    elem = torch.empty((), dtype=engine.runner.dtype).element_size()
+    info = engine.info.shapes
+    elem = torch.empty((), dtype=getattr(torch, engine.info.dtype)).element_size()
     avg_ctx = args.prompt_len + args.output_len / 2
     registry = AdapterRegistry()
     handles: dict[str, list[Any]] = {
@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(n):
             kind = ("base", "lora", "prefix", "prompt")[i % 4]
             mix.append(None if kind == "base" else handles[kind][(i // 4) % mk])
-        n_lora = len({id(h) for h in mix if h is not None and h.kind == "lora"})
-        n_pl = sum(1 for h in mix if h is not None and h.kind != "lora")
+        n_lora = len({id(h) for h in mix if h is not None and h.adapter.kind == "lora"})
+        n_pl = sum(1 for h in mix if h is not None and h.adapter.kind != "lora")
         workloads.append((f"ours mix base+LoRA+prefix+prompt ({mk} each)", "mix", mk, mix,
                           Extra(n_lora, args.rank, n_pl * nvt)))
 
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     ours_base = next(r for r in rows if r.name == "ours base")
     ours_base.tok_per_s, ours_base.seconds = best_base["tok_per_s"], best_base["seconds"]
     rows.sort(key=lambda r: r.system != "ours")  # stable: our workloads first, then transformers / peft
-    dtype = engine.runner.dtype
+    dtype = engine.info.dtype
     loads, evictions = engine.slots.loads, engine.slots.evictions
     engine.stop()
 

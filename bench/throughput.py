@@ -61,7 +61,7 @@ def main() -> None:
     print(f"peftserve engine : {ours['tok_per_s']:9.1f} tok/s  ({ours['tokens']:.0f} tokens in {ours['seconds']:.2f}s)")
     result = {"device": device, "args": vars(args), "peftserve": ours}
     if not args.skip_hf:
-        hf = run_isolated(hf_baseline, model_dir, str(engine.runner.dtype).removeprefix("torch."), device,
+        hf = run_isolated(hf_baseline, model_dir, engine.info.dtype, device,
                           engine.tokenizer.pad_token_id, prompts, args.output_len, args.threads, args.repeat)
         print(f"transformers     : {hf['tok_per_s']:9.1f} tok/s  ({hf['tokens']:.0f} tokens in {hf['seconds']:.2f}s)")
         print(f"ratio ours/hf    : {ours['tok_per_s'] / hf['tok_per_s']:.2f}")

@@ -1,4 +1,12 @@
-"""LoRA kernels: Triton on CUDA, torch twins elsewhere. Imports nothing from the rest of peftserve."""
+"""LoRA ops and their backends. Imports nothing from the rest of peftserve.
+
+- `reference.py`: the torch twins, the written specification (per segment, not tuned).
+- `triton_shrink.py`, `triton_expand.py` (+ `triton_common.py`): the Triton kernels, run on CUDA.
+- `cpu_backend.py`: `lora_apply` tuned for the CPU (stacked runs, one OpenMP thread, `StackCache`).
+- `metadata.py`: `LoRAMeta`, one step's segments, shared by every module.
+The functions below pick the backend by the tensors' device. Importing triton needs no GPU;
+TRITON_INTERPRET must be set before this import for the CPU interpreter (tests/kernels/conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -6,27 +14,24 @@ from typing import Any
 
 import torch
 
-# Import the Triton launchers before defining the same-named switches below: importing the submodule
-# kernels.lora_shrink binds it as this package's attribute `lora_shrink`, and a lazy import at call
-# time would replace the switch function with the module (breaking lora_apply and later
-# `from kernels import lora_shrink`). Importing triton needs no GPU; TRITON_INTERPRET must be set
-# before this import for the CPU interpreter (tests/kernels/conftest.py, Makefile).
-from kernels.lora_expand import lora_expand_triton
-from kernels.lora_shrink import lora_shrink_triton
+from kernels.cpu_backend import StackCache, lora_apply_cpu
 from kernels.metadata import LoRAMeta
-from kernels.reference import StackCache, lora_apply_ref, lora_expand_ref, lora_shrink_ref
+from kernels.reference import lora_apply_ref, lora_expand_ref, lora_shrink_ref
+from kernels.triton_expand import lora_expand_triton
+from kernels.triton_shrink import lora_shrink_triton
 
 __all__ = [
     "LoRAMeta",
-    "lora_apply",
-    "lora_shrink",
-    "lora_expand",
-    "lora_shrink_ref",
-    "lora_apply_ref",
     "StackCache",
+    "lora_apply",
+    "lora_apply_cpu",
+    "lora_apply_ref",
+    "lora_expand",
     "lora_expand_ref",
-    "lora_shrink_triton",
     "lora_expand_triton",
+    "lora_shrink",
+    "lora_shrink_ref",
+    "lora_shrink_triton",
 ]
 
 
@@ -41,7 +46,7 @@ def lora_shrink(
     meta: LoRAMeta,
     out: torch.Tensor | None = None,  # [T, R_max]
 ) -> torch.Tensor:
-    """Backend switch: Triton on CUDA, torch twin elsewhere."""
+    """Backend switch: Triton on CUDA, the twin elsewhere."""
     if _use_triton(x):
         return lora_shrink_triton(x, a, ranks, meta, out)
     return lora_shrink_ref(x, a, ranks, meta, out)
@@ -55,7 +60,7 @@ def lora_expand(
     meta: LoRAMeta,
     y: torch.Tensor,  # [T, N], updated in place
 ) -> torch.Tensor:
-    """Backend switch: Triton on CUDA, torch twin elsewhere."""
+    """Backend switch: Triton on CUDA, the twin elsewhere."""
     if _use_triton(h):
         return lora_expand_triton(h, b, ranks, scales, meta, y)
     return lora_expand_ref(h, b, ranks, scales, meta, y)
@@ -71,10 +76,13 @@ def lora_apply(
     meta: LoRAMeta,
     cache: tuple[StackCache, Any] | None = None,  # CPU only: (stacked-weight cache, module key)
 ) -> torch.Tensor:
-    """y += scale[slot] * (x @ A[slot].T) @ B[slot].T for every token with a slot; base tokens untouched."""
+    """y += scale[slot] * (x @ A[slot].T) @ B[slot].T for every token with a slot; base tokens untouched.
+
+    Triton shrink + expand on CUDA; the CPU backend elsewhere.
+    """
     if meta.num_segments == 0:
         return y
     if not _use_triton(x):
-        return lora_apply_ref(x, y, a, b, ranks, scales, meta, cache)
-    h = lora_shrink(x, a, ranks, meta)
-    return lora_expand(h, b, ranks, scales, meta, y)
+        return lora_apply_cpu(x, y, a, b, ranks, scales, meta, cache)
+    h = lora_shrink_triton(x, a, ranks, meta)
+    return lora_expand_triton(h, b, ranks, scales, meta, y)

@@ -1,7 +1,8 @@
 """Per-step LoRA batch metadata, shared by every LoRA module of one forward pass.
 
 Tokens are grouped into segments, one per distinct active slot. Slot -1 means "base only" and
-forms no segment, so base tokens cost nothing.
+forms no segment, so base tokens cost nothing. Only `token_indices` (and the tile tables built from
+the host fields) go to the device: that is all the kernels read.
 """
 
 from __future__ import annotations
@@ -12,20 +13,28 @@ from typing import Any
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class LoRAMeta:
-    token_indices: torch.Tensor  # [T_lora] int64: row ids into x/y, grouped by slot (segment order)
-    seg_slots: torch.Tensor  # [D] int32: slot of each segment (all >= 0)
-    seg_starts: torch.Tensor  # [D] int32: offset of each segment into token_indices
-    seg_lens: torch.Tensor  # [D] int32: tokens in each segment
-    slots: tuple[int, ...]  # host copy of seg_slots
-    starts: tuple[int, ...]  # host copy of seg_starts
-    lens: tuple[int, ...]  # host copy of seg_lens
+    """One step's segments. Built once per step (`from_token_slots`) and read by every module's kernels."""
+
+    token_indices: torch.Tensor  # [T_lora] int64 on the device: row ids into x/y, grouped by slot (segment order)
+    slots: tuple[int, ...]  # slot of each segment (all >= 0)
+    starts: tuple[int, ...]  # offset of each segment into token_indices
+    lens: tuple[int, ...]  # tokens in each segment
     contiguous: bool  # every segment's rows form one contiguous range (slices, no gather)
     num_tokens: int  # T: rows of x / y
-    # Host-side memo of per-segment ranks and tile tables; a meta lives for one step, so it is
-    # read once per step per ranks tensor / block shape rather than once per layer.
-    _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    first_rows: tuple[int, ...] = ()  # first row of each segment in x/y (-1: empty segment)
+    # Host-side memo of what is derived from this step's segments (per-segment ranks, tile tables, the
+    # CPU backend's runs); a meta lives for one step, so each is computed once per step, not per layer.
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def rows(self, i: int) -> slice | torch.Tensor:
+        """The rows of segment i in x/y: a slice when the meta is contiguous, else an index tensor."""
+        start, n = self.starts[i], self.lens[i]
+        if self.contiguous:
+            first = self.first_rows[i] if n else 0
+            return slice(first, first + n)
+        return self.token_indices[start:start + n]
 
     @property
     def num_segments(self) -> int:
@@ -47,12 +56,12 @@ class LoRAMeta:
             return tuple(int(host[s]) for s in self.slots)
         key = ("ranks", id(ranks))
         version = _version(ranks)
-        hit = self._cache.get(key)
+        hit = self.memo.get(key)
         if hit is not None and hit[0] is ranks and hit[1] == version:
             return hit[2]
         host = ranks.tolist()
         seg = tuple(int(host[s]) for s in self.slots)
-        self._cache[key] = (ranks, version, seg)
+        self.memo[key] = (ranks, version, seg)
         return seg
 
     def tile_table(self, ranks: torch.Tensor, block_m: int, block_r: int) -> torch.Tensor:
@@ -67,7 +76,7 @@ class LoRAMeta:
         """
         seg_r = self.seg_ranks(ranks)
         key = ("tiles", block_m, block_r, seg_r)
-        hit = self._cache.get(key)
+        hit = self.memo.get(key)
         if hit is not None:
             return hit
         rows: list[tuple[int, int, int, int, int]] = []
@@ -79,7 +88,7 @@ class LoRAMeta:
                 for r0 in range(0, r, r_step):
                     rows.append((start + m0, min(block_m, n - m0), slot, r0, min(r_step, r - r0)))
         table = torch.tensor(rows, dtype=torch.int32).reshape(-1, 5).to(self.token_indices.device)
-        self._cache[key] = table
+        self.memo[key] = table
         return table
 
     @classmethod
@@ -93,25 +102,24 @@ class LoRAMeta:
             if s >= 0:
                 order.setdefault(int(s), []).append(i)
         indices: list[int] = []
-        slots, starts, lens = [], [], []
+        slots, starts, lens, firsts = [], [], [], []
         contiguous = True
         for s, rows in order.items():
             slots.append(s)
             starts.append(len(indices))
             lens.append(len(rows))
+            firsts.append(rows[0])
             if rows[-1] - rows[0] + 1 != len(rows):
                 contiguous = False
             indices.extend(rows)
         return cls(
             token_indices=torch.tensor(indices, dtype=torch.int64, device=device),
-            seg_slots=torch.tensor(slots, dtype=torch.int32, device=device),
-            seg_starts=torch.tensor(starts, dtype=torch.int32, device=device),
-            seg_lens=torch.tensor(lens, dtype=torch.int32, device=device),
             slots=tuple(slots),
             starts=tuple(starts),
             lens=tuple(lens),
             contiguous=contiguous,
             num_tokens=len(token_slots),
+            first_rows=tuple(firsts),
         )
 
 

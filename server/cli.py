@@ -8,6 +8,7 @@ import math
 import signal
 import sys
 
+from server.client import add_adapter_commands
 from server.config import SettingsError, _Parser, add_serve_args, settings_from_args
 
 
@@ -44,12 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
     add_serve_args(serve)
     serve.set_defaults(func=_serve)
-    try:
-        from server.client import add_adapter_commands
-    except ImportError:  # the adapters client is optional until it lands
-        pass
-    else:
-        add_adapter_commands(sub)
+    add_adapter_commands(sub)
     return p
 
 

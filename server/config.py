@@ -39,6 +39,7 @@ class Settings:
     metrics_max_adapters: int = 20
     metrics_require_key: bool = False
     shutdown_timeout: float = 30.0
+    ready_step_timeout: float = 60.0
     log_level: str = "info"
 
     def validate(self) -> Settings:
@@ -67,6 +68,8 @@ class Settings:
             bad("max-batch-tokens", self.max_batch_tokens, f"must be >= --max-num-seqs {self.max_num_seqs}")
         if self.shutdown_timeout < 0:
             bad("shutdown-timeout", self.shutdown_timeout, "must be >= 0")
+        if not self.ready_step_timeout > 0:
+            bad("ready-step-timeout", self.ready_step_timeout, "must be > 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             bad("log-level", self.log_level, "choose debug, info, warning or error")
         for item in self.adapter:
@@ -127,6 +130,8 @@ HELP = {
     "metrics_max_adapters": "adapters with their own metrics label; the rest are folded into 'other'",
     "metrics_require_key": "require --api-key on /metrics (true/false)",
     "shutdown_timeout": "seconds in-flight requests may take to finish on SIGTERM",
+    "ready_step_timeout": "/ready answers 503 while one engine step has run longer than this many seconds "
+                          "with requests waiting (a hung device)",
     "log_level": "debug | info | warning | error",
 }
 

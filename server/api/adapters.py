@@ -18,7 +18,7 @@ from starlette.datastructures import UploadFile
 
 from adapters_store import AdapterError, extract_upload, validate_name
 from server.api.errors import APIError
-from server.api.state import ServerState, kind_of
+from server.api.state import ServerState
 from server.engine.registry import AdapterEntry
 
 router = APIRouter()
@@ -35,7 +35,7 @@ def _adapter_error(e: AdapterError) -> APIError:
 
 def residency(state: ServerState, entry: AdapterEntry) -> str:
     key = entry.key
-    if state.engine.slots.slot_of(key) is not None:
+    if state.engine.is_resident(key):
         return "device"
     if state.registry.in_cpu(key):
         return "cpu"
@@ -98,12 +98,11 @@ async def _store(state: ServerState, name: str, source: Any, replace: bool) -> d
         if isinstance(source, dict):
             source = extract_upload(source)
         t0 = time.monotonic()
-        rec = await asyncio.to_thread(state.store.add, name, source, state.runner.info, state.settings.max_rank,
+        rec = await asyncio.to_thread(state.store.add, name, source, state.model.shapes, state.settings.max_rank,
                                       replace)
     except AdapterError as e:
         raise _adapter_error(e) from e
-    state.registry.register(rec.name, rec.version, kind_of(rec.peft_type), state.store.path(rec.name, rec.version),
-                            rec.to_dict())
+    state.registry.register(rec.name, rec.version, state.store.path(rec.name, rec.version), rec.to_dict())
     log.info("adapter %s v%d stored (%s, %d bytes) in %.0f ms", rec.name, rec.version, rec.peft_type,
              rec.size_bytes, 1000 * (time.monotonic() - t0))
     return _record(state, rec.name)

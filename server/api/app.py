@@ -44,12 +44,19 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:
-        """The model is loaded and the engine loop is stepping."""
-        eng = request.app.state.peft.engine
-        if eng.alive:
-            return JSONResponse({"status": "ready"})
-        reason = f"engine stopped: {eng.dead!r}" if eng.dead is not None else "engine not running"
-        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        """The model is loaded and the engine loop is stepping: not dead, and no step hung past
+        --ready-step-timeout while requests wait."""
+        peft = request.app.state.peft
+        eng = peft.engine
+        if not eng.alive:
+            reason = f"engine stopped: {eng.dead!r}" if eng.dead is not None else "engine not running"
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        running_for, limit = eng.step_running_for(), peft.settings.ready_step_timeout
+        if running_for > limit and eng.num_requests > 0:
+            reason = (f"engine step running for {running_for:.1f} s with {eng.num_requests} requests waiting "
+                      f"(--ready-step-timeout {limit:g})")
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:

@@ -14,8 +14,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.api.context import STATE_KEY, GenerationContext
 from server.api.errors import APIError, error_body
-from server.api.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
+from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.api.state import ServerState
 from server.engine.async_engine import CapacityError, Delta, EngineDeadError, StepError
 from server.engine.registry import AdapterHandle
@@ -52,11 +53,13 @@ def release_model(state: ServerState, handle: AdapterHandle | None) -> None:
 
 
 def _num_virtual(adapter: AdapterHandle | None) -> int:
-    """Virtual tokens a prompt- or prefix-tuning adapter adds ahead of the prompt."""
-    return adapter.loaded.num_virtual_tokens if adapter is not None else 0
+    """KV positions an adapter adds ahead of the prompt (virtual tokens, or a shared KV prefix)."""
+    if adapter is None:
+        return 0
+    return adapter.adapter.virtual_tokens + adapter.adapter.prefix_tokens
 
 
-def build_params(state: ServerState, body: _Sampling, prompt_ids: list[int], adapter: AdapterHandle | None,
+def build_params(state: ServerState, body: SamplingFields, prompt_ids: list[int], adapter: AdapterHandle | None,
                  max_tokens: int | None, logprobs: int | None, prompt_param: str,
                  max_tokens_param: str = "max_tokens") -> SamplingParams:
     """Validate a request against the model and limits; errors name the field the client sent
@@ -65,11 +68,11 @@ def build_params(state: ServerState, body: _Sampling, prompt_ids: list[int], ada
     mt = max_tokens_param
     if not prompt_ids:
         raise APIError(400, "the prompt is empty", param=prompt_param)
-    vocab = state.runner.info.vocab_size
+    vocab = state.model.vocab_size
     bad = [t for t in prompt_ids if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=prompt_param)
-    limit = state.engine.max_model_len
+    limit = state.model.max_model_len
     virtual = _num_virtual(adapter)
     used = len(prompt_ids) + virtual
     if max_tokens is None:
@@ -172,8 +175,8 @@ def _engine_error(e: BaseException) -> APIError:
     return APIError(500, f"internal error: {e!r}", code="internal_error")
 
 
-async def _collect(gens: list[AsyncIterator[Delta]]) -> list[ChoiceResult]:
-    results = [ChoiceResult() for _ in gens]
+async def _collect(gens: list[AsyncIterator[Delta]], results: list[ChoiceResult]) -> list[ChoiceResult]:
+    """Fill `results` (one per choice) from the choices' deltas; partial results stay if cancelled."""
     async with contextlib.aclosing(_merge(gens)) as merged:
         async for i, d in merged:
             r = results[i]
@@ -203,15 +206,19 @@ async def _until_disconnect(request: Request, coro: Any) -> Any:
 
 
 async def _run(state: ServerState, request: Request, adapter: AdapterHandle | None,
-               gens: list[AsyncIterator[Delta]]) -> list[ChoiceResult]:
+               gens: list[AsyncIterator[Delta]], ctx: GenerationContext) -> list[ChoiceResult]:
     """Collect every choice (aborting on disconnect), then release the adapter reference."""
+    results = [ChoiceResult() for _ in gens]
     try:
-        return await _until_disconnect(request, _collect(gens))
+        await _until_disconnect(request, _collect(gens, results))
+        ctx.complete = True
+        return results
     except APIError:
         raise
     except Exception as e:  # noqa: BLE001
         raise _engine_error(e) from e
     finally:
+        ctx.completion_tokens = sum(len(r.token_ids) for r in results)
         release_model(state, adapter)
 
 
@@ -274,7 +281,7 @@ def _sse(obj: Any) -> str:
 async def list_models(request: Request) -> dict[str, Any]:
     state = get_state(request)
     data = [{"id": state.base_name, "object": "model", "created": state.created, "owned_by": "peftserve",
-             "root": state.base_name, "parent": None, "max_model_len": state.engine.max_model_len}]
+             "root": state.base_name, "parent": None, "max_model_len": state.model.max_model_len}]
     for name in state.registry.names():
         e = state.registry.entry(name)
         if e is None:
@@ -307,17 +314,22 @@ class _Format:
     prelude: Callable[[int], dict[str, Any]] | None = None  # first streamed chunk of each choice
 
 
-async def _serve(request: Request, body: _Sampling, prompt_ids: list[int], max_tokens: int | None,
+async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None,
                  logprobs: int | None, prompt_param: str, fmt: Callable[[Any], _Format],
                  max_tokens_param: str = "max_tokens") -> Any:
     """Resolve the adapter, validate, run the choices, answer as JSON or SSE. The adapter reference is
-    held until the last choice ends (for a stream: until the stream closes)."""
+    held until the last choice ends (for a stream: until the stream closes). What the request log and
+    metrics need goes on `request.state` (server.api.context) as it becomes known."""
     state = get_state(request)
+    ctx = GenerationContext(model=body.model)
+    setattr(request.state, STATE_KEY, ctx)
     adapter = await resolve_model(state, body.model)
+    ctx.resolved, ctx.adapter = True, adapter.name if adapter is not None else None
     try:
         params = build_params(state, body, prompt_ids, adapter, max_tokens, logprobs, prompt_param, max_tokens_param)
         f = fmt(state.tokenizer)
         rid = f"{f.id_prefix}-{uuid.uuid4().hex}"
+        ctx.response_id, ctx.prompt_tokens, ctx.completion_tokens = rid, len(prompt_ids), 0
         created = int(time.time())
         model = body.model or state.base_name
 
@@ -336,6 +348,7 @@ async def _serve(request: Request, body: _Sampling, prompt_ids: list[int], max_t
 
         async def events() -> AsyncGenerator[str, None]:
             completion_tokens = 0
+            ctx.streaming = True
             if f.prelude is not None:
                 for i in range(body.n):
                     yield _sse(envelope(f.chunk_obj, [f.prelude(i)]))
@@ -343,6 +356,7 @@ async def _serve(request: Request, body: _Sampling, prompt_ids: list[int], max_t
                 async with contextlib.aclosing(_merge(gens)) as merged:
                     async for i, d in merged:
                         completion_tokens += len(d.token_ids)
+                        ctx.completion_tokens = completion_tokens
                         choice = f.delta_choice(i, d)
                         if body.return_token_ids:
                             choice["token_ids"] = d.token_ids
@@ -350,13 +364,14 @@ async def _serve(request: Request, body: _Sampling, prompt_ids: list[int], max_t
             except Exception as e:  # noqa: BLE001 - report in-band, the status line is already sent
                 err = _engine_error(e)
                 yield _sse(error_body(err.status, err.message, code=err.code))
+            ctx.complete = True
             if body.stream_options and body.stream_options.include_usage:
                 yield _sse({**envelope(f.chunk_obj, []), "usage": _usage(len(prompt_ids), completion_tokens)})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(_releasing(state, adapter, events()), media_type="text/event-stream")
 
-    results = await _run(state, request, adapter, gens)
+    results = await _run(state, request, adapter, gens, ctx)
     choices = []
     for i, r in enumerate(results):
         c = f.final_choice(i, r)

@@ -2,6 +2,8 @@
 
 Per HTTP request, in order: authentication, body-size limits, the overload gate for generation
 routes; then, when the response ends, the request counter and one JSON line on `peftserve.request`.
+What only the handler knows (the model asked for, the adapter it resolved to, token counts, the
+response id, whether a stream was cut short) it leaves on `request.state` (server.api.context).
 """
 
 from __future__ import annotations
@@ -12,15 +14,14 @@ import logging
 import re
 import time
 import uuid
-from collections import OrderedDict
 from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.context import GenerationContext, context_of
 from server.api.errors import error_body
 from server.api.state import ServerState
-from server.engine.async_engine import EngineObserver, RequestStats
 from server.metrics import NO_ADAPTER, OTHER
 
 request_log = logging.getLogger("peftserve.request")
@@ -31,8 +32,8 @@ QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes
 ADMIN_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 RETRY_AFTER_S = 1
+CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer was complete
 _MB = 1024 * 1024
-_RESPONSE_ID = re.compile(rb'"id":\s*"([A-Za-z0-9_.-]{1,128})"')
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
@@ -52,37 +53,12 @@ class _BodyTooLarge(HTTPException):
     """Raised from receive(); FastAPI re-raises HTTPException from body parsing, the handler renders 413."""
 
 
-class RecentRequests(EngineObserver):
-    """Token counts of recently finished requests, by the id the API returns, for the request log."""
-
-    def __init__(self, capacity: int = 4096) -> None:
-        self._capacity = capacity
-        self._by_id: OrderedDict[str, list[int]] = OrderedDict()
-
-    def on_request_done(self, stats: RequestStats) -> None:
-        # openai.py names choice i of response `rid` as f"{rid}-{i}"; the prompt is shared by all choices.
-        rid = stats.request_id.rsplit("-", 1)[0]
-        entry = self._by_id.get(rid)
-        if entry is None:
-            self._by_id[rid] = [stats.prompt_tokens, stats.completion_tokens]
-            while len(self._by_id) > self._capacity:
-                self._by_id.popitem(last=False)
-        else:
-            entry[1] += stats.completion_tokens
-
-    def take(self, rid: str) -> tuple[int, int] | None:
-        entry = self._by_id.pop(rid, None)
-        return (entry[0], entry[1]) if entry is not None else None
-
-
 class OpsMiddleware:
     """Auth, limits, overload shedding, request metrics and the structured request log."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
         self.state = state
-        self.recent = RecentRequests()
-        state.engine.observers.append(self.recent)
         self.generating = 0  # generation requests admitted here and not yet answered
         self._templates: list[tuple[str, re.Pattern[str]]] | None = None
 
@@ -139,7 +115,7 @@ class OpsMiddleware:
         gate but not reached the engine is counted here too: whatever exceeds the running batch waits.
         """
         eng = self.state.engine
-        waiting = max(eng.num_waiting, self.generating - eng.scheduler.max_num_seqs)
+        waiting = max(eng.num_waiting, self.generating - eng.max_num_seqs)
         return waiting >= self.state.settings.max_queue
 
 
@@ -168,9 +144,7 @@ class _Exchange:
         self.status = 0
         self.started = False
         self.body_seen = 0
-        self.body = bytearray()
         self.generation = self.method == "POST" and self.path in GENERATION_PATHS
-        self.response_id: str | None = None
         s = mw.state.settings
         mb = s.max_upload_mb if is_upload_route(self.method, self.path) else s.max_body_mb
         self.body_limit = mb * _MB
@@ -227,10 +201,7 @@ class _Exchange:
             self.body_seen += len(chunk)
             if self.body_seen > self.body_limit:
                 self.too_large = True
-                self.body.clear()
                 raise self._too_large_exc()
-            if self.generation:
-                self.body += chunk
         return msg
 
     async def send(self, msg: Message) -> None:
@@ -248,9 +219,6 @@ class _Exchange:
             self.started = True
             self.status = msg["status"]
             msg = {**msg, "headers": [*msg.get("headers", []), (b"x-request-id", self.request_id.encode())]}
-        elif msg["type"] == "http.response.body" and self.response_id is None and self.generation:
-            m = _RESPONSE_ID.search(msg.get("body", b"")[:4096])
-            self.response_id = m.group(1).decode() if m else ""
         await self._send(msg)
 
     # ---- helpers ----------------------------------------------------------------------------------
@@ -286,41 +254,32 @@ class _Exchange:
             route = self.mw.route_template(self.scope.get("app"), self.path)
         return route
 
-    def _model(self) -> tuple[bool, str | None]:
-        """(whether the body named a model or none, the model); (False, None) when it was not read."""
-        if not self.body:
-            return False, None
-        try:
-            model = json.loads(bytes(self.body)).get("model")
-        except (ValueError, AttributeError):
-            return False, None
-        return True, model if isinstance(model, str) else None
-
-    def _adapter_label(self, parsed: bool, model: str | None) -> str:
-        state = self.mw.state
-        if not parsed:
+    def _adapter_label(self, ctx: GenerationContext | None) -> str:
+        metrics = self.mw.state.metrics
+        if ctx is None:  # the handler never saw the body (refused before, or not a generation route)
             return NO_ADAPTER
-        if model is None or model == state.base_name:
-            return state.metrics.adapter_label(None)
-        if model not in state.registry:  # unknown names are client input: never a label of their own
-            return OTHER
-        return state.metrics.adapter_label(model, count=True)
+        if ctx.resolved:  # the adapter the request ran on, even if it was deleted since
+            return metrics.adapter_label(ctx.adapter, count=ctx.adapter is not None)
+        return OTHER  # a name that resolved to nothing is client input: never a label of its own
 
     def _finish(self) -> None:
         state = self.mw.state
-        parsed, model = self._model()
+        ctx = context_of(self.scope)
+        status = self.status
+        if ctx is not None and ctx.streaming and not ctx.complete and status == 200:
+            status = CLIENT_CLOSED  # the stream was cut before its end: the client went away
         if state.metrics is not None:
             with state.metrics.lock:
-                state.metrics.observe_request(self._route(), self.status, self._adapter_label(parsed, model))
-        tokens = self.mw.recent.take(self.response_id) if self.response_id else None
+                state.metrics.observe_request(self._route(), status, self._adapter_label(ctx))
         record: dict[str, Any] = {
-            "id": self.request_id, "method": self.method, "path": self.path, "model": model,
-            "status": self.status, "prompt_tokens": tokens[0] if tokens else None,
-            "completion_tokens": tokens[1] if tokens else None,
+            "id": self.request_id, "method": self.method, "path": self.path,
+            "model": ctx.model if ctx is not None else None, "status": status,
+            "prompt_tokens": ctx.prompt_tokens if ctx is not None else None,
+            "completion_tokens": ctx.completion_tokens if ctx is not None else None,
             "latency_ms": round((time.perf_counter() - self.start) * 1000, 2),
         }
-        if self.response_id:
-            record["response_id"] = self.response_id
+        if ctx is not None and ctx.response_id:
+            record["response_id"] = ctx.response_id
         if self.error:
             record["error"] = self.error
         level = logging.DEBUG if self.path in QUIET_PATHS else logging.INFO

@@ -11,7 +11,7 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class _Sampling(BaseModel):
+class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -52,7 +52,7 @@ class _Sampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     prompt: str | list[StrictInt] | list[str]
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: StrictBool = False
@@ -84,7 +84,7 @@ class ChatMessage(BaseModel):
         return "\n".join(p.text for p in self.content)  # as vLLM joins text parts for string templates
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False

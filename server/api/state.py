@@ -10,6 +10,7 @@ from typing import Any
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
 from server.engine.registry import AdapterRegistry
+from server.model.runner import ModelInfo
 
 log = logging.getLogger("peftserve")
 
@@ -23,15 +24,15 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     store: Any = None  # adapters_store.AdapterStore when the store is enabled
     metrics: Any = None  # server.metrics.Metrics
-    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> ModelInfo:
+        """The served model and its limits, as the runner published them at start-up."""
+        return self.engine.info
 
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
-
-    @property
-    def runner(self) -> Any:
-        return self.engine.runner
 
 
 def build_state(settings: Settings) -> ServerState:
@@ -67,21 +68,17 @@ def build_state(settings: Settings) -> ServerState:
         max_adapters=settings.max_adapters,
         max_rank=settings.max_rank,
     )
-    # Every request that fits max_model_len must fit the cache alone (+1 block: a prefix-tuning prefix
-    # that is not a multiple of the block size), or it would wait forever.
-    need = -(-runner.max_model_len // runner.block_size) + 1
-    if runner.num_blocks < need:
-        raise ValueError(f"--kv-cache-blocks {runner.num_blocks} x --block-size {runner.block_size} cannot hold "
-                         f"one sequence of --max-model-len {runner.max_model_len}: needs at least {need} blocks")
-    engine = AsyncEngine(
-        runner,
-        max_num_seqs=settings.max_num_seqs,
-        max_batch_tokens=max(settings.max_batch_tokens, settings.max_num_seqs),
-        max_model_len=runner.max_model_len,
-        max_adapters=settings.max_adapters,
-        torch_threads=engine_threads,
-    )
-    info, max_rank = runner.info, settings.max_rank
+    m = runner.info
+    # The one check that a request which fits --max-model-len fits the cache alone (+1 block: a prefix-tuning
+    # prefix that is not a multiple of the block size); otherwise it would wait forever.
+    need = -(-m.max_model_len // m.block_size) + 1
+    if m.num_blocks < need:
+        raise ValueError(f"a KV cache of {m.num_blocks} blocks x --block-size {m.block_size} cannot hold one sequence "
+                         f"of --max-model-len {m.max_model_len}: needs at least {need} blocks; lower --max-model-len "
+                         "or raise --kv-cache-blocks / --kv-cache-fraction")
+    engine = AsyncEngine(runner, max_num_seqs=settings.max_num_seqs, max_batch_tokens=settings.max_batch_tokens,
+                         torch_threads=engine_threads)
+    info, max_rank = runner.info.shapes, settings.max_rank
 
     def load(path: Any) -> Any:  # runs in a worker thread of asyncio.to_thread
         single_threaded()
@@ -89,10 +86,10 @@ def build_state(settings: Settings) -> ServerState:
 
     registry = AdapterRegistry(loader=load, max_cpu=settings.max_cpu_adapters)
     # A version nobody will use again leaves its device slot as soon as that slot is idle.
-    registry.on_stale = lambda key: engine.call_in_worker(lambda: engine.slots.discard(key))
+    registry.on_stale = engine.forget_adapter
     store = AdapterStore(adapters_dir(settings))
     for rec in store.list():
-        registry.register(rec.name, rec.version, kind_of(rec.peft_type), store.path(rec.name), rec.to_dict())
+        registry.register(rec.name, rec.version, store.path(rec.name), rec.to_dict())
     for name, path in settings.adapter_pairs():
         if name in registry:
             raise ValueError(f"--adapter {name}={path}: an adapter named {name!r} is already in the store "
@@ -100,10 +97,9 @@ def build_state(settings: Settings) -> ServerState:
         loaded = load_adapter(path, info, max_rank=max_rank)
         registry.put(name, loaded, path=path)
         log.info("adapter %s (%s) loaded from %s", name, loaded.kind, path)
-    base_name = settings.served_model_name or runner.model_name
+    base_name = settings.served_model_name or m.name
     log.info("serving %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d; %d stored adapters in %s",
-             base_name, device, runner.dtype, runner.num_blocks, runner.block_size, runner.max_model_len,
-             len(store.list()), store.root)
+             base_name, m.device, m.dtype, m.num_blocks, m.block_size, m.max_model_len, len(store.list()), store.root)
     return ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name, store=store)
 
 
@@ -115,7 +111,3 @@ def adapters_dir(settings: Settings) -> str:
     if settings.adapters_dir:
         return os.path.expanduser(settings.adapters_dir)
     return os.path.join(default_cache_root(), "adapters")
-
-
-def kind_of(peft_type: str) -> str:
-    return {"LORA": "lora", "PREFIX_TUNING": "prefix"}.get(peft_type, "prompt")

@@ -1,8 +1,10 @@
 """AsyncEngine: the asyncio front and the one worker thread that owns the device.
 
-Requests enter through `generate()` (an async iterator of deltas). The worker loop drains new
-requests and aborts between steps, asks the scheduler for a batch, runs it, samples, and sends
-each request its new tokens. Finished sequences leave the batch at once.
+Requests enter through `generate()` (an async iterator of deltas). The worker loop drains its inbox
+(new requests, aborts, calls) between steps; a step is schedule → run → postprocess, each a method
+below, with the failure policy, delivery and observers in methods of their own. Finished sequences
+leave the batch at once. The engine never names an adapter family: an adapter's KV needs come from
+`Adapter.prefix_tokens` / `virtual_tokens` and its device form is the runner's business.
 """
 
 from __future__ import annotations
@@ -15,15 +17,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+import torch
 
 from server.engine.block_manager import BlockAllocator
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.registry import AdapterHandle
 from server.engine.sampler import SampleResult, make_generator, sample
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from server.engine.sequence import SamplingParams, Sequence
 from server.engine.slots import SlotManager
+from server.model.batch import SeqChunk
+from server.model.runner import ModelInfo
 
 log = logging.getLogger("peftserve.engine")
 BURST_WINDOW_S = 0.003
@@ -42,14 +48,29 @@ class CapacityError(RuntimeError):
 
 
 MAX_FAILED_STEPS = 8  # consecutive failed steps after which the engine declares itself dead
+# torch raises CUDA runtime errors as AcceleratorError; cuBLAS/NCCL failures and errors raised from
+# inside a custom kernel launch still arrive as plain RuntimeErrors, known only by their message.
+_FATAL_TYPES: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(torch, "AcceleratorError", None),) if t is not None)
 _FATAL_MARKERS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS",
                   "unspecified launch failure", "CUDA driver", "NCCL error")
 
 
 def is_fatal_device_error(e: BaseException) -> bool:
     """Errors after which the CUDA context is unusable: every later step would fail the same way."""
-    msg = str(e)
-    return any(m in msg for m in _FATAL_MARKERS)
+    if isinstance(e, _FATAL_TYPES):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _FATAL_MARKERS)
+
+
+class Runner(Protocol):
+    """What the engine needs of the model side (`server.model.runner.ModelRunner`, or a test's fake)."""
+
+    info: ModelInfo
+    tokenizer: Any
+
+    def execute(self, chunks: list[SeqChunk]) -> torch.Tensor: ...
+    def load_adapter(self, slot: int, adapter: Any, kv_slots: list[int] | None = None) -> None: ...
 
 
 @dataclass
@@ -91,7 +112,7 @@ class EngineObserver:
 
 
 @dataclass
-class _Request:
+class Request:
     seq: Sequence
     detok: IncrementalDetokenizer
     out: asyncio.Queue
@@ -105,20 +126,41 @@ class _Request:
         return self.seq.adapter.name if self.seq.adapter is not None else None
 
 
+@dataclass(frozen=True)
+class AddRequest:
+    req: Request
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    req: Request
+
+
+@dataclass(frozen=True)
+class CallInWorker:
+    fn: Callable[[], None]
+
+
+InboxMessage = AddRequest | AbortRequest | CallInWorker
+
+
 class AsyncEngine:
-    def __init__(self, runner: Any, *, max_num_seqs: int, max_batch_tokens: int, max_model_len: int,
-                 max_adapters: int, torch_threads: int | None = None) -> None:
+    def __init__(self, runner: Runner, *, max_num_seqs: int, max_batch_tokens: int,
+                 torch_threads: int | None = None) -> None:
         self.runner = runner
+        self.info: ModelInfo = runner.info
         self.torch_threads = torch_threads  # CPU threads of the worker (see server.threads)
         self.tokenizer = runner.tokenizer
-        self.max_model_len = max_model_len
-        self.allocator = BlockAllocator(runner.num_blocks, runner.block_size)
-        self.slots = SlotManager(max_adapters)
+        self.max_model_len = self.info.max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.allocator = BlockAllocator(self.info.num_blocks, self.info.block_size)
+        self.slots = SlotManager(self.info.max_adapters)
         self.scheduler = Scheduler(self.allocator, max_num_seqs=max_num_seqs,
                                    max_batch_tokens=max_batch_tokens, slots=self.slots)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._eos = self.info.eos_token_ids
+        self._inbox: queue.SimpleQueue[InboxMessage] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, Request] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.in_flight = 0
@@ -126,10 +168,9 @@ class AsyncEngine:
         self.dead: BaseException | None = None
         self.steps = 0
         self.last_step_at = time.monotonic()
+        self.step_started_at: float | None = None  # monotonic start of the step running now (None: between)
         self.observers: list[EngineObserver] = []
-        self._prefix_slots: dict[int, list[int]] = {}  # device slot -> flat KV slots of its prefix
-        self._prompt_embeds: dict[int, Any] = {}  # device slot -> [P, hidden] virtual-token embeddings
-        self.fault_injector: Callable[[list], None] | None = None  # tests: raise inside a step
+        self.fault_injector: Callable[[list[ScheduledChunk]], None] | None = None  # tests: raise inside a step
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -162,6 +203,15 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return max(0, self.in_flight - len(self.scheduler.running))
 
+    def is_resident(self, key: Any) -> bool:
+        """Whether an adapter version (AdapterHandle.key) sits in a device slot now."""
+        return self.slots.slot_of(key) is not None
+
+    def step_running_for(self) -> float:
+        """Seconds the current step has been running (0.0 between steps)."""
+        started = self.step_started_at
+        return 0.0 if started is None else time.monotonic() - started
+
     # ---- the asyncio side ---------------------------------------------------------------------
     async def generate(
         self,
@@ -179,14 +229,11 @@ class AsyncEngine:
         if adapter is not None:
             seq.adapter = adapter
             seq.adapter_key = adapter.key
-            if adapter.kind == "prompt":
-                seq.num_virtual = adapter.loaded.num_virtual_tokens
-            elif adapter.kind == "prefix":
-                seq.num_prefix = adapter.loaded.num_virtual_tokens
+            seq.num_virtual = adapter.adapter.virtual_tokens
+            seq.num_prefix = adapter.adapter.prefix_tokens
         detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.min_tokens)
-        req = _Request(seq, detok, asyncio.Queue(), loop, make_generator(params.seed))
-        self._inbox.put(("add", req))
-        self._wake.set()
+        req = Request(seq, detok, asyncio.Queue(), loop, make_generator(params.seed))
+        self._post(AddRequest(req))
         if self.dead is not None or (self._thread is not None and not self._thread.is_alive()):
             # the loop died (or stopped) after the check above; nothing will ever read the inbox
             raise EngineDeadError(f"engine stopped: {self.dead!r}")
@@ -205,14 +252,23 @@ class AsyncEngine:
         finally:
             self.in_flight -= 1
             if not finished:
-                self._inbox.put(("abort", req))
-                self._wake.set()
+                self._post(AbortRequest(req))
+
+    def forget_adapter(self, key: Any) -> None:
+        """An adapter version no request will use again leaves its device slot as soon as that is idle."""
+        self.call_in_worker(lambda: self.slots.discard(key))
+
+    def call_in_worker(self, fn: Callable[[], None]) -> None:
+        """Run fn on the worker thread between steps (slot bookkeeping must not race a step)."""
+        self._post(CallInWorker(fn))
+
+    def _post(self, msg: InboxMessage) -> None:
+        self._inbox.put(msg)
+        self._wake.set()
 
     # ---- the worker ---------------------------------------------------------------------------
     def _run(self) -> None:
         if self.torch_threads:
-            import torch
-
             torch.set_num_threads(self.torch_threads)
         try:
             while True:
@@ -233,41 +289,49 @@ class AsyncEngine:
             self.dead = e
             self._fail_all(EngineDeadError(f"engine stopped: {e!r}"))
 
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(msg, AddRequest):
+                self._requests[msg.req.seq.request_id] = msg.req
+                self.scheduler.add(msg.req.seq)
+            elif isinstance(msg, AbortRequest):
+                if msg.req.seq.request_id in self._requests:
+                    self._retire(msg.req, "abort")
+            else:
+                msg.fn()
+
     def _fail_all(self, error: BaseException) -> None:
         """Answer every request the engine holds or has queued with `error` (the loop is gone)."""
         while True:
             try:
-                op, req = self._inbox.get_nowait()
+                msg = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if op == "add":
-                self._requests[req.seq.request_id] = req
+            if isinstance(msg, AddRequest):
+                self._requests[msg.req.seq.request_id] = msg.req
         for req in list(self._requests.values()):
             self._emit(req, Delta([], "", error=error))
         self._requests.clear()
 
-    def _drain_inbox(self) -> None:
-        while True:
-            try:
-                op, req = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if op == "add":
-                self._requests[req.seq.request_id] = req
-                self.scheduler.add(req.seq)
-            elif op == "abort" and req.seq.request_id in self._requests:
-                self._retire(req, "abort")
-            elif op == "call":
-                req()
-
-    def call_in_worker(self, fn: Callable[[], None]) -> None:
-        """Run fn on the worker thread between steps (slot bookkeeping must not race a step)."""
-        self._inbox.put(("call", fn))
-        self._wake.set()
-
     def _step(self) -> None:
-        from server.model.runner import SeqChunk  # model stays optional for scheduler tests
+        """One engine step: schedule → run → postprocess."""
+        self.step_started_at = t0 = time.monotonic()
+        try:
+            out = self._schedule()
+            if not out.chunks:
+                return
+            logits = self._execute(out)
+            if logits is not None:
+                self._postprocess(out, logits, t0)
+        finally:
+            self.step_started_at = None
 
+    def _schedule(self) -> SchedulerOutput:
+        """The scheduler's batch; requests that can never fit the KV cache are answered here."""
         out = self.scheduler.schedule()
         for seq in out.rejected:
             req = self._requests.get(seq.request_id)
@@ -278,10 +342,10 @@ class AsyncEngine:
                     f"request needs {need} KV blocks; the cache has {self.allocator.num_blocks}")))
         self.steps += 1
         self.last_step_at = time.monotonic()
-        if not out.chunks:
-            return
-        chunks = sorted(out.chunks, key=lambda c: c.seq.slot)
-        t0 = time.monotonic()
+        return out
+
+    def _execute(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Load the step's new adapters and run the forward pass; None when the step failed."""
         try:
             for slot, seq in out.loads:
                 t_load = time.monotonic()
@@ -289,79 +353,69 @@ class AsyncEngine:
                 for ob in self.observers:
                     ob.on_adapter_load(seq.adapter.name, slot, time.monotonic() - t_load)
             if self.fault_injector is not None:
-                self.fault_injector(chunks)
-            logits = self.runner.execute([self._model_chunk(c, SeqChunk) for c in chunks])
+                self.fault_injector(out.chunks)
+            logits = self.runner.execute([self._model_chunk(c) for c in out.chunks])
         except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving the rest
-            log.exception("forward step failed; failing its %d requests", len(chunks))
-            for c in chunks:
-                req = self._requests.get(c.seq.request_id)
-                if req is not None:
-                    self._retire(req, "error")
-                    self._emit(req, Delta([], "", error=StepError(f"forward step failed: {e}")))
-            if out.loads:  # a half-loaded slot must not be trusted by a later request
-                for _slot, seq in out.loads:
-                    self.slots.discard(seq.adapter_key)
-            self.failed_steps += 1
-            if is_fatal_device_error(e) or self.failed_steps >= MAX_FAILED_STEPS:
-                # the device is gone (or every step fails): stop, so /ready says 503, instead of failing forever
-                raise EngineDeadError(f"{'fatal device error' if is_fatal_device_error(e) else 'repeated failures'}:"
-                                      f" {e}") from e
-            return
+            self._step_failed(out, e)
+            return None
         self.failed_steps = 0
+        return logits
 
-        sampled = [c for c in chunks if c.want_logits]
-        for c in chunks:
+    def _step_failed(self, out: SchedulerOutput, e: Exception) -> None:
+        """Failure policy: fail the step's requests; a dead device or repeated failures stop the engine."""
+        log.exception("forward step failed; failing its %d requests", len(out.chunks))
+        for c in out.chunks:
+            req = self._requests.get(c.seq.request_id)
+            if req is not None:
+                self._retire(req, "error")
+                self._emit(req, Delta([], "", error=StepError(f"forward step failed: {e}")))
+        for _slot, seq in out.loads:  # a half-loaded slot must not be trusted by a later request
+            self.slots.discard(seq.adapter_key)
+        self.failed_steps += 1
+        fatal = is_fatal_device_error(e)
+        if fatal or self.failed_steps >= MAX_FAILED_STEPS:
+            # the device is gone (or every step fails): stop, so /ready says 503, instead of failing forever
+            raise EngineDeadError(f"{'fatal device error' if fatal else 'repeated failures'}: {e}") from e
+
+    def _postprocess(self, out: SchedulerOutput, logits: torch.Tensor, t0: float) -> None:
+        """Advance every chunk, sample the sequences that reached their end, deliver, tell the observers."""
+        sampled = [c for c in out.chunks if c.want_logits]
+        for c in out.chunks:
             c.seq.num_computed += c.num_tokens
-        if not sampled:
-            return
-        reqs = [self._requests[c.seq.request_id] for c in sampled]
-        eos = self.runner.eos_token_ids
-        suppress = []
-        for r in reqs:
-            p = r.seq.params
-            suppress.append(list(eos | set(p.stop_token_ids)) if len(r.seq.output_ids) < p.min_tokens else None)
-        results = sample(logits, [r.seq.params for r in reqs], [r.generator for r in reqs], suppress)
-        batch: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Delta]]] = {}
-        for req, res in zip(reqs, results, strict=True):
-            batch.setdefault(req.loop, []).append((req, self._advance(req, res)))
-        for loop, items in batch.items():  # one wake-up of each requester loop per step, not per token
-            self._deliver(loop, items)
+        if sampled:
+            reqs = [self._requests[c.seq.request_id] for c in sampled]
+            results = sample(logits, [r.seq.params for r in reqs], [r.generator for r in reqs],
+                             [self._suppressed(r.seq) for r in reqs])
+            batch: dict[asyncio.AbstractEventLoop, list[tuple[Request, Delta]]] = {}
+            for req, res in zip(reqs, results, strict=True):
+                batch.setdefault(req.loop, []).append((req, self._advance(req, res)))
+            for loop, items in batch.items():  # one wake-up of each requester loop per step, not per token
+                self._deliver(loop, items)
         for ob in self.observers:
-            ob.on_step(self, out.num_tokens, len(chunks), time.monotonic() - t0)
+            ob.on_step(self, out.num_tokens, len(out.chunks), time.monotonic() - t0)
+
+    def _suppressed(self, seq: Sequence) -> list[int] | None:
+        """Token ids that must not be sampled yet: EOS and stop ids until min_tokens are out."""
+        p = seq.params
+        if len(seq.output_ids) >= p.min_tokens:
+            return None
+        return list(self._eos | set(p.stop_token_ids))
 
     def _load_slot(self, slot: int, adapter: AdapterHandle) -> None:
-        """Put an adapter's weights in a device slot (LoRA A/B, prefix K/V blocks, prompt embeddings)."""
-        loaded = adapter.loaded
-        if adapter.kind == "lora":
-            self.runner.load_lora(slot, {k: (w.a, w.b, w.scaling) for k, w in loaded.lora.items()})
-        elif adapter.kind == "prefix":
-            bs = self.allocator.block_size
-            p = loaded.num_virtual_tokens
-            flat = [b * bs + o for b in self.scheduler.prefix_blocks(slot) for o in range(bs)][:p]
-            self.runner.write_prefix_kv(flat, loaded.prefix_keys, loaded.prefix_values)
-            self._prefix_slots[slot] = flat
-        elif adapter.kind == "prompt":
-            self._prompt_embeds[slot] = loaded.prompt_embeds.to(self.runner.device, self.runner.dtype)
-        else:
-            raise ValueError(f"unknown adapter kind {adapter.kind!r}")
+        """Put an adapter in a device slot, with the flat KV slots the scheduler reserved for its prefix."""
+        bs = self.allocator.block_size
+        blocks = self.scheduler.prefix_blocks(slot)
+        kv_slots = [b * bs + o for b in blocks for o in range(bs)][:adapter.adapter.prefix_tokens]
+        self.runner.load_adapter(slot, adapter.adapter, kv_slots)
 
-    def _model_chunk(self, c: Any, chunk_cls: Any) -> Any:
-        """The runner's view of a scheduled chunk, with the adapter's slot, prefix or virtual tokens."""
+    @staticmethod
+    def _model_chunk(c: ScheduledChunk) -> SeqChunk:
+        """The runner's view of a scheduled chunk; the adapter in `slot` adds its own part there."""
         seq = c.seq
-        kw: dict[str, Any] = {}
-        kind = seq.adapter.kind if seq.adapter is not None else None
-        if kind == "lora":
-            kw["lora_slot"] = seq.slot
-        elif kind == "prefix":
-            kw["prefix_slots"] = self._prefix_slots[seq.slot]
-            kw["pos_offset"] = seq.num_prefix
-        elif kind == "prompt" and c.start < seq.num_virtual:
-            k = min(seq.num_virtual - c.start, c.num_tokens)
-            kw["input_embeds"] = self._prompt_embeds[seq.slot][c.start:c.start + k]
-        return chunk_cls(seq_id=seq.seq_id, token_ids=seq.token_ids(c.start, c.num_tokens), start_pos=c.start,
-                         block_table=seq.block_table, want_logits=c.want_logits, **kw)
+        return SeqChunk(seq_id=seq.seq_id, token_ids=seq.token_ids(c.start, c.num_tokens), start_pos=c.start,
+                        block_table=seq.block_table, want_logits=c.want_logits, adapter_slot=seq.slot)
 
-    def _retire(self, req: _Request, reason: str) -> None:
+    def _retire(self, req: Request, reason: str) -> None:
         """Take a request out of the engine: free its blocks and slot, tell the observers."""
         seq = req.seq
         self.scheduler.finish(seq, reason)
@@ -372,7 +426,7 @@ class AsyncEngine:
             for ob in self.observers:
                 ob.on_request_done(stats)
 
-    def _advance(self, req: _Request, res: SampleResult) -> Delta:
+    def _advance(self, req: Request, res: SampleResult) -> Delta:
         seq, p = req.seq, req.seq.params
         seq.output_ids.append(res.token_id)
         now = time.monotonic()
@@ -383,7 +437,7 @@ class AsyncEngine:
             ob.on_token(req.adapter_name, first, now - (seq.arrival if first else req.last_token_at))
         req.last_token_at = now
         reason = None
-        if not p.ignore_eos and res.token_id in self.runner.eos_token_ids:
+        if not p.ignore_eos and res.token_id in self._eos:
             reason = "stop"
         elif res.token_id in p.stop_token_ids:
             reason = "stop"
@@ -409,10 +463,10 @@ class AsyncEngine:
             self._retire(req, reason)
         return delta
 
-    def _emit(self, req: _Request, delta: Delta) -> None:
+    def _emit(self, req: Request, delta: Delta) -> None:
         self._deliver(req.loop, [(req, delta)])
 
-    def _deliver(self, loop: asyncio.AbstractEventLoop, items: list[tuple[_Request, Delta]]) -> None:
+    def _deliver(self, loop: asyncio.AbstractEventLoop, items: list[tuple[Request, Delta]]) -> None:
         try:
             loop.call_soon_threadsafe(_put_all, items)
         except RuntimeError:  # the requesters' event loop is closed: nobody will read, stop the sequences
@@ -421,6 +475,6 @@ class AsyncEngine:
                     self._retire(req, "abort")
 
 
-def _put_all(items: list[tuple[_Request, Delta]]) -> None:
+def _put_all(items: list[tuple[Request, Delta]]) -> None:
     for req, delta in items:
         req.out.put_nowait(delta)

@@ -18,16 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.families import Adapter, family_for
+
 _uids = itertools.count()
 Key = tuple[str, int, int]  # (name, version, registration id): a re-uploaded name never reuses a key
 
 
 @dataclass(eq=False)
 class AdapterHandle:
+    """A request's reference to one adapter version (its CPU form stays alive while held)."""
+
     name: str
     version: int
-    kind: str  # "lora" | "prefix" | "prompt"
-    loaded: Any  # adapters_store LoadedAdapter (CPU tensors)
+    adapter: Adapter  # the family's CPU form
     uid: int = -1
     held: bool = False  # a reference taken by acquire() and not yet released
 
@@ -42,7 +45,7 @@ class AdapterEntry:
 
     name: str
     version: int
-    kind: str
+    kind: str  # the family's name, for listings
     path: Path | None  # None: exists only in memory (tests, benchmarks)
     stored: bool  # True: lives in the store (upload); False: a local dir given at start-up
     record: dict[str, Any] | None = None  # the store's record, for listings
@@ -54,12 +57,12 @@ class AdapterEntry:
 
 
 class AdapterRegistry:
-    def __init__(self, loader: Callable[[Path], Any] | None = None, max_cpu: int = 64) -> None:
-        self._loader = loader  # path -> LoadedAdapter
+    def __init__(self, loader: Callable[[Path], Adapter] | None = None, max_cpu: int = 64) -> None:
+        self._loader = loader
         self.max_cpu = max_cpu
         self._lock = threading.Lock()
         self._entries: dict[str, AdapterEntry] = {}
-        self._cpu: OrderedDict[Key, Any] = OrderedDict()
+        self._cpu: OrderedDict[Key, Adapter] = OrderedDict()
         self._inflight: Counter[Key] = Counter()
         self._loading: dict[Key, asyncio.Future] = {}
         self.on_stale: Callable[[Key], None] | None = None  # a registration no request will use again
@@ -67,16 +70,18 @@ class AdapterRegistry:
         self.cpu_evictions = 0
 
     # ---- catalogue --------------------------------------------------------------------------------
-    def put(self, name: str, loaded: Any, version: int = 1, path: str | Path | None = None) -> AdapterHandle:
+    def put(self, name: str, loaded: Adapter, version: int = 1, path: str | Path | None = None) -> AdapterHandle:
         """Register an adapter whose tensors are already loaded (start-up --adapter, tests, benchmarks)."""
         entry = AdapterEntry(name, version, loaded.kind, Path(path) if path else None, stored=False)
         self._set(entry)
         with self._lock:
             self._cache(entry.key, loaded)
-        return AdapterHandle(name, version, loaded.kind, loaded, entry.uid)
+        return AdapterHandle(name, version, loaded, entry.uid)
 
-    def register(self, name: str, version: int, kind: str, path: str | Path, record: dict[str, Any]) -> None:
-        """Register a stored adapter version (on disk; loaded on first use)."""
+    def register(self, name: str, version: int, path: str | Path, record: dict[str, Any]) -> None:
+        """Register a stored adapter version (on disk; loaded on first use). `record` is the store's row."""
+        family = family_for(record.get("peft_type"))
+        kind = family.name if family is not None else str(record.get("peft_type"))
         self._set(AdapterEntry(name, version, kind, Path(path), stored=True, record=record))
 
     def _set(self, entry: AdapterEntry) -> None:
@@ -130,7 +135,7 @@ class AdapterRegistry:
             if loaded is not None:
                 self._cpu.move_to_end(key)
                 self._inflight[key] += 1
-                return AdapterHandle(entry.name, entry.version, entry.kind, loaded, entry.uid, held=True)
+                return AdapterHandle(entry.name, entry.version, loaded, entry.uid, held=True)
         task = self._loading.get(key)
         if task is None:  # single flight: concurrent requests for one adapter share one disk load
             task = asyncio.ensure_future(self._load(key, entry))
@@ -139,9 +144,9 @@ class AdapterRegistry:
         loaded = await asyncio.shield(task)
         with self._lock:
             self._inflight[key] += 1
-        return AdapterHandle(entry.name, entry.version, entry.kind, loaded, entry.uid, held=True)
+        return AdapterHandle(entry.name, entry.version, loaded, entry.uid, held=True)
 
-    async def _load(self, key: Key, entry: AdapterEntry) -> Any:
+    async def _load(self, key: Key, entry: AdapterEntry) -> Adapter:
         try:
             if self._loader is None or entry.path is None:
                 raise RuntimeError(f"adapter {entry.name!r} has no files to load from")
@@ -168,7 +173,7 @@ class AdapterRegistry:
         if stale:
             self._retire(key)
 
-    def _cache(self, key: Key, loaded: Any) -> None:
+    def _cache(self, key: Key, loaded: Adapter) -> None:
         """Insert into the CPU LRU (lock held); evicting drops only the cache's reference."""
         self._cpu[key] = loaded
         self._cpu.move_to_end(key)

@@ -1,8 +1,8 @@
 """One step's ragged batch: what the engine asks for (SeqChunk) and the index tensors the decoder needs.
 
 Index tensors are built once per step and shared by every layer. Chunks are laid out grouped by
-LoRA slot, so each adapter's tokens form one contiguous row range (LoRA kernels take slices, not
-gathers); logits come back in the caller's chunk order regardless.
+adapter slot (this is the one place chunks are sorted), so each adapter's tokens form one contiguous
+row range (kernels take slices, not gathers); logits come back in the caller's chunk order regardless.
 
 Attention works in a per-sequence "virtual index" space: the sequence's prefix slots (if any) take
 indices 0..P-1 and its own cached tokens P, P+1, ...; a query attends to every key whose index is
@@ -25,7 +25,7 @@ class SeqChunk:
     start_pos: int  # tokens of this sequence already in the KV cache
     block_table: list[int]  # the sequence's KV blocks, covering start_pos + len(token_ids)
     want_logits: bool  # logits of the chunk's last token needed (end of prompt, or decode)
-    lora_slot: int = -1  # device LoRA slot, -1 = base
+    adapter_slot: int = -1  # device slot of the sequence's adapter, -1 = base (the runner adds its part)
     # Prefix tuning: flat KV-cache slots (same for every layer) holding read-only keys/values placed
     # ahead of this sequence's own context; every query sees all of them.
     prefix_slots: list[int] | None = None
@@ -50,8 +50,8 @@ class StepBatch:
     positions: torch.Tensor  # [T] int64 RoPE positions
     write_slots: torch.Tensor  # [T] int64 flat KV slots the new tokens' K/V go to
     embeds: list[tuple[int, torch.Tensor]]  # (first row, [k, hidden]) input embedding overrides
-    lora_meta: LoRAMeta | None  # None: no token of this step uses an adapter
-    active_slots: tuple[int, ...]  # distinct LoRA slots in use this step
+    segments: LoRAMeta | None  # rows grouped by row-hook slot; None: no row of this step has one
+    active_slots: tuple[int, ...]  # distinct row-hook slots (see build_step) in use this step
     logits_rows: torch.Tensor  # [N] int64, in the caller's chunk order
     decode_rows: torch.Tensor | None  # [S] rows of the single-token chunks (batched attention)
     decode_ctx: torch.Tensor | None  # [S, L_max] flat slots of each one's context, padded with 0
@@ -125,6 +125,7 @@ def _decode_context(seqs: list[SeqChunk], block_size: int) -> tuple[torch.Tensor
 
 def _check(c: SeqChunk, num_blocks: int, block_size: int, max_model_len: int, max_adapters: int,
            num_slots: int, hidden: int, vocab_size: int) -> None:
+    """A chunk the decoder can run without an out-of-range index (the engine's bugs stop here)."""
     n = len(c.token_ids)
     if n == 0:
         raise ValueError(f"sequence {c.seq_id}: a chunk needs at least one token")
@@ -142,8 +143,8 @@ def _check(c: SeqChunk, num_blocks: int, block_size: int, max_model_len: int, ma
     need = c.block_table[: -(-end // block_size)]
     if min(need) < 0 or max(need) >= num_blocks:
         raise ValueError(f"sequence {c.seq_id}: block ids must be in [0, {num_blocks}), got {need}")
-    if not -1 <= c.lora_slot < max_adapters:
-        raise ValueError(f"sequence {c.seq_id}: lora_slot {c.lora_slot} not in [-1, {max_adapters})")
+    if not -1 <= c.adapter_slot < max_adapters:
+        raise ValueError(f"sequence {c.seq_id}: adapter_slot {c.adapter_slot} not in [-1, {max_adapters})")
     if c.prefix_slots and (min(c.prefix_slots) < 0 or max(c.prefix_slots) >= num_slots):
         raise ValueError(f"sequence {c.seq_id}: prefix slots must be in [0, {num_slots})")
     if c.input_embeds is not None and (c.input_embeds.dim() != 2 or c.input_embeds.shape[0] > n
@@ -153,12 +154,18 @@ def _check(c: SeqChunk, num_blocks: int, block_size: int, max_model_len: int, ma
 
 
 def build_step(chunks: list[SeqChunk], *, block_size: int, num_blocks: int, max_model_len: int,
-               max_adapters: int, hidden: int, vocab_size: int, device: torch.device) -> StepBatch:
-    """Validate the chunks and lay them out as one flat batch."""
+               max_adapters: int, hidden: int, vocab_size: int, device: torch.device,
+               row_slots: frozenset[int] | None = None) -> StepBatch:
+    """Validate the chunks and lay them out as one flat batch.
+
+    `row_slots`: the adapter slots whose family has per-row hooks (`server.model.hooks`); only their
+    rows form segments (None: every adapter slot does). Other adapters' rows count as base rows there.
+    """
     num_slots = num_blocks * block_size
     for c in chunks:
         _check(c, num_blocks, block_size, max_model_len, max_adapters, num_slots, hidden, vocab_size)
-    order = sorted(range(len(chunks)), key=lambda i: chunks[i].lora_slot)
+    row_slot = [c.adapter_slot if row_slots is None or c.adapter_slot in row_slots else -1 for c in chunks]
+    order = sorted(range(len(chunks)), key=row_slot.__getitem__)
     tokens: list[int] = []
     positions: list[int] = []
     write: list[int] = []
@@ -174,7 +181,7 @@ def build_step(chunks: list[SeqChunk], *, block_size: int, num_blocks: int, max_
         base = c.pos_offset + c.start_pos
         positions.extend(range(base, base + n))
         write.extend(_own_slots(c.block_table, c.start_pos, n, block_size))
-        token_slots.extend([c.lora_slot] * n)
+        token_slots.extend([row_slot[i]] * n)
         if c.input_embeds is not None and c.input_embeds.shape[0] > 0:
             embeds.append((row, c.input_embeds))
         last_row[i] = row + n - 1
@@ -206,7 +213,7 @@ def build_step(chunks: list[SeqChunk], *, block_size: int, num_blocks: int, max_
         positions=as_tensor(positions),
         write_slots=as_tensor(write),
         embeds=embeds,
-        lora_meta=meta,
+        segments=meta,
         active_slots=active,
         logits_rows=as_tensor(logits_rows),
         decode_rows=decode_rows,

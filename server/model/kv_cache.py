@@ -49,14 +49,7 @@ def default_num_blocks(spec: ModelSpec, dtype: torch.dtype, device: torch.device
         avail = _available_ram()
         if avail is not None:
             tokens = min(tokens, int(avail * fraction) // per_token)
-    blocks = tokens // block_size
-    need = -(-max_model_len // block_size)
-    if blocks < need:
-        raise ValueError(
-            f"KV cache budget holds {blocks} blocks of {block_size} tokens, fewer than one sequence of "
-            f"max_model_len {max_model_len} needs ({need}); lower max_model_len or raise kv_cache_fraction"
-        )
-    return blocks
+    return tokens // block_size  # the server checks at start-up that one max_model_len sequence fits
 
 
 class PagedKVCache:
@@ -72,13 +65,6 @@ class PagedKVCache:
         # flat views [num_blocks * block_size, kv_heads, head_dim] share storage with the block views
         self.k_flat = [t.view(-1, *shape[2:]) for t in self.k]
         self.v_flat = [t.view(-1, *shape[2:]) for t in self.v]
-
-    @property
-    def num_slots(self) -> int:
-        return self.num_blocks * self.block_size
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [T, kv_heads, head_dim] of one layer at flat slots [T] (int64)."""

@@ -3,29 +3,46 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 
 import torch
 
-from adapters_store.base_info import BaseModelInfo
 from server.model.batch import SeqChunk, build_step
 from server.model.decoder import Decoder
+from server.model.hooks import NO_HOOKS, ActiveHooks, AdapterLike, DeviceContext, FamilyLike, ResidentForm, has_hooks
 from server.model.kv_cache import PagedKVCache, default_num_blocks
 from server.model.loader import eos_token_ids, load_spec, load_state_dict, load_tokenizer, resolve_dtype
-from server.model.lora_slots import LoRASlots, LoRAWeights
+from server.model.shapes import BaseModelInfo
 
-__all__ = ["ModelRunner", "SeqChunk"]
+__all__ = ["ModelInfo", "ModelRunner", "SeqChunk"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runner serves, published once at start-up: upper layers read this, never the runner."""
+
+    name: str  # the checkpoint directory's name
+    shapes: BaseModelInfo  # what adapters are validated against
+    vocab_size: int
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    max_adapters: int
+    max_rank: int
+    eos_token_ids: frozenset[int]
+    device: str
+    dtype: str  # "float32", "bfloat16", ...
 
 
 class ModelRunner:
-    """Loads a checkpoint, owns the KV cache and LoRA slots, and runs one ragged step per `execute`."""
+    """Loads a checkpoint, owns the KV cache and the adapter families' device forms, and runs one ragged
+    step per `execute`."""
 
     def __init__(self, model_dir: str, *, device: str = "cpu", dtype: str = "auto", block_size: int = 16,
                  num_blocks: int | None = None, kv_cache_fraction: float = 0.5,
                  max_model_len: int | None = None, max_adapters: int = 4, max_rank: int = 64) -> None:
         spec, hf_config = load_spec(model_dir)
         self.spec = spec
-        self.info: BaseModelInfo = spec.base_info()
-        self.model_name = os.path.basename(os.path.normpath(model_dir))
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, device, spec.torch_dtype)
         if max_model_len is None:
@@ -35,47 +52,99 @@ class ModelRunner:
                              f"{spec.max_position_embeddings}")
         if block_size < 1 or max_adapters < 1 or max_rank < 1:
             raise ValueError("block_size, max_adapters and max_rank must be >= 1")
-        self.max_model_len = max_model_len
-        self.block_size = block_size
-        self.max_adapters = max_adapters
-        self.max_rank = max_rank
         self.tokenizer = load_tokenizer(model_dir)
-        self.eos_token_ids: set[int] = eos_token_ids(model_dir, hf_config, self.tokenizer)
+        eos = eos_token_ids(model_dir, hf_config, self.tokenizer)
         with torch.inference_mode():
             state = load_state_dict(model_dir, str(self.device), self.dtype)
             self.decoder = Decoder(spec, state, max_model_len)
             if num_blocks is None:
                 num_blocks = default_num_blocks(spec, self.dtype, self.device, block_size, max_model_len,
                                                 kv_cache_fraction)
-            self.num_blocks = num_blocks
             self.kv_cache = PagedKVCache(spec, num_blocks, block_size, self.dtype, self.device)
-            self.lora = LoRASlots(self.info, max_adapters, max_rank, self.dtype, self.device)
+        self.info = ModelInfo(
+            name=os.path.basename(os.path.normpath(model_dir)), shapes=spec.base_info(),
+            vocab_size=spec.vocab_size, max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
+            max_adapters=max_adapters, max_rank=max_rank, eos_token_ids=frozenset(eos), device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+        )
+        # Adapter families' device forms, created on a family's first load (keyed by family object).
+        self._forms: dict[FamilyLike, ResidentForm] = {}
+        self._owner: list[ResidentForm | None] = [None] * max_adapters  # device form holding each slot
+        self._row_forms: set[int] = set()  # ids of the forms that have per-row hooks
+        self._hooks: dict[frozenset[int], ActiveHooks] = {}
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Compute one step; returns fp32 logits [chunks with want_logits, vocab] in chunk order."""
+        """Compute one step; returns fp32 logits [chunks with want_logits, vocab] in chunk order.
+
+        A chunk's `adapter_slot` brings in what the family in that slot contributes (its `ChunkPart`
+        and its row hooks).
+        """
+        info = self.info
         with torch.inference_mode():
             if not chunks:
-                return torch.empty(0, self.spec.vocab_size, dtype=torch.float32, device=self.device)
-            batch = build_step(chunks, block_size=self.block_size, num_blocks=self.num_blocks,
-                               max_model_len=self.max_model_len, max_adapters=self.max_adapters,
-                               hidden=self.spec.hidden_size, vocab_size=self.spec.vocab_size,
-                               device=self.device)
-            return self.decoder.forward(batch, self.kv_cache, self.lora)
+                return torch.empty(0, info.vocab_size, dtype=torch.float32, device=self.device)
+            chunks = [self._with_adapter(c) for c in chunks]
+            row_slots = frozenset(s for s, f in enumerate(self._owner) if f is not None and id(f) in self._row_forms)
+            batch = build_step(chunks, block_size=info.block_size, num_blocks=info.num_blocks,
+                               max_model_len=info.max_model_len, max_adapters=info.max_adapters,
+                               hidden=self.spec.hidden_size, vocab_size=info.vocab_size, device=self.device,
+                               row_slots=row_slots)
+            return self.decoder.forward(batch, self.kv_cache, self._active_hooks(batch.active_slots))
 
-    def load_lora(self, slot: int, weights: LoRAWeights) -> None:
-        """Install LoRA weights {(layer, "q_proj"): (A [r, in], B [out, r], scaling)} in a device slot."""
-        with torch.inference_mode():
-            self.lora.load_slot(slot, weights)
+    def _with_adapter(self, c: SeqChunk) -> SeqChunk:
+        slot = c.adapter_slot
+        form = self._owner[slot] if 0 <= slot < len(self._owner) else None
+        part = form.chunk(slot, c.start_pos, len(c.token_ids)) if form is not None else None
+        if part is None:
+            return c
+        return replace(c, prefix_slots=part.prefix_slots, pos_offset=part.pos_offset, input_embeds=part.input_embeds)
 
-    def clear_lora(self, slot: int) -> None:
-        """Empty a device slot: requests using it would now get the base model."""
-        with torch.inference_mode():
-            self.lora.clear_slot(slot)
+    def _active_hooks(self, active_slots: tuple[int, ...]) -> ActiveHooks:
+        if not active_slots:
+            return NO_HOOKS
+        forms = []
+        for s in active_slots:
+            f = self._owner[s]
+            if f is not None and f not in forms:
+                forms.append(f)
+        key = frozenset(id(f) for f in forms)
+        hooks = self._hooks.get(key)
+        if hooks is None:
+            hooks = self._hooks[key] = ActiveHooks(forms)  # type: ignore[arg-type]
+        return hooks
 
-    def write_prefix_kv(self, slots: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store a prefix adapter's per-layer K/V [num_layers, P, kv_heads, head_dim] at flat cache slots.
+    def device_form(self, family: FamilyLike) -> ResidentForm:
+        """`family`'s device form on this runner, created on first use (`server.families.base.DeviceForm`)."""
+        form = self._forms.get(family)
+        if form is None:
+            info = self.info
+            ctx = DeviceContext(shapes=info.shapes, max_adapters=info.max_adapters, max_rank=info.max_rank,
+                                dtype=self.dtype, device=self.device, kv_cache=self.kv_cache,
+                                base_weight=self.decoder.base_weight)
+            with torch.inference_mode():
+                form = self._forms[family] = family.device_form(ctx)
+            if has_hooks(form):  # type: ignore[arg-type]
+                self._row_forms.add(id(form))
+        return form
 
-        The slots are then passed as SeqChunk.prefix_slots; keys are used as given (no RoPE applied).
+    def load_adapter(self, slot: int, adapter: AdapterLike, kv_slots: list[int] | None = None) -> None:
+        """Put `adapter` (a `server.families.Adapter`) in device `slot`, replacing whatever held it.
+
+        `kv_slots`: the flat KV-cache slots reserved for its `prefix_tokens` (empty when it has none).
         """
+        if not 0 <= slot < self.info.max_adapters:
+            raise ValueError(f"adapter slot {slot} not in [0, {self.info.max_adapters})")
+        form = self.device_form(adapter.family)
         with torch.inference_mode():
-            self.kv_cache.write_all_layers(slots, keys.to(self.device), values.to(self.device))
+            self.clear_slot(slot)
+            form.load(slot, adapter, list(kv_slots or []))
+        self._owner[slot] = form
+
+    def clear_slot(self, slot: int) -> None:
+        """Empty a device slot: requests using it would now get the base model."""
+        form = self._owner[slot]
+        if form is not None:
+            with torch.inference_mode():
+                form.clear(slot)
+            self._owner[slot] = None
+

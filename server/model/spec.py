@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from adapters_store.base_info import BaseModelInfo
+from server.model.shapes import BaseModelInfo
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",

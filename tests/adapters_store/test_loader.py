@@ -22,10 +22,10 @@ def test_lora_weights_match_peft(tmp_path: Path) -> None:
     pm = make_peft(cfg, tmp_path)
     base = base_info_of(pm.base_model.model)
     loaded = load_adapter(tmp_path, base, max_rank=16)
-    assert loaded.kind == "lora" and loaded.num_virtual_tokens == 0
-    assert len(loaded.lora) == 6
+    assert loaded.kind == "lora" and loaded.virtual_tokens == loaded.prefix_tokens == 0
+    assert len(loaded.modules) == 6
     layers = pm.base_model.model.model.layers
-    for (layer, short), w in loaded.lora.items():
+    for (layer, short), w in loaded.modules.items():
         parent = getattr(layers[layer], base.module_parent(short))
         mod = getattr(parent, short)
         assert w.a.dtype == torch.float32 and w.a.device.type == "cpu"
@@ -33,8 +33,8 @@ def test_lora_weights_match_peft(tmp_path: Path) -> None:
         torch.testing.assert_close(w.b, mod.lora_B["default"].weight.detach())
         assert w.b.abs().sum() > 0  # init_lora_weights=False: a real, non-zero delta
         assert w.scaling == pytest.approx(mod.scaling["default"])
-    assert loaded.lora[(1, "v_proj")].a.shape == (2, 64)
-    assert loaded.lora[(0, "down_proj")].a.shape == (4, 128)
+    assert loaded.modules[(1, "v_proj")].a.shape == (2, 64)
+    assert loaded.modules[(0, "down_proj")].a.shape == (4, 128)
 
 
 def test_lora_delta_changes_output_like_peft(tmp_path: Path) -> None:
@@ -46,7 +46,7 @@ def test_lora_delta_changes_output_like_peft(tmp_path: Path) -> None:
     loaded = load_adapter(tmp_path, base_info_of(pm.base_model.model), max_rank=16)
     q = pm.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(5, 64)
-    w = loaded.lora[(0, "q_proj")]
+    w = loaded.modules[(0, "q_proj")]
     base_out = q.base_layer(x)
     ours = base_out + w.scaling * (x @ w.a.T) @ w.b.T
     with torch.no_grad():
@@ -117,16 +117,16 @@ def test_prefix_kv_equals_peft_get_prompt(kind: str, projection: bool, tmp_path:
     pm = make_peft(PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=projection,
                                       encoder_hidden_size=24), tmp_path, kind=kind)
     loaded = load_adapter(tmp_path, base_info_of(pm.base_model), max_rank=8)
-    assert loaded.kind == "prefix" and loaded.num_virtual_tokens == 3
-    assert loaded.prefix_keys.shape == (2, 3, 2, 16) == loaded.prefix_values.shape  # [L, P, kv, hd]
+    assert loaded.kind == "prefix" and loaded.prefix_tokens == 3 and loaded.virtual_tokens == 0
+    assert loaded.keys.shape == (2, 3, 2, 16) == loaded.values.shape  # [L, P, kv, hd]
     with torch.no_grad():
         cache = pm.get_prompt(batch_size=1)
     for layer in range(2):
         k = cache.layers[layer].keys  # [1, kv, P, hd]
         v = cache.layers[layer].values
-        torch.testing.assert_close(loaded.prefix_keys[layer], k[0].permute(1, 0, 2))
-        torch.testing.assert_close(loaded.prefix_values[layer], v[0].permute(1, 0, 2))
-    assert not torch.allclose(loaded.prefix_keys, loaded.prefix_values)
+        torch.testing.assert_close(loaded.keys[layer], k[0].permute(1, 0, 2))
+        torch.testing.assert_close(loaded.values[layer], v[0].permute(1, 0, 2))
+    assert not torch.allclose(loaded.keys, loaded.values)
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -143,7 +143,7 @@ def test_prefix_reloaded_in_inference_mode(projection: bool, tmp_path: Path) -> 
     loaded = load_adapter(tmp_path, base_info_of(model), max_rank=8)
     with torch.no_grad():
         cache = pm.get_prompt(batch_size=1)
-    torch.testing.assert_close(loaded.prefix_keys[1], cache.layers[1].keys[0].permute(1, 0, 2))
+    torch.testing.assert_close(loaded.keys[1], cache.layers[1].keys[0].permute(1, 0, 2))
 
 
 @pytest.mark.parametrize("method", ["prompt_random", "prompt_vocab", "p_tuning_mlp", "p_tuning_lstm"])
@@ -158,10 +158,10 @@ def test_prompt_embeds_equal_peft(method: str, tmp_path: Path) -> None:
                                   encoder_reparameterization_type=method.rsplit("_", 1)[1].upper())
     pm = make_peft(cfg, tmp_path, randomize=not method.endswith("vocab"))
     loaded = load_adapter(tmp_path, base_info_of(pm.base_model), max_rank=8)
-    assert loaded.kind == "prompt" and loaded.prompt_embeds.shape == (4, 64)
+    assert loaded.kind == "prompt" and loaded.embeds.shape == (4, 64)
     with torch.no_grad():
         expected = pm.get_prompt(batch_size=1)[0]
-    torch.testing.assert_close(loaded.prompt_embeds, expected)
+    torch.testing.assert_close(loaded.embeds, expected)
     if method.startswith("p_tuning"):  # the encoder ran: the raw embedding table is not what is served
         assert not torch.allclose(expected, pm.prompt_encoder["default"].embedding.weight)
 
@@ -193,7 +193,7 @@ def test_prefix_kv_reproduce_peft_logits(tmp_path: Path) -> None:
     ids = torch.tensor([[5, 17, 42, 99]])
     cache = DynamicCache()
     for layer in range(2):
-        k, v = (t[layer].permute(1, 0, 2)[None] for t in (loaded.prefix_keys, loaded.prefix_values))
+        k, v = (t[layer].permute(1, 0, 2)[None] for t in (loaded.keys, loaded.values))
         cache.update(k, v, layer)  # [1, kv, P, hd]
     with torch.no_grad():
         ours = base_model(input_ids=ids, past_key_values=cache, attention_mask=torch.ones(1, 7)).logits
@@ -211,7 +211,7 @@ def test_prompt_embeds_reproduce_peft_logits(tmp_path: Path) -> None:
     loaded = load_adapter(tmp_path, base_info_of(base_model), max_rank=8)
     ids = torch.tensor([[5, 17, 42]])
     with torch.no_grad():
-        embeds = torch.cat([loaded.prompt_embeds[None], base_model.get_input_embeddings()(ids)], dim=1)
+        embeds = torch.cat([loaded.embeds[None], base_model.get_input_embeddings()(ids)], dim=1)
         ours = base_model(inputs_embeds=embeds).logits
         theirs = pm(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters_store import AdapterError, AdapterStore
+from adapters_store import AdapterError, AdapterStore, load_adapter
 
 
 def _files(lora_dir: Path) -> dict[str, bytes]:
@@ -33,7 +33,7 @@ def test_add_get_list_path_delete(lora_dir: Path, llama_base, tmp_path: Path) ->
     store.add("beta", _files(lora_dir), llama_base, 64)
     store.add("index.sqlite", _files(lora_dir), llama_base, 64)  # names never collide with the index
     assert [r.name for r in store.list()] == ["alpha", "beta", "index.sqlite"]
-    assert store.load("beta", llama_base, max_rank=64).kind == "lora"
+    assert load_adapter(store.path("beta"), llama_base, max_rank=64).kind == "lora"
 
     store.delete("alpha")
     assert not (tmp_path / "store" / "adapters" / "alpha").exists()

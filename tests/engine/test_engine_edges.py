@@ -58,10 +58,13 @@ def test_merge_of_one_choice_closes_it() -> None:
 def test_engine_death_fails_requests_still_in_the_inbox(tmp_path) -> None:
     """A request whose 'add' is queued while the fatal step runs is answered with EngineDeadError too."""
     from server.engine.async_engine import AsyncEngine, EngineDeadError, StepError
+    from server.model.runner import ModelInfo
     from tests.tiny import tiny_tokenizer
 
-    runner = SimpleNamespace(tokenizer=tiny_tokenizer(), num_blocks=64, block_size=16, eos_token_ids={0})
-    eng = AsyncEngine(runner, max_num_seqs=4, max_batch_tokens=64, max_model_len=256, max_adapters=2)
+    info = ModelInfo(name="fake", shapes=None, vocab_size=259, max_model_len=256, block_size=16, num_blocks=64,
+                     max_adapters=2, max_rank=8, eos_token_ids=frozenset({0}), device="cpu", dtype="float32")
+    runner = SimpleNamespace(tokenizer=tiny_tokenizer(), info=info)
+    eng = AsyncEngine(runner, max_num_seqs=4, max_batch_tokens=64)
     in_step, go = threading.Event(), threading.Event()
 
     def fault(_chunks):
@@ -91,3 +94,14 @@ def test_engine_death_fails_requests_still_in_the_inbox(tmp_path) -> None:
         asyncio.run(main())
     finally:
         eng.stop(1)
+
+
+def test_fatal_device_errors_known_by_type_then_by_message() -> None:
+    """torch's AcceleratorError is fatal whatever it says; a plain RuntimeError only with a CUDA marker."""
+    torch = pytest.importorskip("torch")
+    from server.engine.async_engine import is_fatal_device_error
+
+    assert is_fatal_device_error(torch.AcceleratorError("unspecified failure"))
+    assert is_fatal_device_error(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasGemmEx"))
+    assert not is_fatal_device_error(RuntimeError("shape mismatch"))
+    assert not is_fatal_device_error(ValueError("CUDA error: text in a user's value is not a device error"))

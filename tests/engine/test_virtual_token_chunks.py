@@ -4,8 +4,6 @@ runner refused it with 'block table of 1 blocks x 16 does not cover 78 tokens'."
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from server.engine.block_manager import BlockAllocator
@@ -50,14 +48,16 @@ def test_engine_step_with_real_runner(tmp_path) -> None:
     torch = pytest.importorskip("torch")
     from server.engine.async_engine import AsyncEngine
     from server.engine.registry import AdapterHandle
-    from server.model.runner import ModelRunner, SeqChunk
+    from server.families import PROMPT, AdapterSpec
+    from server.families.prompt import PromptAdapter
+    from server.model.runner import ModelRunner
     from tests.tiny import make_tiny_checkpoint
 
     runner = ModelRunner(make_tiny_checkpoint(str(tmp_path)), block_size=16, num_blocks=64, max_adapters=4)
-    eng = AsyncEngine(runner, max_num_seqs=32, max_batch_tokens=64 + 15, max_model_len=256, max_adapters=4)
-    loaded = SimpleNamespace(kind="prompt", num_virtual_tokens=16,
-                             prompt_embeds=torch.randn(16, runner.spec.hidden_size))
-    handle = AdapterHandle("pt", 1, "prompt", loaded)
+    eng = AsyncEngine(runner, max_num_seqs=32, max_batch_tokens=64 + 15)
+    loaded = PromptAdapter(family=PROMPT, spec=AdapterSpec("PROMPT_TUNING", None),
+                           embeds=torch.randn(16, runner.spec.hidden_size))
+    handle = AdapterHandle("pt", 1, loaded)
     base = _seq(64)
     prompt = _seq(64, virtual=16, key=handle.key)
     prompt.adapter, prompt.num_virtual = handle, 16
@@ -66,6 +66,5 @@ def test_engine_step_with_real_runner(tmp_path) -> None:
     out = eng.scheduler.schedule()
     for slot, seq in out.loads:
         eng._load_slot(slot, seq.adapter)
-    chunks = sorted(out.chunks, key=lambda c: c.seq.slot)
-    logits = runner.execute([eng._model_chunk(c, SeqChunk) for c in chunks])  # once raised "does not cover 78 tokens"
+    logits = runner.execute([eng._model_chunk(c) for c in out.chunks])  # once raised "does not cover 78 tokens"
     assert logits.shape[0] == 1  # only the base sequence finished its prompt

@@ -55,8 +55,8 @@ def test_stack_cache_budget_falls_back_to_segments():
 
 
 def test_slot_reload_empties_the_stack_cache():
-    from adapters_store.base_info import BaseModelInfo
-    from server.model.lora_slots import LoRASlots
+    from server.families.lora import LoRASlots
+    from server.model.shapes import BaseModelInfo
 
     info = BaseModelInfo("llama", 1, 16, 32, 4, 2, 4, 64)
     slots = LoRASlots(info, max_adapters=2, max_rank=4, dtype=torch.float32, device=torch.device("cpu"))
@@ -91,3 +91,15 @@ def test_two_runs_in_one_module_both_cached_and_per_module_cap():
         cache.store("m", ("other", k), (torch.zeros(1),), 10)
     assert len(cache) == StackCache.PER_MODULE
     assert cache.used == 10 * StackCache.PER_MODULE and used > 0
+
+
+def test_stack_cache_keeps_its_runs_when_a_new_one_does_not_fit():
+    """A run over the budget is refused before anything is evicted (the module's runs stay usable)."""
+    cache = StackCache(max_bytes=100)
+    for k in range(StackCache.PER_MODULE):
+        assert cache.store("m", ("run", k), (torch.zeros(1),), 10)
+    assert not cache.store("m", ("big",), (torch.zeros(1),), 200)
+    assert len(cache) == StackCache.PER_MODULE and cache.used == 10 * StackCache.PER_MODULE
+    assert cache.lookup("m", ("run", 0)) is not None
+    assert cache.store("m", ("next",), (torch.zeros(1),), 10)  # fits: now the oldest run goes
+    assert cache.lookup("m", ("run", 0)) is None and len(cache) == StackCache.PER_MODULE

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from kernels import LoRAMeta, lora_apply, lora_expand_ref, lora_shrink_ref
-from kernels.lora_expand import expand_config, lora_expand_triton
-from kernels.lora_shrink import _shrink_kernel, lora_shrink_triton, shrink_config
+from kernels.triton_expand import expand_config, lora_expand_triton
+from kernels.triton_shrink import _shrink_kernel, lora_shrink_triton, shrink_config
 
 INTERPRETED = type(_shrink_kernel).__name__ == "InterpretedFunction"
 if not INTERPRETED and not torch.cuda.is_available():
@@ -198,9 +198,6 @@ def test_shrink_into_given_out_touches_only_own_rank(backend: str) -> None:
 def _explicit_meta(slots: list[int], starts: list[int], lens: list[int], indices: list[int], t: int) -> LoRAMeta:
     return LoRAMeta(
         token_indices=torch.tensor(indices, dtype=torch.int64),
-        seg_slots=torch.tensor(slots, dtype=torch.int32),
-        seg_starts=torch.tensor(starts, dtype=torch.int32),
-        seg_lens=torch.tensor(lens, dtype=torch.int32),
         slots=tuple(slots), starts=tuple(starts), lens=tuple(lens), contiguous=False, num_tokens=t,
     )
 

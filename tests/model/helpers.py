@@ -30,7 +30,7 @@ def shuffled_tables(num_seqs: int, blocks_each: int, num_blocks: int, seed: int 
 def prefill_chunks(prompts: list[list[int]], tables: list[list[int]], slots: list[int] | None = None
                    ) -> list[SeqChunk]:
     slots = slots or [-1] * len(prompts)
-    return [SeqChunk(i, p, 0, tables[i], True, lora_slot=slots[i]) for i, p in enumerate(prompts)]
+    return [SeqChunk(i, p, 0, tables[i], True, adapter_slot=slots[i]) for i, p in enumerate(prompts)]
 
 
 def decode_chunks(seqs: list[list[int]], new: list[int], tables: list[list[int]],
@@ -39,6 +39,6 @@ def decode_chunks(seqs: list[list[int]], new: list[int], tables: list[list[int]]
     slots = slots or [-1] * len(seqs)
     out = []
     for i, (s, t) in enumerate(zip(seqs, new, strict=True)):
-        out.append(SeqChunk(i, [t], len(s), tables[i], True, lora_slot=slots[i]))
+        out.append(SeqChunk(i, [t], len(s), tables[i], True, adapter_slot=slots[i]))
         s.append(t)
     return out

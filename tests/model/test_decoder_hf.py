@@ -38,7 +38,7 @@ def _load(ckpt_dir: str, case: str, **runner_kw: object) -> tuple[ModelRunner, t
 def test_prefill_then_decode_matches_hf(ckpt_dir: str, case: str) -> None:
     runner, hf = _load(ckpt_dir, case)
     seqs = random_prompts([7, 12, 3, 20, 1])
-    tables = shuffled_tables(len(seqs), 8, runner.num_blocks)
+    tables = shuffled_tables(len(seqs), 8, runner.info.num_blocks)
     out = runner.execute(prefill_chunks(seqs, tables))  # one call, ragged prefill (incl. a 1-token prompt)
     torch.testing.assert_close(out, hf_last_logits(hf, seqs), **TOL)
     for _ in range(3):
@@ -50,7 +50,7 @@ def test_mixed_prefill_and_decode_step(ckpt_dir: str) -> None:
     """A step holding decodes of running sequences and a new prompt; only some chunks want logits."""
     runner, hf = _load(ckpt_dir, "llama", block_size=3)
     seqs = random_prompts([9, 4, 11], seed=1)
-    tables = shuffled_tables(3, 12, runner.num_blocks, seed=1)
+    tables = shuffled_tables(3, 12, runner.info.num_blocks, seed=1)
     out = runner.execute(prefill_chunks(seqs[:2], tables[:2]))
     new = out.argmax(-1).tolist()
     chunks = [SeqChunk(2, seqs[2][:6], 0, tables[2], False)]  # first half of a prompt: no logits
@@ -66,9 +66,9 @@ def test_mixed_prefill_and_decode_step(ckpt_dir: str) -> None:
 def test_chunked_prefill_equals_single_call(ckpt_dir: str, block_size: int) -> None:
     runner, hf = _load(ckpt_dir, "mistral-window6", block_size=block_size, num_blocks=200)
     seqs = random_prompts([13, 10], seed=2)
-    tables = shuffled_tables(2, 200 // 2 // block_size, runner.num_blocks, seed=2)
+    tables = shuffled_tables(2, 200 // 2 // block_size, runner.info.num_blocks, seed=2)
     whole = runner.execute(prefill_chunks(seqs, tables))
-    tables2 = shuffled_tables(2, 200 // 2 // block_size, runner.num_blocks, seed=3)
+    tables2 = shuffled_tables(2, 200 // 2 // block_size, runner.info.num_blocks, seed=3)
     runner.execute([SeqChunk(0, seqs[0][:5], 0, tables2[0], False),
                     SeqChunk(1, seqs[1][:1], 0, tables2[1], False)])
     parts = runner.execute([SeqChunk(0, seqs[0][5:], 5, tables2[0], True),

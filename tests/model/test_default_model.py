@@ -25,9 +25,9 @@ def test_default_model_builds_once_and_serves(tmp_path: str, monkeypatch: pytest
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
     r = ModelRunner(path)
-    info = r.info
+    info = r.info.shapes
     assert (info.num_layers, info.hidden_size, info.intermediate_size) == (4, 256, 688)
-    assert (info.num_attention_heads, info.num_key_value_heads, r.max_model_len) == (8, 2, 2048)
+    assert (info.num_attention_heads, info.num_key_value_heads, r.info.max_model_len) == (8, 2, 2048)
     tok = r.tokenizer
     text = "héllo wörld, 世界 🙂\n\ttabs  and spaces"
     ids = tok.encode(text)
@@ -35,6 +35,6 @@ def test_default_model_builds_once_and_serves(tmp_path: str, monkeypatch: pytest
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert prompt == "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"
-    assert r.eos_token_ids == {tok.convert_tokens_to_ids("</s>")}
+    assert r.info.eos_token_ids == {tok.convert_tokens_to_ids("</s>")}
     out = r.execute([SeqChunk(0, tok.encode(prompt), 0, list(range(4)), True)])
     assert out.shape == (1, len(tok)) and out.isfinite().all()

@@ -42,20 +42,21 @@ def test_runner_attributes_and_limits(ckpt_dir: str) -> None:
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings 256"):
         ModelRunner(path, max_model_len=512)
     r = ModelRunner(path, block_size=8)
-    assert r.model_name == os.path.basename(path)
-    assert r.max_model_len == 256 and r.block_size == 8
-    assert r.num_blocks * r.block_size == 8192  # CPU default: max(4 * max_model_len, 8192) tokens
-    assert r.dtype == torch.float32 and r.eos_token_ids == {r.tokenizer.eos_token_id}
-    assert r.info.model_type == "qwen2" and r.info.num_key_value_heads == 2 and r.info.head_dim == 16
+    assert r.info.name == os.path.basename(path)
+    assert r.info.max_model_len == 256 and r.info.block_size == 8
+    assert r.info.num_blocks * r.info.block_size == 8192  # CPU default: max(4 * max_model_len, 8192) tokens
+    assert r.dtype == torch.float32 and r.info.eos_token_ids == {r.tokenizer.eos_token_id}
+    shapes = r.info.shapes
+    assert shapes.model_type == "qwen2" and shapes.num_key_value_heads == 2 and shapes.head_dim == 16
     with open(os.path.join(path, "config.json")) as f:
         assert r.info.vocab_size == json.load(f)["vocab_size"] == len(r.tokenizer)
     assert r.execute([]).shape == (0, r.info.vocab_size)
     with pytest.raises(ValueError, match="does not cover 9 tokens"):
         r.execute([SeqChunk(0, list(range(9)), 0, [0], True)])
     with pytest.raises(ValueError, match="block ids must be in"):
-        r.execute([SeqChunk(0, [1], 0, [r.num_blocks], True)])
-    with pytest.raises(ValueError, match="lora_slot 7"):
-        r.execute([SeqChunk(0, [1], 0, [0], True, lora_slot=7)])
+        r.execute([SeqChunk(0, [1], 0, [r.info.num_blocks], True)])
+    with pytest.raises(ValueError, match="adapter_slot 7"):
+        r.execute([SeqChunk(0, [1], 0, [0], True, adapter_slot=7)])
 
 
 @pytest.mark.parametrize("dtype, device, ckpt, want", [

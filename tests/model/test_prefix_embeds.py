@@ -39,9 +39,10 @@ def test_prefix_slots_match_hf_past_key_values(models: tuple) -> None:
     g = torch.Generator().manual_seed(0)
     keys = torch.randn(s.num_layers, p, s.num_kv_heads, s.head_dim, generator=g)
     values = torch.randn(s.num_layers, p, s.num_kv_heads, s.head_dim, generator=g)
-    pool = shuffled_tables(4, 4, runner.num_blocks, seed=9)
-    prefix_slots = [b * runner.block_size + o for b in pool[3][:2] for o in range(runner.block_size)][:p]
-    runner.write_prefix_kv(prefix_slots, keys, values)
+    pool = shuffled_tables(4, 4, runner.info.num_blocks, seed=9)
+    prefix_slots = [b * runner.info.block_size + o for b in pool[3][:2] for o in range(runner.info.block_size)][:p]
+    with torch.inference_mode():  # what the prefix family's device form does at load
+        runner.kv_cache.write_all_layers(prefix_slots, keys, values)
     seqs = random_prompts([6, 1, 9], seed=9)
     chunks = [SeqChunk(0, seqs[0], 0, pool[0], True, prefix_slots=prefix_slots, pos_offset=p),
               SeqChunk(1, seqs[1], 0, pool[1], True, prefix_slots=prefix_slots, pos_offset=p),
@@ -62,7 +63,7 @@ def test_input_embeds_override_matches_hf_inputs_embeds(models: tuple) -> None:
     runner, hf = models
     seq = random_prompts([8], seed=10)[0]
     virtual = torch.randn(3, runner.spec.hidden_size, generator=torch.Generator().manual_seed(1))
-    table = shuffled_tables(1, 4, runner.num_blocks, seed=10)[0]
+    table = shuffled_tables(1, 4, runner.info.num_blocks, seed=10)[0]
     out = runner.execute([SeqChunk(0, seq, 0, table, True, input_embeds=virtual)])
     with torch.no_grad():
         embeds = hf.get_input_embeddings()(torch.tensor([seq]))

@@ -13,8 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels.metadata import LoRAMeta
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from kernels.triton_common import DTYPES, block_m_for, check_meta
 
 
 @triton.jit
@@ -67,7 +66,7 @@ def _expand_kernel(
 
 def expand_config(max_seg_len: int, n: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_R, num_warps) from a fixed table; autotune does not run under the interpreter."""
-    block_m = 16 if max_seg_len <= 16 else 32 if max_seg_len <= 32 else 64
+    block_m = block_m_for(max_seg_len)
     block_n = 64 if n <= 1024 or block_m <= 16 else 128
     num_warps = 4 if block_m * block_n <= 4096 else 8
     return block_m, block_n, 16, num_warps
@@ -75,8 +74,8 @@ def expand_config(max_seg_len: int, n: int) -> tuple[int, int, int, int]:
 
 def _check(h: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, meta: LoRAMeta,
            y: torch.Tensor) -> None:
-    if b.dtype not in _DTYPES:
-        raise ValueError(f"b dtype {b.dtype} unsupported; expected one of {_DTYPES}")
+    if b.dtype not in DTYPES:
+        raise ValueError(f"b dtype {b.dtype} unsupported; expected one of {DTYPES}")
     if b.dim() != 3 or not b.is_contiguous():
         raise ValueError(f"b must be a contiguous [S, N, R_max] pool, got shape {tuple(b.shape)} "
                          f"contiguous={b.is_contiguous()}")
@@ -93,19 +92,10 @@ def _check(h: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor, scales: torch.
     if not (h.device == b.device == y.device == scales.device == meta.token_indices.device):
         raise ValueError(f"devices differ: h {h.device}, b {b.device}, y {y.device}, scales {scales.device}, "
                          f"meta {meta.token_indices.device}")
-    if ranks.dim() != 1 or ranks.shape[0] != b.shape[0] or ranks.dtype.is_floating_point:
-        raise ValueError(f"ranks must be an integer [S={b.shape[0]}] tensor, got shape {tuple(ranks.shape)} "
-                         f"{ranks.dtype}")
     if scales.shape != (b.shape[0],) or scales.dtype != torch.float32:
         raise ValueError(f"scales must be float32 [S={b.shape[0]}], got shape {tuple(scales.shape)} "
                          f"{scales.dtype}")
-    if meta.num_tokens != y.shape[0]:
-        raise ValueError(f"meta.num_tokens {meta.num_tokens} != y rows {y.shape[0]}")
-    if meta.num_segments and max(meta.slots) >= b.shape[0]:
-        raise ValueError(f"slot {max(meta.slots)} out of range for a pool of {b.shape[0]} slots")
-    for s, r in zip(meta.slots, meta.seg_ranks(ranks), strict=True):
-        if not 0 <= r <= b.shape[2]:
-            raise ValueError(f"rank {r} of slot {s} outside [0, R_max={b.shape[2]}]")
+    check_meta(meta, ranks, y.shape[0], b.shape[0], b.shape[2], y.device)
 
 
 def lora_expand_triton(

@@ -16,8 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.metadata import LoRAMeta
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from kernels.triton_common import DTYPES, block_m_for, check_meta
 
 
 @triton.jit
@@ -77,7 +76,7 @@ def _shrink_kernel(
 
 def shrink_config(max_seg_len: int, max_rank: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_R, BLOCK_K, num_warps) from a fixed table; autotune does not run under the interpreter."""
-    block_m = 16 if max_seg_len <= 16 else 32 if max_seg_len <= 32 else 64
+    block_m = block_m_for(max_seg_len)
     # Small rank blocks: a rank-8 slot next to a rank-64 one pays for 16 columns, not 64.
     block_r = 16 if block_m <= 32 or max_rank <= 16 else 32
     block_k = 128 if k >= 1024 else 64
@@ -101,8 +100,8 @@ def _split_k(n_tiles: int, k: int, block_k: int, device: torch.device) -> int:
 
 def _check(x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, meta: LoRAMeta,
            out: torch.Tensor | None) -> None:
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"x dtype {x.dtype} unsupported; expected one of {_DTYPES}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x dtype {x.dtype} unsupported; expected one of {DTYPES}")
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be 2-D with unit column stride, got shape {tuple(x.shape)} "
                          f"stride {x.stride()}")
@@ -113,18 +112,7 @@ def _check(x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, meta: LoRAMeta
         raise ValueError(f"a hidden size {a.shape[2]} != x hidden size {x.shape[1]}")
     if a.device != x.device:
         raise ValueError(f"a on {a.device}, x on {x.device}")
-    if ranks.dim() != 1 or ranks.shape[0] != a.shape[0] or ranks.dtype.is_floating_point:
-        raise ValueError(f"ranks must be an integer [S={a.shape[0]}] tensor, got shape {tuple(ranks.shape)} "
-                         f"{ranks.dtype}")
-    if meta.num_tokens != x.shape[0]:
-        raise ValueError(f"meta.num_tokens {meta.num_tokens} != x rows {x.shape[0]}")
-    if meta.token_indices.device != x.device:
-        raise ValueError(f"meta on {meta.token_indices.device}, x on {x.device}")
-    if meta.num_segments and max(meta.slots) >= a.shape[0]:
-        raise ValueError(f"slot {max(meta.slots)} out of range for a pool of {a.shape[0]} slots")
-    for s, r in zip(meta.slots, meta.seg_ranks(ranks), strict=True):
-        if not 0 <= r <= a.shape[1]:
-            raise ValueError(f"rank {r} of slot {s} outside [0, R_max={a.shape[1]}]")
+    check_meta(meta, ranks, x.shape[0], a.shape[0], a.shape[1], x.device)
     if out is not None:
         if tuple(out.shape) != (x.shape[0], a.shape[1]) or out.stride(1) != 1:
             raise ValueError(f"out must be [{x.shape[0]}, {a.shape[1]}] with unit column stride, got "
