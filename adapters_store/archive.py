@@ -1,18 +1,26 @@
 """Turn an upload into the two adapter files, in memory, without trusting archive metadata.
 
 Accepted: the two files themselves, or one `.tar.gz` / `.tgz` / `.zip` holding them at its top level
-or inside a single folder. Members are read one at a time with size caps; nothing is extracted to
-disk, so absolute paths and `..` cannot escape, but they are refused anyway as signs of a hostile
-archive. Links, devices and pickles are refused; other extra files (README.md ...) are ignored.
+or inside a single folder. Members are read one at a time; nothing is extracted to disk, so absolute
+paths and `..` cannot escape, but they are refused anyway as signs of a hostile archive. Links,
+devices and pickles are refused; other extra files (README.md ...) are ignored.
+
+Archive bombs: the unpacked size is capped by one budget (the server passes its upload limit). Each
+member's declared size is charged before a byte of it is read, and a `.tar.gz` is decompressed
+through a counting reader that allows only the charged member data plus a small header allowance,
+so a huge pax or long-name header stops after about 1 MiB. A bomb is refused before its members are
+inflated, never after the whole expansion.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import posixpath
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 
 from adapters_store.errors import AdapterError
@@ -21,18 +29,46 @@ from adapters_store.safetensors_check import refuse_pickles
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")
 WANTED = (CONFIG_NAME, WEIGHTS_NAME)
+_TAR_BLOCK = 512
+_CHUNK = 1 << 20
+
+
+class _Budget:
+    """Bytes the archive may still unpack to; 413 naming the limit at the first byte over.
+
+    For a tar stream it also says how far the decompressed stream may go: the members charged so far
+    (data padded to whole blocks, plus header blocks) and a fixed allowance for headers, so a huge
+    pax or long-name header stops after `HEADER_ALLOWANCE` bytes, not after the whole budget."""
+
+    HEADER_ALLOWANCE = 1 << 20
+
+    def __init__(self, limit: int, name: str | None) -> None:
+        self.limit = limit
+        self.name = name or f"the limit of {limit} bytes"
+        self.used = 0
+        self.stream_allowance = self.HEADER_ALLOWANCE
+
+    def charge(self, n: int, what: str) -> None:
+        self.used += n
+        if self.used > self.limit:
+            raise AdapterError(f"archive unpacks to more than {self.limit} bytes ({what}), over {self.name}",
+                               field="files", status=413)
+        self.stream_allowance += -(-n // _TAR_BLOCK) * _TAR_BLOCK + 3 * _TAR_BLOCK
 
 
 def extract_upload(
     files: Mapping[str, bytes],
     *,
     max_members: int = 64,
-    max_member_bytes: int = 2 << 30,
+    max_member_bytes: int | None = None,
     max_total_bytes: int = 4 << 30,
+    limit_name: str | None = None,
 ) -> dict[str, bytes]:
     """Return `{adapter_config.json: ..., adapter_model.safetensors: ...}` from uploaded files.
 
-    `files` maps each uploaded file name to its bytes. Raises AdapterError (413 for size caps).
+    `files` maps each uploaded file name to its bytes. `max_total_bytes` caps what an archive unpacks
+    to (all members, ignored ones included); `limit_name` names that cap in messages (e.g. the flag).
+    Raises AdapterError (413 for size caps). CPU-bound: call it off the event loop.
     """
     names = [posixpath.basename(n.replace("\\", "/")) for n in files]
     refuse_pickles(names)
@@ -48,25 +84,25 @@ def extract_upload(
         )
     name = archives[0]
     data = files[name]
-    members = _zip_members(data) if name.lower().endswith(".zip") else _tar_members(data)
+    budget = _Budget(max_total_bytes, limit_name)
+    if name.lower().endswith(".zip"):
+        members = _zip_members(data, budget)
+    else:
+        members = _tar_members(data, budget)
     found: dict[str, bytes] = {}
-    count = total = 0
+    count = 0
     for path, size, read in members:
         count += 1
         if count > max_members:
             raise AdapterError(f"archive has more than {max_members} members", field="files", status=413)
         _check_path(path)
         refuse_pickles([path])
-        if size > max_member_bytes:
+        if max_member_bytes is not None and size > max_member_bytes:
             raise AdapterError(
                 f"archive member {path!r} is {size} bytes, over the limit of {max_member_bytes}",
                 field="files", status=413,
             )
-        total += size
-        if total > max_total_bytes:
-            raise AdapterError(
-                f"archive holds more than {max_total_bytes} bytes", field="files", status=413
-            )
+        budget.charge(size, f"member {path!r} declares {size} bytes")  # before a byte of it is read
         if posixpath.basename(path) in WANTED:
             if path in found:
                 raise AdapterError(f"archive holds {path!r} twice", field="files")
@@ -106,14 +142,40 @@ def _pick(found: dict[str, bytes]) -> dict[str, bytes]:
     return {w: v for w, v in out.items() if v is not None}
 
 
-def _tar_members(data: bytes) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
+class _CappedReader(io.RawIOBase):
+    """The decompressed tar stream, counted: past what the budget allows it raises instead of inflating
+    more (member data is allowed once its size is charged; headers get a fixed allowance)."""
+
+    def __init__(self, raw: gzip.GzipFile, budget: _Budget) -> None:
+        self._raw = raw
+        self._budget = budget
+        self.read_bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        cap = self._budget.stream_allowance
+        left = cap - self.read_bytes
+        want = left + 1 if n is None or n < 0 else min(n, left + 1)
+        data = self._raw.read(want)
+        self.read_bytes += len(data)
+        if self.read_bytes > cap:
+            raise AdapterError(f"archive unpacks to more than {self._budget.limit} bytes or hides data in its "
+                               f"headers (its tar stream passed {cap} bytes, {self._budget.used} of them declared "
+                               f"member data), over {self._budget.name}", field="files", status=413)
+        return data
+
+
+def _tar_members(data: bytes, budget: _Budget) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
+    stream = _CappedReader(gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb"), budget)
     try:
-        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:gz")
-    except (tarfile.TarError, OSError, EOFError) as e:
+        tar = tarfile.open(fileobj=stream, mode="r|")  # a stream: skipping a member inflates through the cap
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise AdapterError(f"upload is not a readable .tar.gz archive: {e}", field="files") from None
     with tar:
         try:
-            for m in tar:  # streams headers: a member count cap applies before the whole index is read
+            for m in tar:
                 path = m.name.removeprefix("./")
                 if m.isdir():
                     _check_path(path)
@@ -125,7 +187,7 @@ def _tar_members(data: bytes) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
                         f"archive member {m.name!r} is a {kind}; only regular files are allowed", field="files"
                     )
                 yield path, m.size, lambda m=m: _read_tar(tar, m)
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise AdapterError(f"archive is corrupt: {e}", field="files") from None
 
 
@@ -134,7 +196,7 @@ def _read_tar(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     return b"" if f is None else f.read(member.size + 1)
 
 
-def _zip_members(data: bytes) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
+def _zip_members(data: bytes, budget: _Budget) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, OSError) as e:
@@ -158,8 +220,15 @@ def _zip_members(data: bytes) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
 
 
 def _read_zip(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    # zipfile never inflates past the declared size (which the budget has already charged), and a
+    # member longer than declared fails its CRC check: reading in chunks keeps each step bounded.
+    out = bytearray()
     try:
         with zf.open(info) as f:
-            return f.read(info.file_size + 1)  # never trust the declared size beyond one byte
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+            while chunk := f.read(_CHUNK):
+                out += chunk
+                if len(out) > info.file_size:
+                    break
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
         raise AdapterError(f"archive member {info.filename!r} is corrupt: {e}", field="files") from None
+    return bytes(out)

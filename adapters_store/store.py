@@ -8,6 +8,7 @@ longer matches its row is moved to `root/.quarantine/` and dropped from the inde
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -83,6 +84,18 @@ def content_sha256(directory: Path) -> tuple[str, int]:
     return h.hexdigest(), total
 
 
+def _write_durably(path: Path, data: bytes) -> None:
+    """Create `path` with `data` and fsync it (os-level calls: a short write or ENOSPC raises OSError)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -153,10 +166,7 @@ class AdapterStore:
         try:
             tmp.mkdir()
             for fname, data in files.items():
-                with open(tmp / fname, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                _write_durably(tmp / fname, data)
             _fsync_dir(tmp)
             loaded = load_adapter(tmp, base, max_rank=max_rank)  # full validation before anything is visible
             sha, size = content_sha256(tmp)
@@ -218,32 +228,52 @@ class AdapterStore:
         final.parent.mkdir(exist_ok=True)
         if final.exists():  # an orphan of a crash between rename and commit
             shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
-        _fsync_dir(self._dirs)
         spec = loaded.spec
+        # Any failure from here (rename, fsync, SQLite) removes the version directory again and rolls the
+        # index back, so a failed add leaves the store exactly as it was.
         try:
-            cur = self._db.execute(
-                "INSERT INTO adapters (name, version, sha256, peft_type, rank, target_modules, size_bytes, "
-                "created, path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, version, sha, spec.peft_type, spec.rank, json.dumps(spec.module_names), size,
-                 time.time(), str(rel)),
-            )
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+            _fsync_dir(self._dirs)
+            created = time.time()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.execute(
+                    "INSERT INTO adapters (name, version, sha256, peft_type, rank, target_modules, size_bytes, "
+                    "created, path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, version, sha, spec.peft_type, spec.rank, json.dumps(spec.module_names), size,
+                     created, str(rel)),
+                )
+                pruned = self._prune_rows(name, version)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
         except sqlite3.IntegrityError:  # another process won the same version
             shutil.rmtree(final, ignore_errors=True)
             raise AdapterError(f"adapter {name!r} version {version} already exists", field="name", status=409) from None
-        self._prune(name, version)
-        return self._get_row("id = ?", (cur.lastrowid,))
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                final.parent.rmdir()  # only when empty: the name had no other version
+            raise
+        for rel_old in pruned:  # rows are gone: a crash here leaves orphans, which open() removes
+            shutil.rmtree(self.root / rel_old, ignore_errors=True)
+        # what was written, not a re-read: a concurrent add may already have pruned this version
+        return AdapterRecord(id=cur.lastrowid, name=name, version=version, sha256=sha, peft_type=spec.peft_type,
+                             rank=spec.rank, target_modules=list(spec.module_names), size_bytes=size,
+                             created=created, path=final)
 
-    def _prune(self, name: str, latest: int) -> None:
+    def _prune_rows(self, name: str, latest: int) -> list[str]:
+        """Drop the index rows of versions older than the newest `keep_versions`; their paths to remove."""
         # old versions stay a while for requests still running on them, then go
         cutoff = latest - self.keep_versions
         old = self._db.execute(
-            "SELECT version, path FROM adapters WHERE name = ? AND version <= ?", (name, cutoff)
+            "SELECT path FROM adapters WHERE name = ? AND version <= ?", (name, cutoff)
         ).fetchall()
         self._db.execute("DELETE FROM adapters WHERE name = ? AND version <= ?", (name, cutoff))
-        for _, rel in old:
-            shutil.rmtree(self.root / rel, ignore_errors=True)
+        return [rel for (rel,) in old]
 
     def _get(self, name: str, version: int | None) -> AdapterRecord:
         if version is None:

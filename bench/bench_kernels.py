@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=None, help="write results as JSON to this file")
+    p.add_argument("--out", "--json", dest="out", metavar="PATH", default=None,
+                   help="write results as JSON to this file")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import re
@@ -132,6 +133,7 @@ def main() -> int:
     ap.add_argument("--adapters", type=int, default=6, help="adapters to upload to a self-started server")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", metavar="PATH", help="also write the figures here as JSON")
     args = ap.parse_args()
     if args.url and not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
         raise SystemExit("--url must be a loopback address: this tool only loads servers on this machine")
@@ -175,6 +177,13 @@ def main() -> int:
             print(f"state {label}: {shown}")
         errors = n - statuses.get(200, 0)
         print(f"unintended failures: {errors}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "models": models, "seconds": dt, "requests": n,
+                           "req_per_s": n / dt, "generated_tok_per_s": tokens / dt,
+                           "latency_p50_s": pct(lat, 50), "latency_p95_s": pct(lat, 95),
+                           "statuses": {str(k): v for k, v in statuses.items()}, "state_before": before,
+                           "state_after": after, "unintended_failures": errors}, f, indent=2)
         return 1 if errors else 0
     finally:
         if proc is not None:

@@ -138,6 +138,7 @@ class Row:
     seconds: float
     ideal_mem: float | None = None
     ideal_flop: float | None = None
+    paired_base: float | None = None  # tok/s of the base runs timed alternately with this workload
     ratios: dict[str, float] = field(default_factory=dict)
 
 
@@ -335,7 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     by_name = {r.name: r for r in rows}
     base = by_name["ours base"].tok_per_s
     for r in rows:
-        r.ratios["vs_our_base"] = r.tok_per_s / paired.get(r.name, base)
+        r.paired_base = paired.get(r.name)
+        r.ratios["vs_our_base"] = r.tok_per_s / paired.get(r.name, base)  # paired base where there is one
+        r.ratios["vs_best_base"] = r.tok_per_s / base
         if r.system == "ours" and r.kind == "lora":
             for ref in ("one-at-a-time", "mixed batch"):
                 other = by_name.get(f"peft {ref} K={r.k}")
@@ -348,19 +351,22 @@ def main(argv: list[str] | None = None) -> None:
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}"
 
-    header = (f"{'workload':<44} {'tok/s':>9} {'/our base':>9} {'/peft 1by1':>10} {'/peft mixed':>11} "
-              f"{'ideal(mem)':>10} {'ideal(flop)':>11}")
+    header = (f"{'workload':<44} {'tok/s':>9} {'paired base':>11} {'/paired':>8} {'/best base':>10} "
+              f"{'/peft 1by1':>10} {'/peft mixed':>11} {'ideal(mem)':>10} {'ideal(flop)':>11}")
     threads = engine_threads()
     print(f"\n== mixed adapters ({device}, {str(dtype).replace('torch.', '')}, engine threads={threads}, "
           f"hidden={info.hidden_size}, layers={info.num_layers}, {n} req x {args.prompt_len}+{args.output_len} tok)")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r.name:<44} {r.tok_per_s:9.1f} {fmt(r.ratios['vs_our_base']):>9} "
+        paired_txt = "-" if r.paired_base is None else f"{r.paired_base:.1f}"
+        print(f"{r.name:<44} {r.tok_per_s:9.1f} {paired_txt:>11} {fmt(r.ratios['vs_our_base']):>8} "
+              f"{fmt(r.ratios['vs_best_base']):>10} "
               f"{fmt(r.ratios.get('vs_peft_one_at_a_time')):>10} {fmt(r.ratios.get('vs_peft_mixed_batch')):>11} "
               f"{fmt(r.ideal_mem):>10} {fmt(r.ideal_flop):>11}")
-    print(f"engine slot loads={loads} evictions={evictions}; our rows' /our base is against base timed alternately "
-          f"with them (best of {args.repeat}); base row = best of {len(base_runs)} base runs")
+    print(f"engine slot loads={loads} evictions={evictions}; /paired = tok/s over the base runs timed alternately "
+          f"with that workload (best of {args.repeat}), the ratio the targets use; /best base = over the best of "
+          f"all {len(base_runs)} base runs ({base:.1f} tok/s, the 'ours base' row)")
     print("ideal(mem) = memory-bound ideal of a decode step (weights + KV bytes); ideal(flop) = FLOP-bound ideal")
 
     targets: dict[str, Any] = {}
@@ -381,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "dtype": str(dtype), "threads": torch.get_num_threads(), "args": vars(args),
+                       "best_base_tok_per_s": base, "base_runs_tok_per_s": [r["tok_per_s"] for r in base_runs],
                        "slot_loads": loads, "slot_evictions": evictions, "targets": targets, "failures": failures,
                        "rows": [r.__dict__ for r in rows]}, f, indent=2)
 

@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each side; the best is reported")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--json", metavar="PATH", help="write results here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

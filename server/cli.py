@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import signal
+import sqlite3
 import sys
 
 from server.client import add_adapter_commands
-from server.config import SettingsError, _Parser, add_serve_args, settings_from_args
+from server.config import ArgParser, SettingsError, add_serve_args, settings_from_args
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -24,24 +24,25 @@ def _serve(ns: argparse.Namespace) -> int:
 
     from server.api.app import create_app
     from server.api.state import build_state
+    from server.shutdown import DrainingServer
 
     try:
         state = build_state(settings)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, sqlite3.Error) as e:
         print(f"peftserve: error: {e}", file=sys.stderr)
         return 2
     app = create_app(state)
-    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal; a drained shutdown is a
-    # clean exit, so turn that into status 0.
+    # The server drains in-flight requests on SIGTERM (one deadline, see server.shutdown), then uvicorn
+    # re-raises the signal; a drained shutdown is a clean exit, so turn that into status 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    DrainingServer(config, state.engine, settings.shutdown_timeout).run()
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="peftserve", description="Multi-adapter PEFT inference server")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    p = ArgParser(prog="peftserve", description="Multi-adapter PEFT inference server")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=ArgParser)
     serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
     add_serve_args(serve)
     serve.set_defaults(func=_serve)

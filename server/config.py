@@ -1,15 +1,39 @@
-"""Server settings: one validated object, from CLI flags or PEFTSERVE_* environment variables."""
+"""Server settings: one typed, validated object (pydantic-settings) from three sources.
+
+Per setting, the first source that gives it wins: a CLI flag > a `PEFTSERVE_<FIELD>` environment
+variable > the `--config` YAML/TOML file > the default. A list setting (`--adapter`,
+`--allowed-adapter-dir`) is one value: given at a higher level it replaces the lower one's list
+(flags repeat; env vars and files may use commas). `Settings(...)` built in code reads only what it
+is given (tests, benchmarks); `load_settings` is the one entry point that reads the environment and
+the file. A bad value raises SettingsError with one line naming the flag (and where it came from).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import os
-from dataclasses import dataclass, field, fields
-from typing import Any
+import tomllib
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "PEFTSERVE_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
 
 
-@dataclass
-class Settings:
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", env_ignore_empty=True,
+                                      validate_default=True)
+
     model: str | None = None  # local HF checkpoint dir; None = the embedded demo model
     served_model_name: str | None = None
     host: str = "127.0.0.1"
@@ -24,10 +48,10 @@ class Settings:
     block_size: int = 16
     max_adapters: int = 8
     max_rank: int = 64
-    adapter: list[str] = field(default_factory=list)  # NAME=PATH, repeatable
+    adapter: Annotated[list[str], NoDecode] = Field(default_factory=list)  # NAME=PATH, repeatable
     adapters_dir: str | None = None  # None: $PEFTSERVE_CACHE_DIR/adapters, else ~/.cache/peftserve/adapters
     max_cpu_adapters: int = 64
-    allowed_adapter_dir: list[str] = field(default_factory=list)
+    allowed_adapter_dir: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_upload_mb: int = 200
     api_key: str | None = None
     admin_key: str | None = None
@@ -42,8 +66,50 @@ class Settings:
     ready_step_timeout: float = 60.0
     log_level: str = "info"
 
-    def validate(self) -> Settings:
-        """Refuse values that cannot work, naming the flag."""
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:  # one line naming the flag, whoever built the settings
+            raise SettingsError(_one_line(e, _LOADING.get())) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Highest priority first: flags (passed as init values), the environment, the config file."""
+        loading = _LOADING.get()
+        if loading is None:  # built in code: only what the caller passed, never the environment
+            return (init_settings,)
+        return init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=loading.file_values)
+
+    @field_validator("adapter", "allowed_adapter_dir", mode="before")
+    @classmethod
+    def _split_commas(cls, v: Any) -> Any:
+        if isinstance(v, str):  # from an env var or a file: "a=/x,b=/y"
+            return [item.strip() for item in v.split(",") if item.strip()]
+        return v
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _paths_as_str(cls, v: Any) -> Any:
+        """Code may pass pathlib paths (tests, benchmarks); settings hold them as strings."""
+        if isinstance(v, os.PathLike):
+            return os.fspath(v)
+        if isinstance(v, list | tuple):
+            return [os.fspath(x) if isinstance(x, os.PathLike) else x for x in v]
+        return v
+
+    @model_validator(mode="after")
+    def _checked(self) -> Settings:
+        return self.validate()
+
+    def validate(self) -> Settings:  # type: ignore[override]
+        """Refuse values that cannot work, naming the flag (runs once, when the object is built)."""
         def bad(flag: str, value: Any, allowed: str) -> None:
             raise SettingsError(f"--{flag}: invalid value {value!r} ({allowed})")
 
@@ -82,21 +148,29 @@ class Settings:
         return [tuple(a.split("=", 1)) for a in self.adapter]  # type: ignore[misc]
 
 
+
 class SettingsError(ValueError):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
+@dataclass(frozen=True)
+class _Loading:
+    flags: dict[str, Any]
+    env: dict[str, str]
+    file: str | None
+    file_values: dict[str, Any]
+
+
+_LOADING: contextvars.ContextVar[_Loading | None] = contextvars.ContextVar("peftserve_settings_loading",
+                                                                          default=None)
+
+
+class ArgParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
         self.exit(2, f"peftserve: error: {message}\n")
 
 
-def _bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(v)
+_Parser = ArgParser  # the old name
 
 
 HELP = {
@@ -136,32 +210,110 @@ HELP = {
 }
 
 
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or TOML (.toml) mapping of settings; keys are flag or field names."""
+    where = f"--config {path}"
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise SettingsError(f"{where}: cannot read it: {e.strerror or e}") from None
+    if path.lower().endswith(".toml"):
+        try:
+            data: Any = tomllib.loads(raw.decode())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise SettingsError(f"{where}: not valid TOML: {e}") from None
+    elif path.lower().endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            data = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise SettingsError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
+    else:
+        raise SettingsError(f"{where}: unknown format; use a .toml, .yaml or .yml file")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{where}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).removeprefix("--").replace("-", "_")
+        if name not in Settings.model_fields:
+            raise SettingsError(f"{where}: unknown setting {key!r} (peftserve serve --help lists them)")
+        out[name] = value
+    return out
+
+
+def load_settings(flags: dict[str, Any] | None = None, config_file: str | None = None) -> Settings:
+    """Settings from flags > PEFTSERVE_* environment > config file > defaults, validated once.
+
+    `flags` holds only the flags given on the command line; `config_file` defaults to $PEFTSERVE_CONFIG.
+    Raises SettingsError: one line naming the flag, the value and the source it came from."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    config_file = config_file or os.environ.get(CONFIG_ENV) or None
+    loading = _Loading(flags, dict(os.environ), config_file, read_config_file(config_file) if config_file else {})
+    token = _LOADING.set(loading)
+    try:
+        return Settings(**flags)
+    finally:
+        _LOADING.reset(token)
+
+
+def _one_line(e: ValidationError, loading: _Loading | None) -> str:
+    """The first problem, naming the flag, the offending value and where it came from."""
+    err = e.errors()[0]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, SettingsError):  # from validate(): it names the flag already
+        msg = str(cause)
+        source = _source(msg.split(":", 1)[0].removeprefix("--").replace("-", "_"), loading)
+        return f"{msg} [{source.strip()}]" if source else msg
+    name = str(err["loc"][0]) if err.get("loc") else ""
+    if err.get("type") == "extra_forbidden":
+        return f"unknown setting {name!r}"
+    return f"{flag_of(name)}: invalid value {err.get('input')!r}{_source(name, loading)} ({err.get('msg')})"
+
+
+def _source(name: str, loading: _Loading | None) -> str:
+    """' from PEFTSERVE_X' or ' from --config FILE' when the value did not come from the flag itself."""
+    if loading is None or name in loading.flags:
+        return ""
+    if loading.env.get(ENV_PREFIX + name.upper()):
+        return f" from {ENV_PREFIX + name.upper()}"
+    if name in loading.file_values:
+        return f" from --config {loading.file}"
+    return ""
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    """One flag per Settings field; the default of each comes from PEFTSERVE_<FIELD> when set."""
-    defaults = Settings()
-    for f in fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        env = "PEFTSERVE_" + f.name.upper()
-        default = getattr(defaults, f.name)
-        typ: Any = type(default) if default is not None else str
-        if f.name in ("max_model_len", "kv_cache_blocks"):
-            typ = int
-        help_ = HELP[f.name] + (f" (default {default})" if default not in (None, []) else "") + f" [env {env}]"
+    """One flag per Settings field, plus --config. A flag holds only what the user typed (no argparse
+    default), so the environment and the file fill in the rest in load_settings; a repeated list flag
+    collects its values, and that list replaces the environment's or the file's."""
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help=f"YAML or TOML file of settings named like the flags (max-num-seqs: 32); a flag beats "
+                        f"its {ENV_PREFIX}* env var, which beats the file [env {CONFIG_ENV}]")
+    for name, info in Settings.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        env = ENV_PREFIX + name.upper()
+        help_ = HELP[name] + (f" (default {default})" if default not in (None, []) else "") + f" [env {env}]"
         if isinstance(default, list):
-            env_val = os.environ.get(env)
-            p.add_argument(flag, action="append", default=env_val.split(",") if env_val else [], help=help_)
-            continue
-        if typ is bool:
-            typ = _bool
-        env_val = os.environ.get(env)
-        if env_val is not None:
-            try:
-                default = typ(env_val)
-            except ValueError:
-                p.error(f"{env}: invalid value {env_val!r} for {flag}")
-        p.add_argument(flag, type=typ, default=default, help=help_)
+            p.add_argument(flag_of(name), action="append", default=argparse.SUPPRESS, metavar=_METAVARS.get(name),
+                           help=help_)
+        else:
+            p.add_argument(flag_of(name), default=argparse.SUPPRESS, metavar=_METAVARS.get(name), help=help_)
+
+
+_METAVARS = {"adapter": "NAME=PATH", "allowed_adapter_dir": "DIR", "metrics_require_key": "true|false",
+             "config": "FILE"}
 
 
 def settings_from_args(ns: argparse.Namespace) -> Settings:
-    s = Settings(**{f.name: getattr(ns, f.name) for f in fields(Settings)})
-    return s.validate()
+    """Settings from parsed `serve` arguments, the environment and the --config file (see load_settings)."""
+    flags = {name: getattr(ns, name) for name in Settings.model_fields if hasattr(ns, name)}
+    return load_settings(flags, getattr(ns, "config", None))

@@ -6,8 +6,10 @@ Writes go to the store first (validated, atomic); only then does the registry se
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import sqlite3
 import time
 from typing import Any
 
@@ -20,6 +22,7 @@ from adapters_store import AdapterError, extract_upload, validate_name
 from server.api.errors import APIError
 from server.api.state import ServerState
 from server.engine.registry import AdapterEntry
+from server.families import family_for
 
 router = APIRouter()
 log = logging.getLogger("peftserve.adapters")
@@ -62,6 +65,13 @@ async def _read_upload(request: Request, default_name: str | None = None) -> tup
                             f"content-type {ctype or 'none'!r}", param="body")
     try:
         form = await request.form(max_files=8, max_fields=8, max_part_size=limit)
+    except OSError as e:  # large parts are spooled to a temp file: its disk can be full
+        log.error("receiving an upload failed", exc_info=e)
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise APIError(507 if full else 500, f"could not receive the upload: spooling it to the server's temp "
+                                             f"dir failed ({errno.errorcode.get(e.errno or 0, 'OSError')}: "
+                                             f"{e.strerror or e}); nothing was stored",
+                       code="insufficient_storage" if full else "upload_io_error") from e
     except Exception as e:  # noqa: BLE001 - starlette raises its own types for malformed multipart
         raise APIError(400, f"malformed multipart body: {e}", param="body") from e
     name = form.get("name", default_name)
@@ -88,24 +98,70 @@ async def _read_upload(request: Request, default_name: str | None = None) -> tup
     return name, files
 
 
+def check_name_free(state: ServerState, name: str) -> None:
+    """409 when `name` is already the id of something that is not an adapter (today the base model; the
+    same check will cover assistant names): `/v1/models` would list it twice and the adapter be
+    unreachable."""
+    if name == state.base_name:
+        raise APIError(409, f"adapter name {name!r} is the base model's id (--served-model-name); choose "
+                            "another name", param="name", code="name_taken")
+
+
+def _store_failure(e: Exception, name: str, action: str) -> APIError:
+    """An I/O or index error of the store, in OpenAI's shape. The store undid its half-done work."""
+    log.error("adapter store: %s %r failed", action, name, exc_info=e)
+    if isinstance(e, OSError):
+        what = f"{errno.errorcode.get(e.errno or 0, 'OSError')}: {e.strerror or e}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return APIError(507, f"could not {action} adapter {name!r}: the adapter store (--adapters-dir) is out "
+                                 f"of disk space ({what}); nothing was changed", code="insufficient_storage")
+        return APIError(500, f"could not {action} adapter {name!r}: the adapter store (--adapters-dir) failed "
+                             f"({what}); nothing was changed", code="store_io_error")
+    return APIError(500, f"could not {action} adapter {name!r}: the adapter store's index failed "
+                         f"({type(e).__name__}: {e}); nothing was changed", code="store_index_error")
+
+
+def _unpack_and_add(state: ServerState, name: str, source: Any, replace: bool) -> Any:
+    """Worker thread: unpack an archive (bounded by --max-upload-mb), validate, store."""
+    if isinstance(source, dict):
+        mb = state.settings.max_upload_mb
+        source = extract_upload(source, max_total_bytes=mb << 20, limit_name=f"--max-upload-mb {mb}")
+    return state.store.add(name, source, state.model.shapes, state.settings.max_rank, replace)
+
+
 async def _store(state: ServerState, name: str, source: Any, replace: bool) -> dict[str, Any]:
-    """Validate and store (in a thread: it reads and checks every tensor), then serve the new version."""
+    """Validate and store (in a thread: unpacking and checking every tensor is CPU work that must not stall
+    the event loop), then serve the new version."""
     try:
         validate_name(name)
+        check_name_free(state, name)
         if not replace and name in state.registry:
             raise AdapterError(f"adapter {name!r} already exists; PUT /v1/adapters/{name} uploads a new version",
                                field="name", status=409)
-        if isinstance(source, dict):
-            source = extract_upload(source)
         t0 = time.monotonic()
-        rec = await asyncio.to_thread(state.store.add, name, source, state.model.shapes, state.settings.max_rank,
-                                      replace)
+        rec = await asyncio.to_thread(_unpack_and_add, state, name, source, replace)
     except AdapterError as e:
         raise _adapter_error(e) from e
-    state.registry.register(rec.name, rec.version, state.store.path(rec.name, rec.version), rec.to_dict())
+    except (OSError, sqlite3.Error) as e:
+        raise _store_failure(e, name, "replace" if replace else "store") from e
+    # Concurrent PUTs of one name finish in any order: serve the newest version, never step back to an
+    # older one (which the store may already have pruned). No await between the check and the register.
+    current = state.registry.entry(rec.name)
+    if current is None or not current.stored or current.version < rec.version:
+        state.registry.register(rec.name, rec.version, rec.path, rec.to_dict())
     log.info("adapter %s v%d stored (%s, %d bytes) in %.0f ms", rec.name, rec.version, rec.peft_type,
              rec.size_bytes, 1000 * (time.monotonic() - t0))
-    return _record(state, rec.name)
+    return _written(state, rec)
+
+
+def _written(state: ServerState, rec: Any) -> dict[str, Any]:
+    """The answer to an upload: the version this request wrote (a newer one may already be current)."""
+    current = state.registry.entry(rec.name)
+    if current is not None and current.version == rec.version:
+        return _record(state, rec.name)
+    family = family_for(rec.peft_type)
+    kind = family.name if family is not None else rec.peft_type
+    return {**rec.to_dict(), "type": kind, "residency": "disk", "in_flight": 0, "stored": True}
 
 
 async def _delete(state: ServerState, name: str) -> None:
@@ -123,6 +179,10 @@ async def _delete(state: ServerState, name: str) -> None:
         except AdapterError as e:
             if e.status != 404:
                 raise _adapter_error(e) from e
+        except (OSError, sqlite3.Error) as e:
+            if name not in state.registry:  # still in the store: keep serving it rather than half-delete it
+                state.registry.register(name, entry.version, entry.path, entry.record or {})
+            raise _store_failure(e, name, "delete") from e
     log.info("adapter %s deleted", name)
 
 

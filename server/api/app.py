@@ -16,6 +16,7 @@ from server.api.openai import router as openai_router
 from server.api.ops import OpsMiddleware
 from server.api.state import ServerState
 from server.metrics import Metrics
+from server.shutdown import FINAL_GRACE_S, shutdown_error
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -26,7 +27,10 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             yield
         finally:
-            state.engine.stop(timeout=state.settings.shutdown_timeout)
+            # The drain (server.shutdown) has ended every request by now; whatever is left (HTTP tasks
+            # cancelled, an embedding server without the drain) ends with an error, not mid-step.
+            state.engine.abort_all(shutdown_error(state.settings.shutdown_timeout))
+            state.engine.stop(timeout=FINAL_GRACE_S)
 
     if state.metrics is None:
         state.metrics = _metrics(state)

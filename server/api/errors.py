@@ -11,7 +11,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error",
-          429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable"}
+          429: "rate_limit_error", 499: "client_closed", 500: "internal_error", 503: "service_unavailable",
+          507: "insufficient_storage"}
 
 
 class APIError(Exception):
@@ -57,3 +58,9 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         return error_response(e.status_code, str(e.detail), None, None, getattr(e, "headers", None))
+
+    # Anything else is a bug or an environment failure (disk, index): still OpenAI's shape, never
+    # Starlette's plain-text 500. Starlette runs this handler outermost, then re-raises (the traceback is logged).
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", None, "internal_error")

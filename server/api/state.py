@@ -98,6 +98,9 @@ def build_state(settings: Settings) -> ServerState:
         registry.put(name, loaded, path=path)
         log.info("adapter %s (%s) loaded from %s", name, loaded.kind, path)
     base_name = settings.served_model_name or m.name
+    if base_name in registry:  # /v1/models would list the id twice and the adapter be unreachable
+        raise ValueError(f"adapter name {base_name!r} is also the base model's id; rename the adapter or pass "
+                         "another --served-model-name")
     log.info("serving %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d; %d stored adapters in %s",
              base_name, m.device, m.dtype, m.num_blocks, m.block_size, m.max_model_len, len(store.list()), store.root)
     return ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name, store=store)

@@ -163,6 +163,7 @@ class AsyncEngine:
         self._requests: dict[str, Request] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._closed: BaseException | None = None  # set by abort_all: every request gets this error
         self.in_flight = 0
         self.failed_steps = 0  # consecutive
         self.dead: BaseException | None = None
@@ -185,6 +186,16 @@ class AsyncEngine:
             self._thread.join(timeout)
             if not self._thread.is_alive():
                 self._fail_all(EngineDeadError("engine stopped (server shutting down)"))
+
+    def abort_all(self, error: BaseException) -> None:
+        """Between steps, end every request held or queued with `error` (shutdown deadline); new ones are
+        refused with it too. Their streams then send an error event and finish."""
+        def fail() -> None:
+            for req in list(self._requests.values()):
+                self._retire(req, "abort")
+                self._emit(req, Delta([], "", error=error))
+        self._closed = error
+        self.call_in_worker(fail)
 
     @property
     def alive(self) -> bool:
@@ -296,6 +307,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if isinstance(msg, AddRequest):
+                if self._closed is not None:  # after abort_all: refused with its error
+                    self._emit(msg.req, Delta([], "", error=self._closed))
+                    continue
                 self._requests[msg.req.seq.request_id] = msg.req
                 self.scheduler.add(msg.req.seq)
             elif isinstance(msg, AbortRequest):

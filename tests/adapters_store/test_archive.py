@@ -111,3 +111,63 @@ def test_garbage_and_wrong_shapes() -> None:
         extract_upload({"adapter_config.json": CFG})
     with pytest.raises(AdapterError, match="pickled"):
         extract_upload({"adapter_config.json": CFG, "adapter_model.pt": b"x"})
+
+
+LIMIT = 1 << 20  # the budget the server passes: --max-upload-mb 1
+
+
+def _bomb_tar(members: list[tuple[str, int]], pax: dict[str, str] | None = None) -> bytes:
+    """A .tar.gz whose members are runs of zeros (`size` bytes each): tiny compressed, large unpacked."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT, compresslevel=9) as tar:
+        for i, (name, size) in enumerate(members):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            if pax and i == 0:
+                info.pax_headers = pax
+            tar.addfile(info, io.BytesIO(bytes(size)))
+    return buf.getvalue()
+
+
+def _zip_deflated(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        for name, content in members.items():
+            zf.writestr(name, content)
+    return buf.getvalue()
+
+
+BOMBS = {
+    # case: (archive builder, what the message says)
+    "one-huge-member": (lambda: _bomb_tar([("adapter_config.json", 2), ("adapter_model.safetensors", 64 << 20)]),
+                        "declares 67108864 bytes"),
+    "huge-ignored-member": (lambda: _bomb_tar([("README.md", 64 << 20), ("adapter_config.json", 2)]), "README.md"),
+    "many-members-each-under": (lambda: _bomb_tar([(f"f{i}.txt", 300 << 10) for i in range(8)]), "f3.txt"),
+    # a pax header is read whole by tarfile before any member is seen: only the stream cap stops it
+    "pax-header": (lambda: _bomb_tar([("adapter_config.json", 2)], pax={"comment": "x" * (8 << 20)}),
+                   "tar stream"),
+    "zip-one-huge-member": (lambda: _zip_deflated({"adapter_config.json": b"{}", "adapter_model.safetensors":
+                                          bytes(64 << 20)}), "declares 67108864 bytes"),
+    "zip-many-members": (lambda: _zip_deflated({f"f{i}.txt": bytes(300 << 10) for i in range(8)}), "f3.txt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BOMBS))
+def test_bombs_refused_at_the_budget(case: str) -> None:
+    build, needle = BOMBS[case]
+    data = build()
+    assert len(data) < LIMIT // 4  # small on the wire
+    name = "a.zip" if case.startswith("zip") else "a.tar.gz"
+    with pytest.raises(AdapterError) as info:
+        extract_upload({name: data}, max_total_bytes=LIMIT, limit_name="--max-upload-mb 1")
+    assert info.value.status == 413
+    assert "--max-upload-mb 1" in str(info.value) and needle in str(info.value), str(info.value)
+
+
+def test_an_adapter_just_under_the_budget_passes() -> None:
+    w = bytes(LIMIT - 1000)
+    for data, name in ((_tar([("adapter_config.json", CFG, tarfile.REGTYPE),
+                              ("adapter_model.safetensors", w, tarfile.REGTYPE)]), "a.tar.gz"),
+                       (_zip({"adapter_config.json": CFG, "adapter_model.safetensors": w}), "a.zip")):
+        assert extract_upload({name: data}, max_total_bytes=LIMIT) == {"adapter_config.json": CFG,
+                                                                      "adapter_model.safetensors": w}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
@@ -120,15 +121,19 @@ def test_recovery_on_open(lora_dir: Path, llama_base, tmp_path: Path, caplog: py
 
 def test_index_row_is_written_after_files(lora_dir: Path, llama_base, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """If the commit fails after the rename, reopening removes the directory: no half-adapter is ever listed."""
+    """If the index write fails after the rename, the directory goes at once; if the process died there
+    instead, reopening removes it: no half-adapter is ever listed."""
     root = tmp_path / "s"
     store = AdapterStore(root)
 
     monkeypatch.setattr(store, "_db", _FailingInsert(store._db))
     with pytest.raises(RuntimeError, match="power cut"):
         store.add("a", lora_dir, llama_base, 64)
-    assert (root / "adapters" / "a" / "v1").is_dir()  # files are in place, the row is not
+    assert not (root / "adapters" / "a").exists() and not any((root / ".tmp").iterdir())
     monkeypatch.undo()
+    assert store.list() == []
+    # what a crash between rename and commit leaves: a version directory without a row
+    shutil.copytree(lora_dir, root / "adapters" / "a" / "v1")
     store.close()
     store = AdapterStore(root)
     assert store.list() == [] and not (root / "adapters" / "a").exists()
@@ -142,6 +147,9 @@ class _FailingInsert:
         if sql.startswith("INSERT"):
             raise RuntimeError("power cut")
         return self._db.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
 
 
 def test_concurrent_adds_one_winner(lora_dir: Path, llama_base, tmp_path: Path) -> None:

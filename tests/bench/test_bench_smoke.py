@@ -40,7 +40,7 @@ def test_mixed_adapters_quick(tmp_path: Path) -> None:
     assert "== mixed adapters" in out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("workload"))
-    assert "/our base" in lines[header] and "ideal(mem)" in lines[header]
+    assert "/paired" in lines[header] and "/best base" in lines[header] and "ideal(mem)" in lines[header]
     for name in ("ours base", "ours LoRA K=1", "ours LoRA K=2", "ours prefix K=2", "ours prompt K=2", "ours mix",
                  "transformers base", "peft one-at-a-time K=2", "peft mixed batch K=2"):
         assert any(line.startswith(name) for line in lines[header:]), (name, out)

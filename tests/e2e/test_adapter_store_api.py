@@ -8,6 +8,8 @@ import json
 import os
 import struct
 import tarfile
+import threading
+import time
 import zipfile
 
 import httpx
@@ -19,7 +21,6 @@ from safetensors.torch import save as st_save
 from tests.adapters import greedy, make_lora, peft_model
 from tests.server_utils import live_server
 from tests.tiny import make_tiny_checkpoint
-from tests.waits import EngineGate, async_wait_for, hold_first_step_until
 
 CFG = "adapter_config.json"
 WTS = "adapter_model.safetensors"
@@ -243,6 +244,14 @@ def test_upload_size_limit_and_concurrent_same_name(base, lora_dirs, tmp_path):
         assert codes == [201, 409, 409, 409]
 
 
+async def _until(cond, what: str, timeout: float = 60.0) -> None:
+    """Wait for an engine state change, with a deadline and a message."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
 async def _stream_tokens(ac: httpx.AsyncClient, model: str, prompt: list[int], n: int) -> list[int]:
     ids: list[int] = []
     async with ac.stream("POST", "/v1/completions", json={
@@ -261,6 +270,7 @@ def test_replace_and_delete_while_streaming(base, lora_dirs, tmp_path):
     m1, m2 = peft_model(base, lora_dirs["v1"]), peft_model(base, lora_dirs["v2"])
     ref1 = [greedy(m1, p, n) for p in prompts]
     ref2 = [greedy(m2, p, n) for p in prompts]
+    assert all(a != b for a, b in zip(ref1, ref2, strict=True))  # v1 and v2 are told apart on every prompt
     with live_server(model=base, adapters_dir=str(tmp_path / "s"), max_model_len=128, kv_cache_blocks=256,
                      block_size=8, max_num_seqs=16, max_batch_tokens=64) as srv:
         with srv.client() as c:
@@ -269,28 +279,27 @@ def test_replace_and_delete_while_streaming(base, lora_dirs, tmp_path):
 
         async def scenario():
             async with srv.async_client() as ac:
-                hold_first_step_until(eng, lambda: eng.in_flight == len(prompts), "every stream in the engine")
                 streams = [asyncio.create_task(_stream_tokens(ac, "live", p, n)) for p in prompts]
-                await async_wait_for(lambda: eng.num_running == len(prompts), "every stream to be running")
-                # steps are held while the PUT runs, so the streams are certainly mid-way when v2 lands
-                gate = EngineGate(eng)
+                await _until(lambda: eng.num_running == len(prompts), "all streams running")
+                gate = threading.Event()  # hold the engine between steps while the PUT runs
+                eng.fault_injector = lambda chunks: gate.wait(60)
                 try:
                     r = await ac.put("/v1/adapters/live", data={"name": "live"},
                                      files=multipart(files_of(lora_dirs["v2"])))
                     assert r.status_code == 200 and r.json()["version"] == 2
                     assert not any(t.done() for t in streams)  # replaced while they were streaming
                 finally:
-                    gate.open()
+                    eng.fault_injector = None
+                    gate.set()
                 after = await ac.post("/v1/completions", json={"model": "live", "prompt": prompts[0], "max_tokens": 6,
                                                                 "min_tokens": 6, "temperature": 0,
                                                                 "return_token_ids": True})
                 old = await asyncio.gather(*streams)
-                hold_first_step_until(eng, lambda: eng.in_flight == len(prompts), "every stream in the engine")
                 streams2 = [asyncio.create_task(_stream_tokens(ac, "live", p, n)) for p in prompts]
-                await async_wait_for(lambda: eng.num_running == len(prompts), "every stream to be running")
+                await _until(lambda: eng.num_running == len(prompts), "all second streams running")
                 d = await ac.delete("/v1/adapters/live")
-                assert all(t.done() for t in streams2)  # the delete waited for them
-                return old, after, await asyncio.gather(*streams2), d
+                assert srv.state.registry.in_flight("live") == 0  # the delete waited for them
+                return old, after, await asyncio.wait_for(asyncio.gather(*streams2), 60), d
 
         old, after, new, d = asyncio.run(scenario())
         assert old == ref1  # every stream finished on the version it started with
@@ -309,25 +318,21 @@ def test_reuploaded_name_never_serves_the_old_weights(base, lora_dirs, tmp_path)
     p = [9, 8, 7, 6]
     ref1 = greedy(peft_model(base, lora_dirs["v1"]), p, n)
     ref2 = greedy(peft_model(base, lora_dirs["v2"]), PROMPT, 6)
+    assert ref1 != greedy(peft_model(base, lora_dirs["v2"]), p, n)  # the old stream could tell v2 apart
+    assert ref2 != greedy(peft_model(base, lora_dirs["v1"]), PROMPT, 6)  # and the new request v1
     with live_server(model=base, adapters_dir=str(tmp_path / "s"), max_model_len=128, kv_cache_blocks=64,
                      shutdown_timeout=0.2) as srv:
         with srv.client() as c:
             assert upload(c, "x", files_of(lora_dirs["v1"])).status_code == 201
-        eng = srv.state.engine
+        srv.state.engine.fault_injector = lambda chunks: time.sleep(0.01)  # keep the old stream running ~1 s
 
         async def scenario():
             async with srv.async_client() as ac:
                 old = asyncio.create_task(_stream_tokens(ac, "x", p, n))
-                await async_wait_for(lambda: eng.num_running == 1, "the old stream to be running")
-                gate = EngineGate(eng)  # the old stream cannot finish while 'x' is deleted and re-uploaded
-                try:
-                    assert (await ac.delete("/v1/adapters/x")).status_code == 204
-                    r = await ac.post("/v1/adapters", data={"name": "x"},
-                                      files=multipart(files_of(lora_dirs["v2"])))
-                    assert r.status_code == 201 and r.json()["version"] == 1
-                    assert not old.done()
-                finally:
-                    gate.open()
+                await _until(lambda: srv.state.engine.num_running >= 1, "the old stream running")
+                assert (await ac.delete("/v1/adapters/x")).status_code == 204
+                r = await ac.post("/v1/adapters", data={"name": "x"}, files=multipart(files_of(lora_dirs["v2"])))
+                assert r.status_code == 201 and r.json()["version"] == 1
                 new = await ac.post("/v1/completions", json={"model": "x", "prompt": PROMPT, "max_tokens": 6,
                                                               "min_tokens": 6, "temperature": 0,
                                                               "return_token_ids": True})
@@ -336,3 +341,113 @@ def test_reuploaded_name_never_serves_the_old_weights(base, lora_dirs, tmp_path)
         old, new = asyncio.run(scenario())
         assert new.json()["choices"][0]["token_ids"] == ref2
         assert old == ref1
+
+
+def test_concurrent_puts_of_one_name_all_succeed(base, lora_dirs, tmp_path):
+    """8 PUTs of one name in parallel (the store keeps 2 versions, so most are pruned by the time their
+    request answers): every one answers 200 with the version it wrote; the newest is served."""
+    refs = {k: greedy(peft_model(base, lora_dirs[k]), PROMPT, 6) for k in ("v1", "v2")}
+    assert refs["v1"] != refs["v2"]
+    with live_server(model=base, adapters_dir=str(tmp_path / "s"), max_model_len=128, kv_cache_blocks=64) as srv:
+        with srv.client() as c:
+            shas = {}
+            for k in ("v1", "v2"):  # the sha256 each file set gets in the store
+                r = upload(c, f"probe-{k}", files_of(lora_dirs[k]))
+                assert r.status_code == 201, r.text
+                shas[r.json()["sha256"]] = k
+            assert upload(c, "same", files_of(lora_dirs["v1"])).status_code == 201
+
+        async def race():
+            async with srv.async_client() as ac:
+                return await asyncio.gather(*(
+                    ac.put("/v1/adapters/same", data={"name": "same"},
+                           files=multipart(files_of(lora_dirs["v2" if i % 2 else "v1"]))) for i in range(8)))
+
+        answers = asyncio.run(race())
+        for r in answers:
+            assert r.status_code < 500, (r.status_code, r.text)
+            assert r.status_code == 200 or set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+        assert [r.status_code for r in answers] == [200] * 8
+        written = sorted((r.json()["version"], shas[r.json()["sha256"]]) for r in answers)
+        assert [v for v, _ in written] == list(range(2, 10))
+        with srv.client() as c:
+            shown = c.get("/v1/adapters/same").json()
+            assert shown["version"] == 9 and srv.state.store.get("same").version == 9
+            r = complete(c, "same", PROMPT)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["token_ids"] == refs[written[-1][1]]
+
+
+def test_adapter_named_like_the_base_model_is_refused(base, lora_dirs, tmp_path):
+    store = str(tmp_path / "s")
+    with live_server(model=base, adapters_dir=store, max_model_len=128, kv_cache_blocks=64,
+                     allowed_adapter_dir=[os.path.dirname(lora_dirs["v1"])]) as srv, srv.client() as c:
+        base_id = c.get("/v1/models").json()["data"][0]["id"]
+        r = upload(c, base_id, files_of(lora_dirs["v1"]))
+        assert r.status_code == 409, r.text
+        err = r.json()["error"]
+        assert err["param"] == "name" and base_id in err["message"] and "base model" in err["message"]
+        r = c.post("/v1/load_lora_adapter", json={"lora_name": base_id, "lora_path": lora_dirs["v1"]})
+        assert r.status_code == 409, r.text
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == [base_id]
+        assert snapshot(store) == ()
+
+
+def _zip_bomb(mb: int) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        z.writestr(CFG, b"{}")
+        z.writestr(WTS, bytes(mb << 20))
+    return buf.getvalue()
+
+
+def _tgz_bomb(mb: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=9) as t:
+        info = tarfile.TarInfo(CFG)
+        info.size = 2
+        t.addfile(info, io.BytesIO(b"{}"))
+        info = tarfile.TarInfo(WTS)
+        info.size = mb << 20
+        t.addfile(info, io.BytesIO(bytes(info.size)))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_archive_bomb_refused_off_the_event_loop(base, lora_dirs, tmp_path, monkeypatch, kind):
+    """A small archive that unpacks far past --max-upload-mb: 413 naming the flag, the store unchanged, and
+    the server answers /health while the archive is being unpacked (in a worker thread, not on the loop)."""
+    import server.api.adapters as adapters_api
+
+    bomb = _zip_bomb(48) if kind == "zip" else _tgz_bomb(48)
+    assert len(bomb) < 1 << 20  # it passes the upload limit itself
+    entered, release = threading.Event(), threading.Event()
+    real = adapters_api.extract_upload
+
+    def gated(*args, **kwargs):  # the real unpacking, held until /health has answered
+        entered.set()
+        assert release.wait(60), "the test never released the unpacking"
+        return real(*args, **kwargs)
+
+    store = str(tmp_path / "s")
+    with live_server(model=base, adapters_dir=store, max_model_len=128, kv_cache_blocks=64,
+                     max_upload_mb=1) as srv, srv.client() as c:
+        assert upload(c, "good", files_of(lora_dirs["v1"])).status_code == 201
+        before = snapshot(store)
+        monkeypatch.setattr(adapters_api, "extract_upload", gated)
+        answer: list[httpx.Response] = []
+        t = threading.Thread(target=lambda: answer.append(
+            c.post("/v1/adapters", data={"name": "bomb"}, files=[("archive", (f"a.{kind}", bomb))])))
+        t.start()
+        try:
+            assert entered.wait(60), "the upload never reached the unpacking"
+            with srv.client(timeout=30) as probe:
+                assert probe.get("/health").status_code == 200  # the event loop is free meanwhile
+        finally:
+            release.set()
+            t.join(60)
+        r = answer[0]
+        assert r.status_code == 413, r.text
+        assert "--max-upload-mb 1" in r.json()["error"]["message"]
+        assert snapshot(store) == before
+        assert [a["name"] for a in c.get("/v1/adapters").json()["data"]] == ["good"]

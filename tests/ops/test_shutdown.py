@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,8 @@ import threading
 import time
 
 import httpx
+
+from tests.tiny import make_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,17 +32,7 @@ def test_sigterm_drains_streams_and_exits_0(tiny_model: str) -> None:
          "256", "--kv-cache-blocks", "64", "--shutdown-timeout", "120", "--log-level", "warning"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 300  # a hang detector: start-up imports torch, slow on a busy core
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.1)
-
+        wait_ready(proc, url)
         started = [threading.Event(), threading.Event()]
         streams: list[list[str]] = [[], []]
 
@@ -54,17 +47,80 @@ def test_sigterm_drains_streams_and_exits_0(tiny_model: str) -> None:
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
         for t in threads:
             t.start()
-        assert all(e.wait(120) for e in started), "the streams did not start"
+        assert all(e.wait(30) for e in started), "the streams did not start"
         proc.send_signal(signal.SIGTERM)
         for t in threads:
-            t.join(180)
+            t.join(60)
         code = proc.wait(60)
         output = proc.stdout.read()
-        for lines in streams:
+        for lines in streams:  # finished in full before the deadline: every token, no error event
             assert lines[-1] == "data: [DONE]", (lines[-3:], output)
-            assert sum(line.startswith("data: {") for line in lines) == 60
-        assert code == 0, output  # (these bounds only turns a hang into a failure)
+            assert sum(line.startswith("data: {") for line in lines) == 60, (lines[-3:], output)
+            assert not any('"error"' in line for line in lines)
+        assert code == 0, output
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_deadline_ends_long_streams_with_an_error_and_exits_0(tiny_root: str) -> None:
+    """Streams far longer than --shutdown-timeout: at the deadline each gets a final error event naming the
+    flag and `[DONE]`, the engine stops and the process exits 0 (it used to abort with SIGABRT)."""
+    model = make_tiny_checkpoint(tiny_root, name="long-ctx", max_position_embeddings=4096)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--model", model, "--port", str(port), "--max-model-len",
+         "4096", "--kv-cache-blocks", "600", "--shutdown-timeout", "1", "--log-level", "warning"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_ready(proc, url)
+        started = [threading.Event(), threading.Event()]
+        streams: list[list[str]] = [[], []]
+
+        def stream(i: int) -> None:
+            # ~4000 tokens: many seconds on any CPU, so both are still running at the 1 s deadline
+            body = {"prompt": "hello", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line:
+                        streams[i].append(line)
+                        started[i].set()
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        assert all(e.wait(30) for e in started), "the streams did not start"
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+            assert not t.is_alive(), "a stream was not ended after the shutdown deadline"
+        code = proc.wait(30)
+        output = proc.stdout.read()
+        for lines in streams:
+            assert lines[-1] == "data: [DONE]", (lines[-3:], output)
+            final = json.loads(lines[-2].removeprefix("data: "))
+            assert "error" in final, f"the stream finished before the deadline: {lines[-2]}"
+            assert final["error"]["code"] == "engine_dead" and "--shutdown-timeout" in final["error"]["message"]
+            tokens = sum(line.startswith("data: {") and '"choices"' in line for line in lines)
+            assert 0 < tokens < 4000
+        assert code == 0, output
+        assert "still running" in output  # the log says why the requests ended
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def wait_ready(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 240  # a cold start (torch, transformers, the model) on a busy 2-core box
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not become ready"
+        time.sleep(0.1)
