@@ -245,8 +245,8 @@ class AsyncEngine:
             seq.adapter_key = adapter.key
             seq.num_virtual = adapter.adapter.virtual_tokens
             seq.num_prefix = adapter.adapter.prefix_tokens
-        req = Request(seq, IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.Queue(), loop,
-                      make_generator(params.seed))
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.min_tokens)
+        req = Request(seq, detok, asyncio.Queue(), loop, make_generator(params.seed))
         self._post(AddRequest(req))
         if self.dead is not None or (self._thread is not None and not self._thread.is_alive()):
             # the loop died (or stopped) after the check above; nothing will ever read the inbox
