@@ -1,10 +1,10 @@
 """Detokenization with SmolLM2's real byte-level BPE tokenizer, and the GGUF itself as --model.
 
-Rule for a character still incomplete when generation ends: the text never holds U+FFFD for it. A token
-whose decoding ends inside a character is held back whole (with any complete characters it also holds,
-e.g. the space of " 日"'s first byte) until the character completes; if generation ends first, that held
-text is dropped. So the final text is decode() of the longest prefix of token_ids that does not end inside
-a character (token_ids keep every token). Otherwise concatenated deltas == final text == decode(token_ids)."""
+Rule for a character still incomplete when generation ends (server/engine/detokenizer.py): while the
+stream runs, a token whose decoding ends inside a character is held back until the character completes;
+if generation ends first, the text gets every complete character and then U+FFFD for the cut bytes. For a
+byte-level BPE like SmolLM2's that is exactly decode(token_ids), so concatenated deltas == final text ==
+decode(token_ids) always, and no delta but the last ever holds U+FFFD."""
 
 from __future__ import annotations
 
@@ -48,16 +48,16 @@ def test_multibyte_characters_split_across_tokens_stream_exactly(tok) -> None:
     assert not any("\ufffd" in d for d in deltas)
 
 
-def test_trailing_incomplete_character_is_dropped(tok) -> None:
+def test_trailing_incomplete_character_ends_as_replacement_character(tok) -> None:
     ids = tok.encode(TEXT, add_special_tokens=False)
     cuts = [k for k in range(1, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd")]
     assert cuts  # there are places where a character is cut in two
     for k in cuts:
         deltas = stream(tok, ids[:k])
+        assert "".join(deltas) == tok.decode(ids[:k]), k
+        assert not any("\ufffd" in d for d in deltas[:-1]), k
         whole = max(j for j in range(k) if not tok.decode(ids[:j]).endswith("\ufffd"))
-        assert "".join(deltas) == tok.decode(ids[:whole]), k
-        assert not any("\ufffd" in d for d in deltas)
-        assert tok.decode(ids[:k]).startswith(tok.decode(ids[:whole]))
+        assert "".join(deltas[:-1]) == tok.decode(ids[:whole]), k  # held back, not guessed, until the end
 
 
 def test_the_gguf_file_serves_and_matches_transformers_on_it(real_model_dir: str) -> None:
