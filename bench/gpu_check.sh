@@ -69,6 +69,7 @@ else
   step "bench_kernels (bf16)" 90 "$PY" -m bench.bench_kernels --dtype bfloat16 --ranks r8 r16 r64 mixed \
     --iters 30 --out "$OUT/bench_kernels.json"
   step "bench_attention (bf16)" 60 "$PY" -m bench.bench_attention --out "$OUT/bench_attention.json"
+  step "bench_bottleneck (bf16)" 60 "$PY" -m bench.bench_bottleneck --dtype bfloat16 --out "$OUT/bench_bottleneck.json"
   step "gpu_e2e" 180 "$PY" -m bench.gpu_e2e --out "$OUT/gpu_e2e.json"
 fi
 step "summary" 60 "$PY" -m bench.gpu_summary "$OUT"

