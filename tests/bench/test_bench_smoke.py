@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2"]
 
