@@ -24,11 +24,11 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 
 from adapters_store.errors import AdapterError
-from adapters_store.loader import CONFIG_NAME, WEIGHTS_NAME
+from adapters_store.loader import CONFIG_NAME, KNOWN_FILES, WEIGHTS_NAME, WEIGHTS_NAMES
 from adapters_store.safetensors_check import refuse_pickles
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")
-WANTED = (CONFIG_NAME, WEIGHTS_NAME)
+WANTED = KNOWN_FILES
 _TAR_BLOCK = 512
 _CHUNK = 1 << 20
 
@@ -56,6 +56,10 @@ class _Budget:
         self.stream_allowance += -(-n // _TAR_BLOCK) * _TAR_BLOCK + 3 * _TAR_BLOCK
 
 
+def _complete(found: dict[str, bytes]) -> bool:
+    return CONFIG_NAME in found and any(w in found for w in WEIGHTS_NAMES)
+
+
 def extract_upload(
     files: Mapping[str, bytes],
     *,
@@ -73,8 +77,8 @@ def extract_upload(
     names = [posixpath.basename(n.replace("\\", "/")) for n in files]
     refuse_pickles(names)
     by_base = dict(zip(names, files.values(), strict=True))
-    if all(w in by_base for w in WANTED):
-        return {w: by_base[w] for w in WANTED}
+    if _complete(by_base):
+        return {w: by_base[w] for w in WANTED if w in by_base}
     archives = [n for n in files if n.lower().endswith(ARCHIVE_SUFFIXES)]
     if len(archives) != 1 or len(files) != 1:
         raise AdapterError(
@@ -135,11 +139,11 @@ def _pick(found: dict[str, bytes]) -> dict[str, bytes]:
         raise AdapterError(
             f"adapter files are nested in {folder!r}; put them at the top level or inside one folder", field="files"
         )
-    out = {w: found.get(posixpath.join(folder, w)) for w in WANTED}
-    missing = [w for w, v in out.items() if v is None]
-    if missing:
-        raise AdapterError(f"archive does not hold {missing[0]}", field=missing[0])
-    return {w: v for w, v in out.items() if v is not None}
+    out = {w: v for w in WANTED if (v := found.get(posixpath.join(folder, w))) is not None}
+    if not _complete(out):
+        missing = CONFIG_NAME if CONFIG_NAME not in out else WEIGHTS_NAME
+        raise AdapterError(f"archive does not hold {missing}", field=missing)
+    return out
 
 
 class _CappedReader(io.RawIOBase):

@@ -15,6 +15,10 @@ from server.model.shapes import BaseModelInfo
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# Every file an upload may carry: peft's two, AdapterHub's weights, and what save_adapter writes beside them
+# (the base's own LM head, Qwen2's interface). Which of them an adapter needs is its family's call.
+WEIGHTS_NAMES = (WEIGHTS_NAME, "adapter.safetensors")
+KNOWN_FILES = (CONFIG_NAME, *WEIGHTS_NAMES, "head_config.json", "model_head.safetensors", "adapter_interface.json")
 
 
 def load_adapter(path: str | Path, base: BaseModelInfo, *, max_rank: int) -> Adapter:
@@ -24,10 +28,19 @@ def load_adapter(path: str | Path, base: BaseModelInfo, *, max_rank: int) -> Ada
         raise AdapterError(f"adapter directory {str(path)!r} does not exist", field="path", status=404)
     refuse_pickles(p.name for p in path.iterdir())
     spec = parse_config(load_config(path / CONFIG_NAME), base, max_rank=max_rank)
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise AdapterError(f"{WEIGHTS_NAME} is missing from the adapter", field=WEIGHTS_NAME)
-    tensors = load_checked(weights, name=WEIGHTS_NAME)
     family = family_for(spec.peft_type)
     assert family is not None  # parse_config found it
+    wname = family.weights_name
+    own = (CONFIG_NAME, wname, *family.optional_files)
+    present = [n for n in KNOWN_FILES if (path / n).is_file()]
+    foreign = [n for n in present if n not in own]
+    if foreign:
+        raise AdapterError(f"file {foreign[0]!r} does not belong to a {family.name} adapter; it holds "
+                           f"{', '.join(own[:2])}" + (f" (and optionally {', '.join(own[2:])})" if own[2:] else ""),
+                           field=foreign[0], status=422)
+    weights = path / wname
+    if not weights.is_file():
+        raise AdapterError(f"{wname} is missing from the adapter", field=wname)
+    family.check_files({n: (path / n).read_bytes() for n in family.optional_files if (path / n).is_file()})
+    tensors = load_checked(weights, name=wname)
     return family.load(spec, tensors, base)

@@ -40,6 +40,12 @@ class TensorInfo:
 def refuse_pickles(names: Iterable[str]) -> None:
     """Raise AdapterError if any file name looks like a pickle (loading those runs code)."""
     for name in names:
+        if name in ("pytorch_adapter.bin", "pytorch_model_head.bin"):  # AdapterHub's default (pickled) save
+            raise AdapterError(
+                f"file {name!r} is a pickled checkpoint, which can run code when loaded; re-save the adapter with "
+                "model.save_adapter(dir, name, use_safetensors=True) to get adapter.safetensors",
+                field="files", status=422,
+            )
         if name.lower().endswith(PICKLE_SUFFIXES):
             raise AdapterError(
                 f"file {name!r} is a pickled checkpoint, which can run code when loaded; "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_store.errors import AdapterError
-from server.families import family_for, peft_types
+from server.families import config_peft_type, family_for, peft_types
 from server.families.base import AdapterSpec
 from server.families.lora import LoraModuleSpec, LoraSpec
 from server.families.prefix import PrefixSpec
@@ -72,7 +72,7 @@ def parse_config(cfg: dict[str, Any], base: BaseModelInfo, *, max_rank: int) -> 
             f"auto_map {cfg['auto_map']!r} asks for remote code; adapters that need custom code are refused",
             field="auto_map", status=422,
         )
-    peft_type = cfg.get("peft_type")
+    peft_type = config_peft_type(cfg)
     family = family_for(peft_type)
     if family is None:
         raise AdapterError(

@@ -25,14 +25,14 @@ from typing import Any
 
 from adapters_store.base_info import BaseModelInfo
 from adapters_store.errors import AdapterError
-from adapters_store.loader import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from adapters_store.loader import CONFIG_NAME, KNOWN_FILES, WEIGHTS_NAME, WEIGHTS_NAMES, load_adapter
 from adapters_store.safetensors_check import refuse_pickles
 from adapters_store.spec import validate_name
 from server.families import Adapter
 
 log = logging.getLogger(__name__)
 
-ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)  # a peft adapter; AdapterHub's carry adapter.safetensors
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -76,7 +76,9 @@ class AdapterRecord:
 def content_sha256(directory: Path) -> tuple[str, int]:
     """sha256 over the two adapter files (name, length, bytes) and their total size."""
     h, total = hashlib.sha256(), 0
-    for name in ADAPTER_FILES:
+    for name in KNOWN_FILES:
+        if not (directory / name).is_file():
+            continue
         data = (directory / name).read_bytes()
         h.update(name.encode() + b"\0" + len(data).to_bytes(8, "little"))
         h.update(data)
@@ -196,20 +198,25 @@ class AdapterStore:
             if not src.is_dir():
                 raise AdapterError(f"adapter directory {str(src)!r} does not exist", field="source", status=404)
             refuse_pickles(p.name for p in src.iterdir())
-            source = {n: (src / n).read_bytes() for n in ADAPTER_FILES if (src / n).is_file()}
+            source = {n: (src / n).read_bytes() for n in KNOWN_FILES if (src / n).is_file()}
         else:
             refuse_pickles(source)
         missing = [n for n in ADAPTER_FILES if n not in source]
+        if CONFIG_NAME in source and any(w in source for w in WEIGHTS_NAMES):
+            missing = []
         if missing:
             raise AdapterError(
-                f"{missing[0]} is missing; an adapter needs {' and '.join(ADAPTER_FILES)}", field=missing[0]
+                f"{missing[0]} is missing; an adapter needs {' and '.join(ADAPTER_FILES)} "
+                "(or, saved by AdapterHub's save_adapter, adapter_config.json and adapter.safetensors)",
+                field=missing[0],
             )
-        total = sum(len(source[n]) for n in ADAPTER_FILES)
+        kept = [n for n in KNOWN_FILES if n in source]
+        total = sum(len(source[n]) for n in kept)
         if total > self.max_adapter_bytes:
             raise AdapterError(
                 f"adapter is {total} bytes, over the limit of {self.max_adapter_bytes}", field="files", status=413
             )
-        return {n: bytes(source[n]) for n in ADAPTER_FILES}
+        return {n: bytes(source[n]) for n in kept}
 
     def _commit(
         self, name: str, tmp: Path, loaded: Adapter, sha: str, size: int, replace: bool

@@ -144,9 +144,9 @@ def main() -> int:
         if args.url:
             url = args.url
         else:
-            from server.model.default_model import ensure_default_model
+            from server.model.default_model import ensure_demo_model
 
-            model = args.model or ensure_default_model()
+            model = args.model or ensure_demo_model()
             proc, url = start_server(model, os.path.join(tmp.name, "store"))
             with httpx.Client(base_url=url, timeout=120) as c:
                 for name, d in make_adapters(model, tmp.name, args.adapters).items():

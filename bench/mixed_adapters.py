@@ -10,7 +10,9 @@ Workloads, all greedy with a fixed output length, all prompts submitted at once:
       groups run one after another (`set_adapter` over a PeftModel holding all K adapters);
   (d) `peft` mixed batch: one batched `generate(..., adapter_names=[...])`;
   and through our engine K prefix-tuning adapters, K prompt-tuning adapters, and a mix of
-  base + LoRA + prefix + prompt requests (request i: kind i % 4).
+  base + LoRA + prefix + prompt requests (request i: kind i % 4); K IA3 adapters (k, v, down_proj; down
+  feed-forward), K DoRA adapters (rank 16, all 7 projections), K AdapterHub bottleneck adapters (SeqBn,
+  reduction_factor 16), and the all-families mix (base, LoRA, prefix, prompt, IA3, DoRA, bottleneck: kind i % 7).
 
 "ideal(mem)" is the memory-bound ideal of a decode step: base bytes (weights + KV read) over base plus
 the adapters' extra bytes (distinct LoRA A/B, prefix / virtual-token KV). "ideal(flop)" is the same
@@ -97,6 +99,92 @@ def make_prompt_learning_adapters(model_dir: str, kind: str, k: int, num_virtual
                     if p.requires_grad:
                         p.normal_(0.0, 1.0 if "embedding" in name else 0.5)
             _save_atomic(model, d)
+    return dirs
+
+
+def make_ia3_adapters(model_dir: str, k: int, root: str = ADAPTER_CACHE) -> list[str]:
+    """K IA3 adapters on k_proj, v_proj and down_proj (down scales its input), random vectors around 1."""
+    from peft import IA3Config, get_peft_model
+
+    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
+    dirs = [os.path.join(base, f"ia3-kvd-{i}") for i in range(k)]
+    missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "adapter_config.json"))]
+    if missing:
+        os.makedirs(base, exist_ok=True)
+        model = get_peft_model(_load_base(model_dir), IA3Config(
+            task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+            init_ia3_weights=False))
+        for d in missing:
+            torch.manual_seed(int(d.rsplit("-", 1)[1]))
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "ia3_l" in name:
+                        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            _save_atomic(model, d)
+    return dirs
+
+
+def make_dora_adapters(model_dir: str, k: int, rank: int, root: str = ADAPTER_CACHE) -> list[str]:
+    """K DoRA adapters (use_dora=True) on all 7 projections, random A/B and magnitudes."""
+    from peft import LoraConfig, get_peft_model
+
+    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
+    dirs = [os.path.join(base, f"dora-r{rank}-{i}") for i in range(k)]
+    missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "adapter_config.json"))]
+    if missing:
+        os.makedirs(base, exist_ok=True)
+        model = get_peft_model(_load_base(model_dir), LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, init_lora_weights=False, use_dora=True,
+            lora_dropout=0.0, task_type="CAUSAL_LM"))
+        for d in missing:
+            torch.manual_seed(int(d.rsplit("-", 1)[1]))
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_magnitude_vector" in name:
+                        p.mul_(0.9 + 0.2 * torch.rand_like(p))
+                    elif "lora_" in name:
+                        torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+            _save_atomic(model, d)
+    return dirs
+
+
+def make_bottleneck_adapters(model_dir: str, k: int, reduction_factor: int, root: str = ADAPTER_CACHE) -> list[str]:
+    """K bottleneck adapters in AdapterHub's format (what save_adapter(..., use_safetensors=True) writes for a
+    SeqBnConfig), written directly: the `adapters` library cannot share this venv. Their serving is held
+    exactly to that library by tests/e2e/test_families_serving.py; here only the cost matters."""
+    from safetensors.torch import save_file
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        hf = json.load(f)
+    d_model, layers = hf["hidden_size"], hf["num_hidden_layers"]
+    width = d_model // reduction_factor
+    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
+    dirs = [os.path.join(base, f"seqbn-r{reduction_factor}-{i}") for i in range(k)]
+    for i, d in enumerate(dirs):
+        if os.path.isfile(os.path.join(d, "adapter_config.json")):
+            continue
+        name = f"seqbn{i}"
+        cfg = {"config": {"mh_adapter": False, "output_adapter": True, "reduction_factor": reduction_factor,
+                          "non_linearity": "relu", "original_ln_before": True, "original_ln_after": True,
+                          "residual_before_ln": True, "adapter_residual_before_ln": False, "ln_before": False,
+                          "ln_after": False, "is_parallel": False, "scaling": 1.0, "use_gating": False,
+                          "phm_layer": False, "leave_out": [], "dropout": 0.0},
+               "name": name, "hidden_size": d_model, "model_type": hf["model_type"],
+               "model_class": "LlamaForCausalLM", "version": "adapters.1.3.0"}
+        g = torch.Generator().manual_seed(i)
+        tensors = {}
+        for layer in range(layers):
+            pre = f"model.layers.{layer}.output_adapters.adapters.{name}."
+            tensors[pre + "adapter_down.0.weight"] = torch.randn(width, d_model, generator=g) / math.sqrt(d_model)
+            tensors[pre + "adapter_down.0.bias"] = torch.zeros(width)
+            tensors[pre + "adapter_up.weight"] = torch.randn(d_model, width, generator=g) * 0.02
+            tensors[pre + "adapter_up.bias"] = torch.zeros(d_model)
+        tmp = d + f".tmp{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(cfg, f)
+        save_file(tensors, os.path.join(tmp, "adapter.safetensors"))
+        os.rename(tmp, d)
     return dirs
 
 
@@ -212,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-peft", action="store_true", help="skip the transformers/peft baselines")
     ap.add_argument("--skip-peft-mixed", action="store_true", help="skip peft's mixed-batch generate (d)")
     ap.add_argument("--skip-prompt-learning", action="store_true", help="skip prefix / prompt / mix workloads")
+    ap.add_argument("--skip-families", action="store_true", help="skip IA3 / DoRA / bottleneck workloads")
+    ap.add_argument("--reduction-factor", type=int, default=16, help="bottleneck adapters' reduction_factor")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, K = 1, 2: a smoke run")
     ap.add_argument("--json", help="write results here")
@@ -224,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     ks = sorted({int(k) for k in args.ks.split(",") if k.strip()})
     n = args.num_requests
-    slots = args.max_adapters or max(max(ks), 3 * args.mix_k)
+    slots = args.max_adapters or max(max(ks), 6 * args.mix_k)
 
     model_dir = args.model or bench_model(args.hidden, args.layers, args.heads, args.kv_heads)
     prompts = random_prompts(n, args.prompt_len)
@@ -238,6 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     pl_dirs = {} if args.skip_prompt_learning else {
         kind: make_prompt_learning_adapters(model_dir, kind, pl_k, args.num_virtual_tokens)
         for kind in ("prefix", "prompt")}
+    fam_dirs = {} if args.skip_families else {
+        "ia3": make_ia3_adapters(model_dir, pl_k), "dora": make_dora_adapters(model_dir, pl_k, args.rank),
+        "bottleneck": make_bottleneck_adapters(model_dir, pl_k, args.reduction_factor)}
 
     # transformers / peft in a child process, so that only our engine's thread uses OpenMP here.
     from server.model.loader import load_spec, load_tokenizer, resolve_dtype
@@ -265,13 +358,13 @@ def main(argv: list[str] | None = None) -> None:
     handles: dict[str, list[Any]] = {
         "lora": [registry.put(f"lora{i}", load_adapter(d, info, max_rank=args.max_rank))
                  for i, d in enumerate(lora_dirs)]}
-    for kind, dirs in pl_dirs.items():
+    for kind, dirs in {**pl_dirs, **fam_dirs}.items():
         handles[kind] = [registry.put(f"{kind}{i}", load_adapter(d, info, max_rank=args.max_rank))
                          for i, d in enumerate(dirs)]
 
     # (name, kind, K, per-request handles, Extra)
     nvt = args.num_virtual_tokens
-    workloads: list[tuple[str, str, int, list[Any], Extra]] = [("ours base", "base", 0, [None] * n, Extra())]
+    workloads: list[tuple[str, str, int, list[Any], Extra | None]] = [("ours base", "base", 0, [None] * n, Extra())]
     for k in ks:
         workloads.append((f"ours LoRA K={k}", "lora", k, [handles["lora"][i % k] for i in range(n)],
                           Extra(min(k, n), args.rank)))
@@ -289,6 +382,16 @@ def main(argv: list[str] | None = None) -> None:
         n_pl = sum(1 for h in mix if h is not None and h.adapter.kind != "lora")
         workloads.append((f"ours mix base+LoRA+prefix+prompt ({mk} each)", "mix", mk, mix,
                           Extra(n_lora, args.rank, n_pl * nvt)))
+    if fam_dirs:
+        # no roofline model for these: their ideal columns stay empty
+        for kind, label in (("ia3", "IA3"), ("dora", "DoRA"), ("bottleneck", "bottleneck")):
+            for k in ks:
+                workloads.append((f"ours {label} K={k}", kind, k, [handles[kind][i % k] for i in range(n)], None))
+        if pl_dirs:
+            mk = args.mix_k
+            kinds = ("base", "lora", "prefix", "prompt", "ia3", "dora", "bottleneck")
+            mix = [None if kinds[i % 7] == "base" else handles[kinds[i % 7]][(i // 7) % mk] for i in range(n)]
+            workloads.append((f"ours mix all 7 families ({mk} each)", "mix", mk, mix, None))
 
     # Each adapter workload is timed alternately with base (best of --repeat each), and its ratio is taken
     # against that paired base: other processes sharing the CPU then bias both sides alike.
@@ -320,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         res = max(runs, key=lambda r: r["tok_per_s"])
         if pair:
             paired[name] = max(r["tok_per_s"] for r in pair)
-        im, ifl = ideal_ratios(info, elem, n, avg_ctx, extra)
+        im, ifl = ideal_ratios(info, elem, n, avg_ctx, extra) if extra is not None else (None, None)
         rows.append(Row(name, "ours", kind, k, res["tok_per_s"], res["seconds"], im, ifl))
         extra_txt = f"  (paired base {paired[name]:.1f})" if name in paired else ""
         print(f"  {name:<44} {res['tok_per_s']:9.1f} tok/s{extra_txt}", flush=True)
@@ -378,6 +481,11 @@ def main(argv: list[str] | None = None) -> None:
         if r32 is not None and "vs_peft_one_at_a_time" in r32.ratios:
             v = r32.ratios["vs_peft_one_at_a_time"]
             targets["b_over_c_K32"] = {"value": v, "target": 5.0, "met": v >= 5.0}
+        for label, target in (("IA3", 0.95), ("DoRA", 0.85), ("bottleneck", 0.85)):
+            r = by_name.get(f"ours {label} K=8")
+            if r is not None:
+                v = r.ratios["vs_our_base"]
+                targets[f"{label}_K8"] = {"value": v, "target": target, "met": v >= target}
         for key, t in targets.items():
             print(f"target {key}: {t['value']:.2f} (>= {t['target']}) {'MET' if t['met'] else 'NOT MET'}")
 

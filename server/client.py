@@ -9,6 +9,10 @@ import sys
 from typing import Any
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# AdapterHub's save_adapter(..., use_safetensors=True) writes adapter.safetensors, and may add the base's LM head
+# (head_config.json + model_head.safetensors) and, for Qwen2, adapter_interface.json: all go up; the server checks.
+ADAPTERHUB_FILES = ("adapter_config.json", "adapter.safetensors")
+OPTIONAL_FILES = ("head_config.json", "model_head.safetensors", "adapter_interface.json")
 
 
 def _client(ns: argparse.Namespace) -> Any:
@@ -28,12 +32,18 @@ def _fail(resp: Any) -> int:
 
 
 def _push(ns: argparse.Namespace) -> int:
-    missing = [f for f in ADAPTER_FILES if not os.path.isfile(os.path.join(ns.dir, f))]
+    def have(f: str) -> bool:
+        return os.path.isfile(os.path.join(ns.dir, f))
+
+    adapterhub = have("adapter.safetensors") and not have("adapter_model.safetensors")
+    wanted = ADAPTERHUB_FILES if adapterhub else ADAPTER_FILES
+    missing = [f for f in wanted if not have(f)]
     if missing:
-        print(f"peftserve: error: {ns.dir}: missing {', '.join(missing)} (a PEFT save_pretrained dir)",
-              file=sys.stderr)
+        print(f"peftserve: error: {ns.dir}: missing {', '.join(missing)} (a PEFT save_pretrained dir, or an "
+              "AdapterHub save_adapter(..., use_safetensors=True) dir)", file=sys.stderr)
         return 2
-    files = [("files", (f, open(os.path.join(ns.dir, f), "rb").read())) for f in ADAPTER_FILES]
+    names = [*wanted, *(f for f in OPTIONAL_FILES if have(f))]
+    files = [("files", (f, open(os.path.join(ns.dir, f), "rb").read())) for f in names]
     with _client(ns) as c:
         if ns.replace:
             r = c.put(f"/v1/adapters/{ns.name}", data={"name": ns.name}, files=files)

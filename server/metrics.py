@@ -95,6 +95,11 @@ class Metrics(EngineObserver):
                                 ["route", "status", "adapter"], registry=r)
         self.prompt_tokens = Counter("peftserve_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
         self.generation_tokens = Counter("peftserve_generation_tokens", "Tokens generated", ["adapter"], registry=r)
+        self.cache_queried = Counter("peftserve_prefix_cache_queried_tokens",
+                                     "Prompt tokens (virtual included) looked up in the prefix cache at admission",
+                                     ["adapter"], registry=r)
+        self.cache_hit = Counter("peftserve_prefix_cache_hit_tokens",
+                                 "Prompt tokens found in the prefix cache (not prefilled)", ["adapter"], registry=r)
         self.finished = Counter("peftserve_sequences_finished", "Sequences that left the engine, by reason",
                                 ["finish_reason"], registry=r)
         self.preemptions = Counter("peftserve_preemptions", "Sequence preemptions (KV cache full)", registry=r)
@@ -135,7 +140,8 @@ class Metrics(EngineObserver):
         seen = self._seen_routes.pop(label, set())
         for route, status in seen:
             _remove(self.requests, route, status, label)
-        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.e2e):
+        for metric in (self.prompt_tokens, self.generation_tokens, self.cache_queried, self.cache_hit, self.ttft,
+                       self.e2e):
             _remove(metric, label)
 
     # ---- engine hooks (worker thread) ---------------------------------------------------------------
@@ -158,6 +164,9 @@ class Metrics(EngineObserver):
             # Prompt tokens as the client sent them, once, even when a preemption recomputed them.
             self.prompt_tokens.labels(label).inc(stats.prompt_tokens)
             self.generation_tokens.labels(label).inc(stats.completion_tokens)
+            if stats.cache_queried_tokens:
+                self.cache_queried.labels(label).inc(stats.cache_queried_tokens)
+                self.cache_hit.labels(label).inc(stats.cache_hit_tokens)
             self.e2e.labels(label).observe(stats.finished_at - stats.arrival)
         self.finished.labels(stats.finish_reason).inc()
         if stats.num_preemptions:
@@ -197,6 +206,12 @@ class _EngineCollector:
         yield gauge("peftserve_num_requests_running", "Sequences in the running batch", eng.num_running)
         yield gauge("peftserve_kv_blocks_used", "KV cache blocks in use", alloc.num_used)
         yield gauge("peftserve_kv_blocks_total", "KV cache blocks in all", alloc.num_blocks)
+        yield gauge("peftserve_kv_blocks_cached", "KV blocks holding reusable prefix-cache KV (in use or idle)",
+                    alloc.num_cached)
+        yield gauge("peftserve_kv_blocks_cached_idle", "Cached KV blocks no sequence uses (evictable, LRU)",
+                    alloc.num_cached_idle)
+        yield CounterMetricFamily("peftserve_prefix_cache_evictions", "Cached KV blocks evicted to make room",
+                                  value=alloc.evictions)
         yield gauge("peftserve_adapter_slots_in_use", "Device adapter slots used by running sequences",
                     slots.num_in_use)
         yield gauge("peftserve_adapter_slots_total", "Device adapter slots", slots.num_slots)

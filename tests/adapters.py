@@ -77,3 +77,35 @@ def make_prompt_learning(base_dir: str, out_dir: str, kind: str, *, num_virtual_
                 p.normal_(0.0, 1.0 if "embedding" in name else 0.5)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def make_ia3(base_dir: str, out_dir: str, *, seed: int = 0, **cfg: Any) -> str:
+    """An IA3 adapter with random vectors (init_ia3_weights=False: N(0, 1) instead of ones), saved by peft."""
+    from peft import IA3Config
+
+    if os.path.isfile(os.path.join(out_dir, "adapter_config.json")):
+        return out_dir
+    torch.manual_seed(seed)
+    model = get_peft_model(load_base(base_dir), IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False, **cfg))
+    with torch.no_grad():  # around 1 with a large spread: visibly steers, never collapses the activations
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1.0 + 0.8 * torch.randn_like(p))
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_dora(base_dir: str, out_dir: str, *, r: int, targets: list[str] | str, seed: int = 0, **cfg: Any) -> str:
+    """A DoRA adapter (use_dora=True) with random A/B and a magnitude scaled away from the initial column norms."""
+    if os.path.isfile(os.path.join(out_dir, "adapter_config.json")):
+        return out_dir
+    torch.manual_seed(seed)
+    model = get_peft_model(load_base(base_dir), LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, use_dora=True, lora_dropout=0.0,
+        task_type="CAUSAL_LM", **cfg))
+    with torch.no_grad():  # at init m = ||W + sBA|| (DoRA == LoRA): move it so the magnitude matters
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(0.5 + torch.rand_like(p))
+    model.save_pretrained(out_dir)
+    return out_dir

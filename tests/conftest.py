@@ -23,3 +23,11 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("tiny-ckpts"))
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> str:
+    """SmolLM2-135M-Instruct as a checkpoint dir, fetched and converted once into the repo's .cache/."""
+    from tests.real_model import real_model_path
+
+    return real_model_path()

@@ -13,7 +13,7 @@ from server.config import settings_from_args
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server", *args], capture_output=True, text=True, timeout=60,
+    return subprocess.run([sys.executable, "-m", "server", *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
 
 

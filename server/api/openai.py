@@ -61,8 +61,12 @@ def _num_virtual(adapter: AdapterHandle | None) -> int:
 
 
 def build_params(state: ServerState, body: SamplingFields, prompt_ids: list[int], adapter: AdapterHandle | None,
-                 max_tokens: int | None, logprobs: int | None, prompt_param: str) -> SamplingParams:
+                 max_tokens: int | None, logprobs: int | None, prompt_param: str,
+                 max_tokens_param: str = "max_tokens") -> SamplingParams:
+    """Validate a request against the model and limits; errors name the field the client sent
+    (`max_tokens_param`: chat's max_completion_tokens when that is what it used)."""
     s = state.settings
+    mt = max_tokens_param
     if not prompt_ids:
         raise APIError(400, "the prompt is empty", param=prompt_param)
     vocab = state.model.vocab_size
@@ -76,11 +80,10 @@ def build_params(state: ServerState, body: SamplingFields, prompt_ids: list[int]
         max_tokens = min(16 if isinstance(body, CompletionRequest) else limit - used, s.max_tokens_limit)
     echo = isinstance(body, CompletionRequest) and body.echo
     if max_tokens < (0 if echo else 1):  # echo with max_tokens 0 scores the prompt alone
-        raise APIError(400, f"max_tokens must be at least 1 (0 only with echo), got {max_tokens}",
-                       param="max_tokens")
+        raise APIError(400, f"{mt} must be at least 1 (0 only with echo), got {max_tokens}", param=mt)
     if max_tokens > s.max_tokens_limit:
-        raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit {s.max_tokens_limit} "
-                            "(--max-tokens-limit)", param="max_tokens")
+        raise APIError(400, f"{mt} {max_tokens} exceeds this server's limit {s.max_tokens_limit} "
+                            "(--max-tokens-limit)", param=mt)
     extra = f" ({virtual} of them virtual tokens of adapter '{adapter.name}')" if virtual else ""
     if used >= limit:
         raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {used} "
@@ -88,7 +91,7 @@ def build_params(state: ServerState, body: SamplingFields, prompt_ids: list[int]
     if used + max_tokens > limit:
         raise APIError(400, f"This model's maximum context length is {limit} tokens; you requested "
                             f"{used + max_tokens} tokens ({used} in the prompt{extra}, {max_tokens} for the "
-                            "completion)", param="max_tokens", code="context_length_exceeded")
+                            f"completion, {mt})", param=mt, code="context_length_exceeded")
     if not 1 <= body.n <= s.max_n:
         raise APIError(400, f"n must be between 1 and {s.max_n} (--max-n), got {body.n}", param="n")
     stop = body.stop_list()
@@ -97,7 +100,7 @@ def build_params(state: ServerState, body: SamplingFields, prompt_ids: list[int]
     if any(not x for x in stop):
         raise APIError(400, "stop strings must not be empty", param="stop")
     if body.min_tokens > max_tokens:
-        raise APIError(400, f"min_tokens {body.min_tokens} exceeds max_tokens {max_tokens}", param="min_tokens")
+        raise APIError(400, f"min_tokens {body.min_tokens} exceeds {mt} {max_tokens}", param="min_tokens")
     return SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
         seed=body.seed, stop=tuple(stop), stop_token_ids=tuple(body.stop_token_ids or ()),
@@ -318,7 +321,7 @@ class _Format:
 
 async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None,
                  logprobs: int | None, prompt_param: str, fmt: Callable[[Any], _Format],
-                 prompt_logprobs: int | None = None) -> Any:
+                 max_tokens_param: str = "max_tokens", prompt_logprobs: int | None = None) -> Any:
     """Resolve the adapter, validate, run the choices, answer as JSON or SSE. The adapter reference is
     held until the last choice ends (for a stream: until the stream closes). What the request log and
     metrics need goes on `request.state` (server.api.context) as it becomes known."""
@@ -328,7 +331,7 @@ async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int], 
     adapter = await resolve_model(state, body.model)
     ctx.resolved, ctx.adapter = True, adapter.name if adapter is not None else None
     try:
-        params = build_params(state, body, prompt_ids, adapter, max_tokens, logprobs, prompt_param)
+        params = build_params(state, body, prompt_ids, adapter, max_tokens, logprobs, prompt_param, max_tokens_param)
         if prompt_logprobs is not None:
             params = replace(params, prompt_logprobs=prompt_logprobs)
         f = fmt(state.tokenizer)
@@ -452,7 +455,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         )
 
     scored_n = max(top_n, body.prompt_logprobs or 0) if body.scores_prompt else None
-    return await _serve(request, body, prompt_ids, body.max_tokens, body.logprobs, "prompt", fmt, scored_n)
+    return await _serve(request, body, prompt_ids, body.max_tokens, body.logprobs, "prompt", fmt,
+                        prompt_logprobs=scored_n)
 
 
 def render_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
@@ -481,6 +485,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         )
 
     prompt_ids = render_chat(get_state(request), body)
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    use_mct = body.max_completion_tokens is not None
+    max_tokens = body.max_completion_tokens if use_mct else body.max_tokens
     top = body.top_logprobs or 0
-    return await _serve(request, body, prompt_ids, max_tokens, top if body.logprobs else None, "messages", fmt)
+    return await _serve(request, body, prompt_ids, max_tokens, top if body.logprobs else None, "messages", fmt,
+                        "max_completion_tokens" if use_mct else "max_tokens")

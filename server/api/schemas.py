@@ -81,7 +81,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "\n".join(p.text for p in self.content)  # as vLLM joins text parts for string templates
 
 
 class ChatCompletionRequest(SamplingFields):

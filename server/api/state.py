@@ -36,12 +36,12 @@ class ServerState:
 
 
 def build_state(settings: Settings) -> ServerState:
-    """Load the base model (the embedded demo one when no --model), the start-up adapters, the engine."""
+    """Load the base model (from --model; SmolLM2-135M-Instruct when none), the start-up adapters, the engine."""
     import torch
 
     from adapters_store import AdapterStore
     from adapters_store.loader import load_adapter
-    from server.model.default_model import ensure_default_model
+    from server.model.resolve import resolve_model
     from server.model.runner import ModelRunner
     from server.threads import claim_for_engine, single_threaded
 
@@ -52,11 +52,8 @@ def build_state(settings: Settings) -> ServerState:
         raise SystemExit("peftserve: error: --device cuda: no CUDA device is available")
     # On CPU the engine thread gets every torch thread; model and adapter loading run on one.
     engine_threads = claim_for_engine() if device == "cpu" else None
-    if settings.model is None:
-        model_dir = ensure_default_model()
-        log.info("no --model given: serving the built-in demo model from %s", model_dir)
-    else:
-        model_dir = settings.model
+    resolved = resolve_model(settings.model)
+    model_dir = resolved.path
     runner = ModelRunner(
         model_dir,
         device=device,
@@ -67,6 +64,10 @@ def build_state(settings: Settings) -> ServerState:
         max_model_len=settings.max_model_len,
         max_adapters=settings.max_adapters,
         max_rank=settings.max_rank,
+        max_num_seqs=settings.max_num_seqs,
+        max_batch_tokens=max(settings.max_batch_tokens, settings.max_num_seqs),
+        attention_backend=settings.attention_backend,
+        enforce_eager=settings.enforce_eager,
     )
     m = runner.info
     # The one check that a request which fits --max-model-len fits the cache alone (+1 block: a prefix-tuning
@@ -77,7 +78,7 @@ def build_state(settings: Settings) -> ServerState:
                          f"of --max-model-len {m.max_model_len}: needs at least {need} blocks; lower --max-model-len "
                          "or raise --kv-cache-blocks / --kv-cache-fraction")
     engine = AsyncEngine(runner, max_num_seqs=settings.max_num_seqs, max_batch_tokens=settings.max_batch_tokens,
-                         torch_threads=engine_threads)
+                         torch_threads=engine_threads, prefix_caching=not settings.no_prefix_caching)
     info, max_rank = runner.info.shapes, settings.max_rank
 
     def load(path: Any) -> Any:  # runs in a worker thread of asyncio.to_thread
@@ -97,7 +98,7 @@ def build_state(settings: Settings) -> ServerState:
         loaded = load_adapter(path, info, max_rank=max_rank)
         registry.put(name, loaded, path=path)
         log.info("adapter %s (%s) loaded from %s", name, loaded.kind, path)
-    base_name = settings.served_model_name or m.name
+    base_name = settings.served_model_name or resolved.name
     if base_name in registry:  # /v1/models would list the id twice and the adapter be unreachable
         raise ValueError(f"adapter name {base_name!r} is also the base model's id; rename the adapter or pass "
                          "another --served-model-name")

@@ -102,6 +102,8 @@ class RequestStats:
     first_token_at: float | None
     finished_at: float
     num_preemptions: int
+    cache_queried_tokens: int = 0  # prefix cache: tokens looked up at the request's first admission
+    cache_hit_tokens: int = 0  # of which found cached (not prefilled)
 
 
 class EngineObserver:
@@ -149,7 +151,7 @@ InboxMessage = AddRequest | AbortRequest | CallInWorker
 
 class AsyncEngine:
     def __init__(self, runner: Runner, *, max_num_seqs: int, max_batch_tokens: int,
-                 torch_threads: int | None = None) -> None:
+                 torch_threads: int | None = None, prefix_caching: bool = True) -> None:
         self.runner = runner
         self.info: ModelInfo = runner.info
         self.torch_threads = torch_threads  # CPU threads of the worker (see server.threads)
@@ -159,7 +161,8 @@ class AsyncEngine:
         self.allocator = BlockAllocator(self.info.num_blocks, self.info.block_size)
         self.slots = SlotManager(self.info.max_adapters)
         self.scheduler = Scheduler(self.allocator, max_num_seqs=max_num_seqs,
-                                   max_batch_tokens=max_batch_tokens, slots=self.slots)
+                                   max_batch_tokens=max_batch_tokens, slots=self.slots,
+                                   prefix_caching=prefix_caching)
         self._eos = self.info.eos_token_ids
         self._inbox: queue.SimpleQueue[InboxMessage] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -245,8 +248,8 @@ class AsyncEngine:
             seq.adapter_key = adapter.key
             seq.num_virtual = adapter.adapter.virtual_tokens
             seq.num_prefix = adapter.adapter.prefix_tokens
-        req = Request(seq, IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.Queue(), loop,
-                      make_generator(params.seed))
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.min_tokens)
+        req = Request(seq, detok, asyncio.Queue(), loop, make_generator(params.seed))
         if params.prompt_logprobs is not None:
             req.scorer = PromptScorer(seq.prompt_ids, seq.num_virtual, params.prompt_logprobs)
         self._post(AddRequest(req))
@@ -479,7 +482,8 @@ class AsyncEngine:
         self._requests.pop(seq.request_id, None)
         if self.observers:
             stats = RequestStats(seq.request_id, req.adapter_name, len(seq.prompt_ids), len(seq.output_ids),
-                                 reason, seq.arrival, req.first_token_at, time.monotonic(), seq.num_preemptions)
+                                 reason, seq.arrival, req.first_token_at, time.monotonic(), seq.num_preemptions,
+                                 seq.num_cache_queried, seq.num_cache_hit)
             for ob in self.observers:
                 ob.on_request_done(stats)
 

@@ -3,7 +3,8 @@
 Each step: running sequences first (one decode token each, or their next prompt chunk), then
 waiting sequences join while the token budget, the sequence cap, KV blocks and adapter slots allow.
 When KV blocks run out the newest running sequence is preempted (blocks freed, recomputed later),
-never dropped.
+never dropped. With prefix caching on, a joining sequence starts from the longest run of cached full
+blocks of its tokens (prefix_cache.py), and full blocks are registered as soon as their KV is computed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from server.engine.block_manager import BlockAllocator
+from server.engine.prefix_cache import PrefixCache
 from server.engine.sequence import SeqStatus, Sequence
 from server.engine.slots import SlotManager
 
@@ -44,6 +46,7 @@ class Scheduler:
         max_num_seqs: int,
         max_batch_tokens: int,
         slots: SlotManager | None = None,
+        prefix_caching: bool = True,
     ) -> None:
         if max_batch_tokens < max_num_seqs:
             raise ValueError(f"max_batch_tokens={max_batch_tokens} must be >= max_num_seqs={max_num_seqs}")
@@ -56,6 +59,7 @@ class Scheduler:
         # KV blocks holding a prefix-tuning adapter's shared prefix, by device slot. They are taken
         # when the adapter is loaded and given back as soon as no running sequence uses it.
         self.slot_blocks: dict[int, list[int]] = {}
+        self.prefix_cache = PrefixCache(allocator) if prefix_caching else None
 
     # ---- membership -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -82,9 +86,12 @@ class Scheduler:
         seq.finish_reason = reason
 
     def _release(self, seq: Sequence) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.commit(seq)
         if seq.block_table:
-            self.allocator.free(seq.block_table)
+            self.allocator.free(reversed(seq.block_table))  # tail first: evicted before the shared head
             seq.block_table = []
+        seq.num_registered = 0
         seq.num_computed = 0
         if seq.slot >= 0 and self.slots is not None:
             self.slots.release(seq.slot)
@@ -117,6 +124,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_batch_tokens
+        if self.prefix_cache is not None:  # KV computed by the last step becomes reusable
+            for seq in self.running:
+                self.prefix_cache.commit(seq)
 
         # 1. Running sequences, oldest first; preempt the newest when blocks run out.
         i = 0
@@ -154,10 +164,14 @@ class Scheduler:
                 self.finish(seq, "error")
                 out.rejected.append(seq)
                 continue
-            if not self.allocator.can_allocate(total_blocks + prefix_blocks):
+            hits = self.prefix_cache.match(seq) if self.prefix_cache is not None else []
+            idle_hits = sum(1 for b in hits if self.allocator.refs(b) == 0)  # leave the allocatable pool
+            if not self.allocator.can_allocate(total_blocks - len(hits) + idle_hits + prefix_blocks):
                 break
-            n = min(seq.num_tokens, budget)
-            if not self._ensure_blocks(seq, n):  # cannot happen after the check above; never run uncovered
+            self._reuse(seq, hits)
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._ensure_blocks(seq, seq.num_computed + n):  # cannot happen after the check above
+                self._release(seq)
                 break
             self.waiting.popleft()
             if seq.adapter_key is not None and self.slots is not None:
@@ -169,7 +183,16 @@ class Scheduler:
                     out.loads.append((slot, seq))
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            out.chunks.append(ScheduledChunk(seq, 0, n, n == seq.num_tokens))
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed, n, seq.num_computed + n == seq.num_tokens))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
         return out
+
+    def _reuse(self, seq: Sequence, hits: list[int]) -> None:
+        """Start a joining sequence on its cached blocks: referenced, counted as computed."""
+        if self.prefix_cache is None:
+            return
+        self.allocator.touch(hits)
+        seq.block_table = list(hits)
+        seq.num_computed = len(hits) * self.allocator.block_size
+        self.prefix_cache.admitted(seq, len(hits))

@@ -60,6 +60,12 @@ class Sequence:
     finish_reason: str | None = None
     slot: int = -1  # device slot of the adapter while running (-1 = base / none)
     num_preemptions: int = 0
+    # Prefix caching (prefix_cache.py): content keys of the full blocks so far, how many blocks of
+    # block_table are registered in the cache, and what the first admission queried / found cached.
+    block_keys: list[bytes] = field(default_factory=list)
+    num_registered: int = 0
+    num_cache_queried: int = 0
+    num_cache_hit: int = 0
 
     @property
     def all_ids(self) -> list[int]:

@@ -14,12 +14,15 @@ from server.families.base import (
     DeviceForm,
     Family,
 )
+from server.families.bottleneck import Bottleneck, is_adapterhub_config
+from server.families.dora import DoRA
+from server.families.ia3 import IA3
 from server.families.lora import LoRA
 from server.families.prefix import PrefixTuning
 from server.families.prompt import PromptTuning
 
-LORA, PREFIX, PROMPT = LoRA(), PrefixTuning(), PromptTuning()
-BUILTIN: tuple[AdapterFamily, ...] = (LORA, PREFIX, PROMPT)
+LORA, DORA, PREFIX, PROMPT, IA3_, BOTTLENECK = LoRA(), DoRA(), PrefixTuning(), PromptTuning(), IA3(), Bottleneck()
+BUILTIN: tuple[AdapterFamily, ...] = (LORA, DORA, PREFIX, PROMPT, IA3_, BOTTLENECK)
 _by_peft_type: dict[str, AdapterFamily] = {}
 
 
@@ -39,6 +42,13 @@ def unregister(family: AdapterFamily) -> None:
             del _by_peft_type[t]
 
 
+def config_peft_type(cfg: dict) -> object:
+    """The family key of an adapter_config.json: its `peft_type`, or BOTTLENECK for AdapterHub's format."""
+    if "peft_type" not in cfg and is_adapterhub_config(cfg):
+        return BOTTLENECK.peft_types[0]
+    return cfg.get("peft_type")
+
+
 def family_for(peft_type: object) -> AdapterFamily | None:
     """The family that parses adapters of `peft_type`, or None."""
     return _by_peft_type.get(peft_type) if isinstance(peft_type, str) else None
@@ -53,6 +63,6 @@ for _f in BUILTIN:
     register(_f)
 
 __all__ = [
-    "Adapter", "AdapterFamily", "AdapterSpec", "BUILTIN", "DeviceContext", "DeviceForm", "Family", "LORA", "PREFIX",
-    "PROMPT", "family_for", "peft_types", "register", "unregister",
+    "Adapter", "AdapterFamily", "AdapterSpec", "BOTTLENECK", "BUILTIN", "DORA", "DeviceContext", "DeviceForm", "Family",
+    "IA3_", "LORA", "PREFIX", "PROMPT", "config_peft_type", "family_for", "peft_types", "register", "unregister",
 ]

@@ -51,8 +51,11 @@ class Family(enum.StrEnum):
     """The built-in families, each named once (the value is what listings show as the adapter's type)."""
 
     LORA = "lora"
+    DORA = "dora"
     PREFIX = "prefix"
     PROMPT = "prompt"
+    IA3 = "ia3"
+    BOTTLENECK = "bottleneck"
 
 
 @dataclass(frozen=True)
@@ -116,10 +119,15 @@ class AdapterFamily(ABC):
 
     name: ClassVar[str]  # shown as the adapter's type in listings
     peft_types: ClassVar[tuple[str, ...]]  # adapter_config.json `peft_type` values this family parses
+    weights_name: ClassVar[str] = "adapter_model.safetensors"  # the one safetensors file of its tensors
+    optional_files: ClassVar[tuple[str, ...]] = ()  # other files that may come with it (see check_files)
 
     @abstractmethod
     def parse(self, cfg: dict[str, Any], base: BaseModelInfo, *, max_rank: int) -> AdapterSpec:
         """Validate the family's own config keys against `base`; AdapterError naming the key if refused."""
+
+    def check_files(self, files: dict[str, bytes]) -> None:  # noqa: B027 (optional: most families have none)
+        """Check the `optional_files` that came with an adapter (name -> bytes); AdapterError if refused."""
 
     @abstractmethod
     def load(self, spec: AdapterSpec, tensors: dict[str, torch.Tensor], base: BaseModelInfo) -> Adapter:

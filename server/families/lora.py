@@ -105,7 +105,11 @@ class LoRA(AdapterFamily):
     name = Family.LORA
     peft_types = ("LORA",)
 
-    def parse(self, cfg: dict[str, Any], base: BaseModelInfo, *, max_rank: int) -> LoraSpec:
+    def parse(self, cfg: dict[str, Any], base: BaseModelInfo, *, max_rank: int) -> AdapterSpec:
+        if bool_field(cfg, "use_dora"):  # DoRA is its own family (server/families/dora.py) behind peft's LORA type
+            from server.families import DORA
+
+            return DORA.parse(cfg, base, max_rank=max_rank)
         return parse_lora(cfg, base, max_rank)
 
     def load(self, spec: AdapterSpec, tensors: dict[str, torch.Tensor], base: BaseModelInfo) -> LoraAdapter:
@@ -149,7 +153,7 @@ def _layer_index(key: str, layers_pattern: Any) -> int | None:
     return int(match.group("idx")) if match else None
 
 
-def _is_targeted(cfg: dict[str, Any], target: list[str] | str, key: str) -> bool:
+def is_targeted(cfg: dict[str, Any], target: list[str] | str, key: str) -> bool:
     """peft's check_target_module_exists, for the options we accept."""
     exclude = cfg.get("exclude_modules")
     if exclude:
@@ -188,7 +192,7 @@ def _check_regex(value: str, key: str) -> None:
         raise AdapterError(f"{key} {value!r} is not a valid regular expression: {e}", field=key) from None
 
 
-def _parse_target_modules(cfg: dict[str, Any], base: BaseModelInfo) -> list[str] | str:
+def parse_target_modules(cfg: dict[str, Any], base: BaseModelInfo) -> list[str] | str:
     target = cfg.get("target_modules")
     if target == ALL_LINEAR or target == [ALL_LINEAR]:
         return list(LORA_MODULES)
@@ -285,13 +289,13 @@ def parse_lora(cfg: dict[str, Any], base: BaseModelInfo, max_rank: int) -> LoraS
             raise AdapterError(f"{key} {value!r} is invalid: must be a string or a list of strings", field=key)
         if isinstance(value, str) and key == "exclude_modules":
             _check_regex(value, key)
-    target = _parse_target_modules(cfg, base)
+    target = parse_target_modules(cfg, base)
 
     modules: dict[tuple[int, str], LoraModuleSpec] = {}
     for layer in range(base.num_layers):
         for short in LORA_MODULES:
             key = f"model.layers.{layer}.{base.module_parent(short)}.{short}"
-            if not _is_targeted(cfg, target, key):
+            if not is_targeted(cfg, target, key):
                 continue
             r_key = _pattern_key(rank_pattern, key)
             a_key = _pattern_key(alpha_pattern, key)

@@ -11,11 +11,12 @@ not greater than its own (and within the sliding window, if the layer has one).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from kernels import LoRAMeta
+from server.model.step_buffers import PagedAttnMeta, StepBuffers, paged_meta
 
 
 @dataclass
@@ -61,6 +62,7 @@ class StepBatch:
     decode_len: torch.Tensor | None  # [S] context length (prefix included); the query is the last
     prefills: list[PrefillPart]
     _masks: dict = field(default_factory=dict)
+    attn: PagedAttnMeta | None = None  # block-table metadata for the paged kernels (Triton backend)
 
     @property
     def num_tokens(self) -> int:
@@ -160,12 +162,17 @@ def _check(c: SeqChunk, num_blocks: int, block_size: int, max_model_len: int, ma
 
 def build_step(chunks: list[SeqChunk], *, block_size: int, num_blocks: int, max_model_len: int,
                max_adapters: int, hidden: int, vocab_size: int, device: torch.device,
-               row_slots: frozenset[int] | None = None) -> StepBatch:
+               row_slots: frozenset[int] | None = None, buffers: StepBuffers | None = None,
+               paged: bool = False) -> StepBatch:
     """Validate the chunks and lay them out as one flat batch.
 
     `row_slots`: the adapter slots whose family has per-row hooks (`server.model.hooks`); only their
     rows form segments (None: every adapter slot does). Other adapters' rows count as base rows there.
+    With `buffers`, the step's index tensors are views into its preallocated buffers (capture-ready);
+    with `paged`, block-table metadata for the paged attention kernels is added (needs `buffers`).
     """
+    if paged and buffers is None:
+        raise ValueError("build_step: paged attention metadata lives in step buffers; pass buffers")
     num_slots = num_blocks * block_size
     for c in chunks:
         _check(c, num_blocks, block_size, max_model_len, max_adapters, num_slots, hidden, vocab_size)
@@ -179,6 +186,7 @@ def build_step(chunks: list[SeqChunk], *, block_size: int, num_blocks: int, max_
     logit_rows: list[list[int]] = [[] for _ in chunks]
     decode: list[tuple[int, SeqChunk]] = []
     prefills: list[PrefillPart] = []
+    placed: list[tuple[int, SeqChunk]] = []
     for i in order:
         c = chunks[i]
         row, n = len(tokens), len(c.token_ids)
@@ -193,9 +201,12 @@ def build_step(chunks: list[SeqChunk], *, block_size: int, num_blocks: int, max_
             logit_rows[i] = list(range(row + c.logits_from, row + n))
         elif c.want_logits:
             logit_rows[i] = [row + n - 1]
+        placed.append((row, c))
         p = len(c.prefix_slots) if c.prefix_slots else 0
         if n == 1:
             decode.append((row, c))
+            continue
+        if paged:  # the kernels read block tables; the twin's gather indices are not needed
             continue
         q_idx = torch.arange(p + c.start_pos, p + c.start_pos + n, device=device)
         ctx = None
@@ -207,25 +218,39 @@ def build_step(chunks: list[SeqChunk], *, block_size: int, num_blocks: int, max_
         prefills.append(PrefillPart(rows=slice(row, row + n), ctx=ctx, q_idx=q_idx))
 
     decode_rows = decode_ctx = decode_len = None
-    if decode:
+    if decode and not paged:
         decode_ctx, decode_len = _decode_context([c for _, c in decode], block_size)
         decode_ctx, decode_len = decode_ctx.to(device), decode_len.to(device)
         decode_rows = torch.tensor([r for r, _ in decode], dtype=torch.int64, device=device)
 
     active = tuple(sorted({s for s in token_slots if s >= 0}))
-    meta = LoRAMeta.from_token_slots(token_slots, device=device) if active else None
     logits_rows = [r for rows in logit_rows for r in rows]
-    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)
+    attn = None
+    if buffers is None:
+        meta = LoRAMeta.from_token_slots(token_slots, device=device) if active else None
+        put = lambda _name, xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+    else:
+        width = max(-(-(c.start_pos + len(c.token_ids)) // block_size)
+                    + -(-len(c.prefix_slots or []) // block_size) for c in chunks)
+        buffers.ensure(len(tokens), len(chunks), width)
+        put = buffers.put
+        meta = None
+        if active:  # segments on the host; the one tensor the kernels read goes into its buffer
+            meta = LoRAMeta.from_token_slots(token_slots, device="cpu")
+            meta = replace(meta, token_indices=put("lora_rows", meta.token_indices.tolist()))
+        if paged:
+            attn = paged_meta(placed, block_size, buffers)
     return StepBatch(
-        token_ids=as_tensor(tokens),
-        positions=as_tensor(positions),
-        write_slots=as_tensor(write),
+        token_ids=put("token_ids", tokens),
+        positions=put("positions", positions),
+        write_slots=put("write_slots", write),
         embeds=embeds,
         segments=meta,
         active_slots=active,
-        logits_rows=as_tensor(logits_rows),
+        logits_rows=put("logits_rows", logits_rows),
         decode_rows=decode_rows,
         decode_ctx=decode_ctx,
         decode_len=decode_len,
         prefills=prefills,
+        attn=attn,
     )

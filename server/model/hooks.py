@@ -42,9 +42,11 @@ class StepHooks:
     def project_output(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor, batch: StepBatch) -> None:
         """Update the projection's output y [T, out] (x [T, in] is its input) in place."""
 
-    def block_output(self, layer: int, block: str, x: torch.Tensor, out: torch.Tensor, batch: StepBatch
+    def block_output(self, layer: int, block: str, h: torch.Tensor, out: torch.Tensor, batch: StepBatch
                      ) -> torch.Tensor:
-        """The output [T, hidden] of the attention or MLP block before the residual add (x: its input)."""
+        """The output [T, hidden] of the attention or MLP block before the residual add (the block's new
+        residual stream is h + the returned tensor; h [T, hidden]: the residual stream entering the block,
+        before its norm). Return `out` itself or a new tensor; `h` must not be changed."""
         return out
 
 
@@ -86,6 +88,8 @@ class DeviceContext:
     device: torch.device
     kv_cache: Any
     base_weight: Callable[[int, str], torch.Tensor]
+    # the projection's frozen bias [out] (a view), or None where it has none (DoRA rescales the output without it)
+    base_bias: Callable[[int, str], torch.Tensor | None] | None = None
 
 
 class ResidentForm(Protocol):

@@ -19,11 +19,11 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def resolve_dtype(dtype: str, device: str, checkpoint_dtype: str | None) -> torch.dtype:
-    """float32/float16/bfloat16, or "auto": the checkpoint's dtype on CUDA, float32 elsewhere (CPU half is
-    slow and less exact)."""
+    """float32/float16/bfloat16, or "auto": on CUDA bfloat16 (float16 for a float16 checkpoint), float32
+    elsewhere (CPU half is slow and less exact)."""
     if dtype == "auto":
-        if torch.device(device).type == "cuda" and checkpoint_dtype in _DTYPES:
-            return _DTYPES[checkpoint_dtype]
+        if torch.device(device).type == "cuda":
+            return torch.float16 if checkpoint_dtype == "float16" else torch.bfloat16
         return torch.float32
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of: auto, {', '.join(_DTYPES)}")

@@ -12,13 +12,13 @@ import torch
 from server.model.spec import ModelSpec
 
 
-def rope_inv_freq(spec: ModelSpec, max_model_len: int) -> torch.Tensor:
-    """Inverse frequencies [head_dim // 2] in fp32 for the spec's rope type.
+def rope_inv_freq(spec: ModelSpec, max_model_len: int, rope: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] in fp32 for the spec's rope type (or `rope`, one layer's own).
 
     "dynamic" NTK scaling only changes anything past max_position_embeddings, where HF makes it depend
     on the longest sequence in the batch; a serving batch has no such thing, so we refuse that range.
     """
-    p = spec.rope
+    p = spec.rope if rope is None else rope
     dim = spec.head_dim
     inv = 1.0 / (p["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     kind = p["rope_type"]

@@ -4,17 +4,34 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from server.model.batch import SeqChunk, build_step
+from server.model.cuda_graphs import DecodeGraphs
 from server.model.decoder import Decoder
 from server.model.hooks import NO_HOOKS, ActiveHooks, AdapterLike, DeviceContext, FamilyLike, ResidentForm, has_hooks
 from server.model.kv_cache import PagedKVCache, default_num_blocks
 from server.model.loader import eos_token_ids, load_spec, load_state_dict, load_tokenizer, resolve_dtype
 from server.model.shapes import BaseModelInfo
+from server.model.step_buffers import StepBuffers
 
-__all__ = ["ModelInfo", "ModelRunner", "SeqChunk"]
+__all__ = ["ModelInfo", "ModelRunner", "SeqChunk", "resolve_attention_backend"]
+
+ATTENTION_BACKENDS = ("auto", "triton", "torch")
+
+
+def resolve_attention_backend(backend: str, device: torch.device) -> str:
+    """auto: the Triton paged kernels on CUDA, the torch twin elsewhere. `triton` off CUDA runs the kernels
+    through Triton's CPU interpreter (tests), which must be switched on before triton is imported."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend {backend!r} invalid; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("attention_backend 'triton' on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter)")
+    return backend
 
 
 @dataclass(frozen=True)
@@ -40,7 +57,9 @@ class ModelRunner:
 
     def __init__(self, model_dir: str, *, device: str = "cpu", dtype: str = "auto", block_size: int = 16,
                  num_blocks: int | None = None, kv_cache_fraction: float = 0.5,
-                 max_model_len: int | None = None, max_adapters: int = 4, max_rank: int = 64) -> None:
+                 max_model_len: int | None = None, max_adapters: int = 4, max_rank: int = 64,
+                 max_num_seqs: int = 64, max_batch_tokens: int = 2048, attention_backend: str = "auto",
+                 enforce_eager: bool = False) -> None:
         spec, hf_config = load_spec(model_dir)
         self.spec = spec
         self.device = torch.device(device)
@@ -60,7 +79,14 @@ class ModelRunner:
             if num_blocks is None:
                 num_blocks = default_num_blocks(spec, self.dtype, self.device, block_size, max_model_len,
                                                 kv_cache_fraction)
-            self.kv_cache = PagedKVCache(spec, num_blocks, block_size, self.dtype, self.device)
+            self.attention_backend = resolve_attention_backend(attention_backend, self.device)
+            # CUDA graphs replay decode steps of the paged kernels; padding rows write one scratch block
+            # past the engine's num_blocks (never handed out)
+            use_graphs = self.device.type == "cuda" and not enforce_eager and self.attention_backend == "triton"
+            self.kv_cache = PagedKVCache(spec, num_blocks + int(use_graphs), block_size, self.dtype, self.device)
+            # +1 block: a prefix-tuning prefix that is not a multiple of the block size
+            self.buffers = StepBuffers(max(max_batch_tokens, max_num_seqs), max_num_seqs,
+                                       -(-max_model_len // block_size) + 1, self.device)
         self.info = ModelInfo(
             name=os.path.basename(os.path.normpath(model_dir)), shapes=spec.base_info(),
             vocab_size=spec.vocab_size, max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
@@ -72,6 +98,8 @@ class ModelRunner:
         self._owner: list[ResidentForm | None] = [None] * max_adapters  # device form holding each slot
         self._row_forms: set[int] = set()  # ids of the forms that have per-row hooks
         self._hooks: dict[frozenset[int], ActiveHooks] = {}
+        self.graphs = (DecodeGraphs(self._forward, self.buffers, max_num_seqs, num_blocks, block_size,
+                                    capture=True) if use_graphs else None)
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Compute one step; returns fp32 logits [rows, vocab] in chunk order: one row per chunk with
@@ -89,8 +117,15 @@ class ModelRunner:
             batch = build_step(chunks, block_size=info.block_size, num_blocks=info.num_blocks,
                                max_model_len=info.max_model_len, max_adapters=info.max_adapters,
                                hidden=self.spec.hidden_size, vocab_size=info.vocab_size, device=self.device,
-                               row_slots=row_slots)
-            return self.decoder.forward(batch, self.kv_cache, self._active_hooks(batch.active_slots))
+                               row_slots=row_slots, buffers=self.buffers, paged=self.attention_backend == "triton")
+            if self.graphs is not None:
+                logits = self.graphs.try_run(batch)
+                if logits is not None:
+                    return logits
+            return self._forward(batch)
+
+    def _forward(self, batch: Any) -> torch.Tensor:
+        return self.decoder.forward(batch, self.kv_cache, self._active_hooks(batch.active_slots))
 
     def _with_adapter(self, c: SeqChunk) -> SeqChunk:
         slot = c.adapter_slot
@@ -121,7 +156,7 @@ class ModelRunner:
             info = self.info
             ctx = DeviceContext(shapes=info.shapes, max_adapters=info.max_adapters, max_rank=info.max_rank,
                                 dtype=self.dtype, device=self.device, kv_cache=self.kv_cache,
-                                base_weight=self.decoder.base_weight)
+                                base_weight=self.decoder.base_weight, base_bias=self.decoder.base_bias)
             with torch.inference_mode():
                 form = self._forms[family] = family.device_form(ctx)
             if has_hooks(form):  # type: ignore[arg-type]

@@ -67,7 +67,6 @@ def _lora(**kw: Any) -> dict[str, Any]:
 REFUSALS = [
     (_lora(r=128), "r", ["rank 128", "--max-rank 64"]),
     (_lora(rank_pattern={"q_proj": 100}), "rank_pattern['q_proj']", ["rank 100", "--max-rank 64"]),
-    (_lora(use_dora=True), "use_dora", ["use_dora", "DoRA"]),
     (_lora(modules_to_save=["lm_head"]), "modules_to_save", ["modules_to_save", "lm_head"]),
     (_lora(target_modules=["q_proj", "lm_head"]), "target_modules", ["'lm_head'", "supported modules"]),
     (_lora(target_modules=["embed_tokens"]), "target_modules", ["'embed_tokens'", "embeddings"]),
@@ -83,7 +82,7 @@ REFUSALS = [
     (_lora(r=0), "r", ["r 0", ">= 1"]),
     (_lora(target_modules=None), "target_modules", ["target_modules None"]),
     (_lora(auto_map={"AutoModel": "evil.Model"}), "auto_map", ["auto_map", "remote code"]),
-    ({"peft_type": "IA3", "target_modules": ["q_proj"]}, "peft_type", ["'IA3'", "LORA, PREFIX_TUNING"]),
+    ({"peft_type": "LOHA", "target_modules": ["q_proj"]}, "peft_type", ["'LOHA'", "LORA, DORA, PREFIX_TUNING", "IA3"]),
     ({"peft_type": None}, "peft_type", ["None", "PROMPT_TUNING"]),
     (_lora(task_type="SEQ_CLS"), "task_type", ["'SEQ_CLS'", "CAUSAL_LM"]),
     ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4, "num_layers": 2, "num_attention_heads": 4,

@@ -66,10 +66,10 @@ def test_conflicts_and_versions(lora_dir: Path, llama_base, tmp_path: Path) -> N
 def test_invalid_adapters_leave_nothing(lora_dir: Path, llama_base, tmp_path: Path) -> None:
     store = AdapterStore(tmp_path / "s")
     files = _files(lora_dir)
-    bad_cfg = {**files, "adapter_config.json": json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True,
+    bad_cfg = {**files, "adapter_config.json": json.dumps({"peft_type": "LORA", "r": 4, "bias": "all",
                                                            "target_modules": ["q_proj"]}).encode()}
     cases = [
-        (bad_cfg, "use_dora"),
+        (bad_cfg, "bias 'all'"),
         ({**files, "adapter_model.safetensors": b"\xff" * 16}, "not a valid safetensors"),
         ({"adapter_config.json": files["adapter_config.json"]}, "adapter_model.safetensors is missing"),
         ({**files, "adapter_model.bin": b"x"}, "pickled"),

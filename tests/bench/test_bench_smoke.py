@@ -21,12 +21,11 @@ def _run(module: str, args: list[str], tmp_path: Path) -> str:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # CPU runs the torch twins; nothing here launches a Triton kernel
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=540)  # a hang detector: a busy 1-core CI box takes minutes
     assert proc.returncode == 0, f"{module} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
-@pytest.mark.timeout(150)
 def test_throughput_tiny(tmp_path: Path) -> None:
     out_json = tmp_path / "throughput.json"
     out = _run("bench.throughput", [*TINY, "--num-requests", "4", "--prompt-len", "8", "--output-len", "4",
@@ -37,10 +36,9 @@ def test_throughput_tiny(tmp_path: Path) -> None:
     assert result["peftserve"]["tokens"] == 16
 
 
-@pytest.mark.timeout(150)
 def test_mixed_adapters_quick(tmp_path: Path) -> None:
     out_json = tmp_path / "mixed.json"
-    out = _run("bench.mixed_adapters", ["--quick", "--json", str(out_json)], tmp_path)
+    out = _run("bench.mixed_adapters", ["--quick", "--skip-families", "--json", str(out_json)], tmp_path)
     assert "== mixed adapters" in out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("workload"))
@@ -51,3 +49,40 @@ def test_mixed_adapters_quick(tmp_path: Path) -> None:
     result = json.loads(out_json.read_text())
     assert {r["name"] for r in result["rows"]} >= {"ours base", "ours LoRA K=2", "peft one-at-a-time K=2"}
     assert all(r["tok_per_s"] > 0 for r in result["rows"])
+
+
+@pytest.mark.timeout(150)
+def test_bench_attention_dry_run_and_summary(tmp_path: Path) -> None:
+    """The GPU script's attention bench runs on CPU (interpreter) and agrees with the twin; the summary
+    marks what a CPU cannot measure as n/a rather than inventing a figure."""
+    out_json = tmp_path / "bench_attention.json"
+    out = _run("bench.bench_attention", ["--dry-run", "--out", str(out_json)], tmp_path)
+    assert "GB/s" in out
+    result = json.loads(out_json.read_text())
+    assert len(result["results"]) == 4
+    assert all(r["max_abs_err"] < 1e-4 and r["pct_of_peak"] is None for r in result["results"])
+    summary = _run("bench.gpu_summary", [str(tmp_path)], tmp_path)
+    assert "| paged decode attention % of HBM peak at 4k (best batch) | - | >= 70 % | n/a |" in summary
+    assert "| mixed 64 adapters / base tokens/s | - | >= 0.8 | n/a | not run |" in summary
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert [t["met"] for t in saved["targets"]] == [None, None, None, None]
+
+
+@pytest.mark.timeout(300)
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path: Path) -> None:
+    """Real Triton (not the interpreter) compiles the paged decode kernels to sm_90 cubins here."""
+    out = _run("bench.compile_check", ["--quick"], tmp_path)
+    assert "compile_check: 2 kernels compiled for sm_90" in out
+
+
+@pytest.mark.timeout(300)
+def test_mixed_adapters_quick_new_families(tmp_path: Path) -> None:
+    out_json = tmp_path / "families.json"
+    out = _run("bench.mixed_adapters", ["--quick", "--skip-peft", "--skip-prompt-learning", "--json", str(out_json)],
+               tmp_path)
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("workload"))
+    for name in ("ours IA3 K=2", "ours DoRA K=2", "ours bottleneck K=1", "ours bottleneck K=2"):
+        assert any(line.startswith(name) for line in lines[header:]), (name, out)
+    result = json.loads(out_json.read_text())
+    assert not result["failures"] and all(r["tok_per_s"] > 0 for r in result["rows"])

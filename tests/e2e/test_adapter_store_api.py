@@ -186,7 +186,7 @@ BAD_CASES = {
     "pickle": ("p1", lambda f: {CFG: f[CFG], "adapter_model.bin": b"\x80\x04K."}, "files", 422, "pickle"),
     "missing-config": ("p2", lambda f: {WTS: f[WTS]}, "files", 400, CFG),
     "config-not-json": ("p3", lambda f: {**f, CFG: b"{not json"}, "files", 400, "JSON"),
-    "peft-type": ("p4", lambda f: _cfg(f, peft_type="IA3"), "files", 422, "PROMPT_TUNING"),
+    "peft-type": ("p4", lambda f: _cfg(f, peft_type="LOHA"), "files", 422, "PROMPT_TUNING"),
     "header-past-end": ("p5", lambda f: {**f, WTS: _corrupt_header_past_end(f[WTS])}, "files", 400, "header"),
     "overlap": ("p6", lambda f: {**f, WTS: _overlapping_offsets(f[WTS])}, "files", 400, "overlap"),
     "shape": ("p7", lambda f: {**f, WTS: _with_tensors(f[WTS], _wrong_shape)}, "files", 422, "shape"),

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.server_utils import live_server
 from tests.tiny import make_tiny_checkpoint
+from tests.waits import async_wait_for, engine_settled, hold_first_step_until, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +53,9 @@ async def post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
         return await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies))
 
 
-def free_blocks_settle(srv, timeout: float = 5.0) -> int:
-    import time
-
-    deadline = time.time() + timeout
+def free_blocks_settle(srv) -> int:
     eng = srv.state.engine
-    while time.time() < deadline and (eng.num_requests or eng.allocator.num_used):
-        time.sleep(0.02)
+    wait_for(engine_settled(eng), "every request to leave the engine and free its blocks")
     return eng.allocator.num_free
 
 
@@ -79,11 +76,14 @@ def test_late_arrival_does_not_change_running_requests(srv, hf):
 
     async def scenario():
         async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+            eng = srv.state.engine
+            # the five go into one step (held until all are in the engine); then, while they decode, one more
+            hold_first_step_until(eng, lambda: eng.in_flight == 5, "the first five requests in the engine")
             first = [asyncio.create_task(c.post("/v1/completions", json=completion(p, 24))) for p in ps[:5]]
-            # wait until they are decoding, then add one more
-            while srv.state.engine.num_running < 5:
-                await asyncio.sleep(0.01)
-            assert srv.state.engine.steps > 0
+            await async_wait_for(lambda: eng.num_running == 5 and all(s.output_ids for s in eng.scheduler.running),
+                                 "the first five requests to be decoding")
+            # hold the next step until the late request is in the engine: it joins the running five
+            hold_first_step_until(eng, lambda: eng.in_flight == 6, "the late request in the engine")
             late = await c.post("/v1/completions", json=completion(ps[5], 8))
             return [await t for t in first], late
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import time
 
 import httpx
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from tests.adapters import greedy_recompute, make_lora, make_prompt_learning, peft_model, token_logprobs
 from tests.server_utils import live_server
 from tests.tiny import make_tiny_checkpoint
+from tests.waits import engine_settled, wait_for
 
 N_TOKENS = 6
 KINDS = {
@@ -64,9 +64,7 @@ def test_prompt_learning_mixed_with_lora_matches_peft(tiny_root, arch):
                      kv_cache_blocks=256, block_size=4, max_adapters=8, max_num_seqs=32) as srv:
         eng = srv.state.engine
         resps = asyncio.run(fire(srv.url))
-        deadline = time.time() + 5
-        while (eng.num_requests or eng.allocator.num_used) and time.time() < deadline:
-            time.sleep(0.02)
+        wait_for(engine_settled(eng), "every request to finish and free its blocks")
         assert eng.allocator.num_used == 0  # sequences and idle prefixes gave every block back
     for (name, i), r in zip(jobs, resps, strict=True):
         assert r.status_code == 200, r.text

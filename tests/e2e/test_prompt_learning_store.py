@@ -11,6 +11,7 @@ import pytest
 from tests.adapters import greedy_recompute, make_prompt_learning, peft_model
 from tests.server_utils import live_server
 from tests.tiny import make_tiny_checkpoint
+from tests.waits import async_wait_for, hold_first_step_until
 
 FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -56,9 +57,10 @@ def test_upload_serve_and_prefix_blocks_are_shared(setup, tmp_path):
                                 ids += json.loads(line[6:])["choices"][0]["token_ids"]
                     return ids
 
+                # all six in one step (the first step is held until they are in the engine), so all six run at once
+                hold_first_step_until(eng, lambda: eng.in_flight == len(prompts), "every request in the engine")
                 tasks = [asyncio.create_task(one(p)) for p in prompts]
-                while eng.num_running < len(prompts) and not all(t.done() for t in tasks):
-                    await asyncio.sleep(0.005)
+                await async_wait_for(lambda: eng.num_running == len(prompts), "all six sequences to be running")
                 # all six sequences running on one prefix adapter: its blocks are held once, not six times
                 running = list(eng.scheduler.running)
                 seen["prefix_slots"] = len(eng.scheduler.slot_blocks)

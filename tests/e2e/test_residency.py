@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
+import threading
 
 from tests.adapters import make_lora
 from tests.server_utils import live_server
 from tests.tiny import make_tiny_checkpoint
+from tests.waits import EngineGate, async_wait_for
 
 FILES = ("adapter_config.json", "adapter_model.safetensors")
-LOAD_DELAY = 1.0
 
 
 def test_disk_load_runs_off_the_engine_loop(tiny_root, tmp_path):
@@ -25,9 +25,11 @@ def test_disk_load_runs_off_the_engine_loop(tiny_root, tmp_path):
     with live_server(**settings) as srv:  # a restart: the adapter is on disk only
         reg = srv.state.registry
         real_loader = reg._loader
+        loading, release = threading.Event(), threading.Event()
 
-        def slow_loader(path):  # the real loader, made slow (a big adapter on a slow disk)
-            time.sleep(LOAD_DELAY)
+        def slow_loader(path):  # the real loader, held until the test has seen decoding go on without it
+            loading.set()
+            assert release.wait(120), "the test never released the disk load"
             return real_loader(path)
 
         reg._loader = slow_loader
@@ -36,7 +38,7 @@ def test_disk_load_runs_off_the_engine_loop(tiny_root, tmp_path):
 
         async def scenario():
             async with srv.async_client() as ac:
-                arrivals: list[float] = []
+                tokens: list[int] = []
 
                 async def base_stream() -> None:
                     async with ac.stream("POST", "/v1/completions", json={
@@ -44,22 +46,33 @@ def test_disk_load_runs_off_the_engine_loop(tiny_root, tmp_path):
                             "stream": True}) as s:
                         async for line in s.aiter_lines():
                             if line.startswith("data: {"):
-                                arrivals.append(time.monotonic())
+                                tokens.append(1)
 
                 stream = asyncio.create_task(base_stream())
-                while len(arrivals) < 3:
-                    await asyncio.sleep(0.005)
-                t0 = time.monotonic()
-                r = await ac.post("/v1/completions", json={"model": "cold", "prompt": [4, 5], "max_tokens": 2})
-                t1 = time.monotonic()
+                cold = None
+                try:
+                    await async_wait_for(lambda: len(tokens) >= 3, "the base stream to start")
+                    gate = EngineGate(srv.state.engine)  # the stream stays mid-way until the load has begun
+                    try:
+                        cold = asyncio.create_task(ac.post("/v1/completions", json={
+                            "model": "cold", "prompt": [4, 5], "max_tokens": 2}))
+                        await async_wait_for(loading.is_set, "the cold adapter's disk load to start")
+                        at_load = len(tokens)
+                    finally:
+                        gate.open()
+                    # the load is held: the base stream must keep decoding meanwhile
+                    await async_wait_for(lambda: len(tokens) >= at_load + 10,
+                                         "the base stream to decode 10 tokens while a disk load is in progress")
+                    assert not cold.done()  # ... while the cold request really waited for its load
+                finally:
+                    release.set()
+                r = await cold
                 await stream
-                return r, t0, t1, arrivals
+                return r, len(tokens)
 
-        r, t0, t1, arrivals = asyncio.run(scenario())
-        assert r.status_code == 200
-        assert t1 - t0 >= LOAD_DELAY  # the request did wait for its adapter's load ...
-        during = [t for t in arrivals if t0 < t < t0 + LOAD_DELAY]
-        assert len(during) >= 10, len(during)  # ... while the base stream kept decoding
+        r, n_tokens = asyncio.run(scenario())
+        assert r.status_code == 200, r.text
+        assert n_tokens == 100
         with srv.client() as c:
             assert c.get("/v1/adapters/cold").json()["residency"] == "device"
         assert reg.cpu_loads == 1

@@ -15,6 +15,7 @@ import httpx
 from tests.adapters import make_lora
 from tests.server_utils import live_server
 from tests.tiny import make_tiny_checkpoint
+from tests.waits import wait_for
 
 CFG, WTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -64,7 +65,11 @@ def test_sigkill_during_uploads_leaves_store_intact(tiny_root, tmp_path):
         threads = [threading.Thread(target=pump, args=(k,)) for k in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1.0 + 0.37 * round_)
+        # kill while uploads are in full flow: after this round's first acknowledged upload (an event, so a
+        # slow machine still gets one in), then a round-dependent moment later to land in different phases
+        wait_for(lambda round_=round_: any(n.startswith(f"r{round_}-") for n in list(stored_ok)),
+                 f"an upload of round {round_} to be acknowledged", timeout=300)
+        time.sleep(0.05 + 0.37 * round_)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         for t in threads:

@@ -12,6 +12,7 @@ import pytest
 from server.engine.block_manager import BlockAllocator
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import SamplingParams, Sequence
+from tests.waits import async_wait_for
 
 
 def test_request_larger_than_the_kv_cache_is_rejected() -> None:
@@ -45,8 +46,7 @@ def test_merge_of_one_choice_closes_it() -> None:
         g = gen()
         m = _merge([g])
         await m.__anext__()
-        await m.aclose()
-        await asyncio.sleep(0.05)
+        await m.aclose()  # closes g before it returns: nothing to wait for
         # g is still referenced (as by the gens list in _serve's closure); check before asyncio.run's
         # shutdown_asyncgens closes it for us
         assert closed, "closing _merge left the engine generator (and its sequence) running"
@@ -69,7 +69,7 @@ def test_engine_death_fails_requests_still_in_the_inbox(tmp_path) -> None:
 
     def fault(_chunks):
         in_step.set()
-        go.wait(5)
+        assert go.wait(60), "the test never released the step"
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     eng.fault_injector = fault
@@ -79,15 +79,16 @@ def test_engine_death_fails_requests_still_in_the_inbox(tmp_path) -> None:
         p = SamplingParams(max_tokens=4)
         first = eng.generate([1, 2, 3], p)
         t1 = asyncio.ensure_future(first.__anext__())
-        await asyncio.get_running_loop().run_in_executor(None, in_step.wait, 5)
+        assert await asyncio.get_running_loop().run_in_executor(None, in_step.wait, 60), "no step started"
         second = eng.generate([4, 5, 6], p)
         t2 = asyncio.ensure_future(second.__anext__())
-        await asyncio.sleep(0.05)  # second's add is now in the inbox
+        # generate() counts the request in flight right after putting its add in the inbox
+        await async_wait_for(lambda: eng.in_flight == 2, "the second request's add to reach the inbox")
         go.set()
         with pytest.raises((StepError, EngineDeadError)):
-            await asyncio.wait_for(t1, 5)
+            await asyncio.wait_for(t1, 60)
         with pytest.raises(EngineDeadError):  # not a TimeoutError: queued requests are answered too
-            await asyncio.wait_for(t2, 3)
+            await asyncio.wait_for(t2, 60)
 
     try:
         asyncio.run(main())

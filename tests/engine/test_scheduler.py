@@ -73,6 +73,7 @@ def test_decode_and_prefill_share_a_step():
     a.num_computed += 4
     a.output_ids.append(7)
     b = make_seq(6, 2)
+    b.prompt_ids = list(range(101, 107))  # not a's prompt: nothing to reuse from the prefix cache
     sched.add(b)
     out = sched.schedule()
     assert [(c.seq is a, c.num_tokens) for c in out.chunks] == [(True, 1), (False, 6)]
@@ -146,7 +147,8 @@ def test_random_mix_with_prefixes_preemption_and_aborts_keeps_invariants(seed):
     rng = random.Random(seed)
     alloc = BlockAllocator(40, 4)
     slots = SlotManager(3)
-    sched = Scheduler(alloc, max_num_seqs=6, max_batch_tokens=24, slots=slots)
+    # exclusive ownership is checked with prefix caching off; tests/engine/test_prefix_cache.py fuzzes it on
+    sched = Scheduler(alloc, max_num_seqs=6, max_batch_tokens=24, slots=slots, prefix_caching=False)
     live: list[Sequence] = []
     for _ in range(60):
         s = make_seq(rng.randint(1, 20), rng.randint(1, 12))

@@ -1,4 +1,5 @@
-"""Our decoder's logits against transformers' on tiny random Llama / Mistral / Qwen2 checkpoints."""
+"""Our decoder's logits against transformers' on tiny random checkpoints of every served architecture,
+each with its quirks switched on (sliding windows shorter than the prompts, soft-capping, tied embeddings)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ CASES = {
     "qwen2": ("qwen2", {}),
     "qwen2-tied-window": ("qwen2", {"tie_word_embeddings": True, "use_sliding_window": True,
                                     "sliding_window": 5, "max_window_layers": 1}),
+    "qwen3": ("qwen3", {}),
+    "qwen3-tied-window": ("qwen3", {"tie_word_embeddings": True, "use_sliding_window": True,
+                                    "sliding_window": 5, "max_window_layers": 1}),
+    "gemma2-softcap-window": ("gemma2", {"sliding_window": 5, "attn_logit_softcapping": 2.0,
+                                         "final_logit_softcapping": 3.0}),
+    "gemma3-window-local-rope": ("gemma3_text", {"sliding_window": 5,
+                                                 "layer_types": ["sliding_attention", "full_attention"]}),
+    "phi3-window-tied": ("phi3", {"sliding_window": 6, "tie_word_embeddings": True}),
 }
 
 

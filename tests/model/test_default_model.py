@@ -1,4 +1,4 @@
-"""The embedded default model: built once, offline, deterministic, loadable like any checkpoint."""
+"""The random demo model (`--model demo`): built once, offline, deterministic, loadable like any checkpoint."""
 
 from __future__ import annotations
 
@@ -7,20 +7,20 @@ import os
 import pytest
 from safetensors.torch import load_file
 
-from server.model.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+from server.model.default_model import DEMO_DIR_NAME, ensure_demo_model
 from server.model.runner import ModelRunner, SeqChunk
 
 
-def test_default_model_builds_once_and_serves(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_model_builds_once_and_serves(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PEFTSERVE_CACHE_DIR", str(tmp_path))
-    path = ensure_default_model()
-    assert path == os.path.join(tmp_path, DEFAULT_MODEL_NAME)
-    assert sorted(os.listdir(tmp_path)) == [DEFAULT_MODEL_NAME]  # no temp dir left behind
+    path = ensure_demo_model()
+    assert path == os.path.join(tmp_path, DEMO_DIR_NAME)
+    assert sorted(os.listdir(tmp_path)) == [DEMO_DIR_NAME]  # no temp dir left behind
     weights = os.path.join(path, "model.safetensors")
     mtime = os.path.getmtime(weights)
-    assert ensure_default_model() == path and os.path.getmtime(weights) == mtime
+    assert ensure_demo_model() == path and os.path.getmtime(weights) == mtime
 
-    other = ensure_default_model(str(tmp_path / "again"))  # same seed, same weights
+    other = ensure_demo_model(str(tmp_path / "again"))  # same seed, same weights
     a, b = load_file(weights), load_file(os.path.join(other, "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 

@@ -62,7 +62,9 @@ def test_runner_attributes_and_limits(ckpt_dir: str) -> None:
 @pytest.mark.parametrize("dtype, device, ckpt, want", [
     ("auto", "cpu", "bfloat16", torch.float32),
     ("auto", "cuda", "bfloat16", torch.bfloat16),
-    ("auto", "cuda", None, torch.float32),
+    ("auto", "cuda", None, torch.bfloat16),  # bf16 by default on CUDA
+    ("auto", "cuda", "float32", torch.bfloat16),
+    ("auto", "cuda", "float16", torch.float16),
     ("float16", "cpu", "float32", torch.float16),
 ])
 def test_resolve_dtype(dtype: str, device: str, ckpt: str | None, want: torch.dtype) -> None:

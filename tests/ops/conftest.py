@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import waits
 from tests.tiny import make_tiny_checkpoint
 
 # Small and fast: a 64-block KV cache of 16-token blocks, short contexts.
@@ -50,9 +50,6 @@ def series(samples: dict[tuple[str, frozenset], float], name: str) -> list[dict[
     return [dict(labels) for (n, labels) in samples if n == name]
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    """tests.waits.wait_for with this module's argument order (kept for its callers)."""
+    waits.wait_for(cond, what, timeout)

@@ -58,11 +58,14 @@ def test_non_streaming_disconnect_aborts_the_sequence(srv: LiveServer, route: st
     t = threading.Thread(target=call)
     t.start()
     wait_until_running(srv)
-    t.join(10)
+    t.join(60)
     assert isinstance(box.get("error"), httpx.ReadTimeout), box
-    wait_for(lambda: engine_idle(srv, free), timeout=2.0, what="the aborted sequence to free its blocks")
+    # The proof of the abort is its finish reason (a sequence left alone would end with "length" after 200
+    # slow steps), not how fast the blocks came back.
+    wait_for(lambda: engine_idle(srv, free), what="the aborted sequence to free its blocks")
     with srv.client() as c:
         assert value(scrape(c), "peftserve_sequences_finished_total", finish_reason="abort") == 1
+        assert value(scrape(c), "peftserve_sequences_finished_total", finish_reason="length") == 0
 
 
 @pytest.mark.parametrize("route,body", [
@@ -79,7 +82,11 @@ def test_streaming_disconnect_aborts_the_sequence(srv: LiveServer, route: str, b
         for _ in range(3):
             next(line for line in lines if line.startswith("data: {"))
         assert eng.num_requests == body.get("n", 1)
-    wait_for(lambda: engine_idle(srv, free), timeout=2.0, what="the aborted sequences to free their blocks")
+    wait_for(lambda: engine_idle(srv, free), what="the aborted sequences to free their blocks")
+    with srv.client() as c:
+        s = scrape(c)
+    assert value(s, "peftserve_sequences_finished_total", finish_reason="abort") == body.get("n", 1)
+    assert value(s, "peftserve_sequences_finished_total", finish_reason="length") == 0
 
 
 def test_a_failed_step_fails_only_its_requests(srv: LiveServer) -> None:
@@ -174,9 +181,7 @@ def test_fatal_device_error_flips_ready_to_503(srv: LiveServer) -> None:
         eng.fault_injector = cuda_dies
         r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4})
         assert r.status_code in (500, 503), r.text
-        deadline = time.time() + 5
-        while c.get("/ready").status_code != 503 and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: c.get("/ready").status_code == 503, what="/ready to answer 503 after the fatal error")
         r = c.get("/ready")
         assert r.status_code == 503 and "illegal memory access" in r.json()["reason"]
         assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4}).status_code == 503

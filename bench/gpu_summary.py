@@ -1,0 +1,106 @@
+"""Summarise gpu_check.sh's JSON files into summary.md (a short table against issue 20's targets) and summary.json.
+
+    python -m bench.gpu_summary OUT_DIR
+
+Targets: shrink/expand >= 70 % of the HBM roofline at decode shapes (tokens <= 16); paged decode attention
+>= 70 % of HBM bandwidth at 4k context; mixed 64 adapters >= 0.8x base tokens/s; CUDA graphs cut the
+batch-1 inter-token latency by >= 2x against eager. A missing input shows as "not run".
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+from typing import Any
+
+
+def _load(out: str, name: str) -> dict[str, Any] | None:
+    path = os.path.join(out, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def summarise(out: str) -> list[dict[str, Any]]:
+    """One row per target: name, measured value, target, met (None when not measurable here)."""
+    rows: list[dict[str, Any]] = []
+    k = _load(out, "bench_kernels.json")
+    if k is None:
+        rows.append(dict(name="shrink+expand % of HBM roofline, tokens <= 16", value=None, target=">= 70 %",
+                         met=None, detail="not run"))
+    else:
+        dec = [r for r in k["results"] if r["tokens"] <= 16 and r["roofline_us"]]
+        vals = [100 * r["roofline_us"] / r["ours_apply_us"] for r in dec]
+        med = statistics.median(vals) if vals else None
+        rows.append(dict(name="shrink+expand % of HBM roofline, tokens <= 16 (median)", value=med, target=">= 70 %",
+                         met=None if med is None else med >= 70,
+                         detail=f"{len(vals)} shapes, min {min(vals):.1f} %" if vals else
+                         f"no roofline on {k['device']} (CPU or unknown GPU)"))
+    a = _load(out, "bench_attention.json")
+    if a is None:
+        rows.append(dict(name="paged decode attention % of HBM peak at 4k", value=None, target=">= 70 %",
+                         met=None, detail="not run"))
+    else:
+        at4k = [r for r in a["results"] if r["context"] == 4096 and r["pct_of_peak"] is not None]
+        best = max((r["pct_of_peak"] for r in at4k), default=None)
+        detail = (", ".join(f"{r['seqs']} seqs {r['ours_gbps']:.0f} GB/s" for r in at4k) if at4k else
+                  f"no 4k/peak figures on {a['device']}")
+        rows.append(dict(name="paged decode attention % of HBM peak at 4k (best batch)", value=best,
+                         target=">= 70 %", met=None if best is None else best >= 70, detail=detail))
+    e = _load(out, "gpu_e2e.json")
+    if e is None:
+        rows.append(dict(name="mixed 64 adapters / base tokens/s", value=None, target=">= 0.8", met=None,
+                         detail="not run"))
+        rows.append(dict(name="batch-1 ITL eager / graphs", value=None, target=">= 2x", met=None, detail="not run"))
+    else:
+        by = {(r["workload"], r["mode"]): r for r in e["rows"]}
+        tps = {key: r["tok_per_s"] for key, r in by.items()}
+        ratio = tps[("mixed", "graphs")] / tps[("base", "graphs")]
+        rows.append(dict(name="mixed 64 adapters / base tokens/s (graphs mode)", value=ratio, target=">= 0.8",
+                         met=ratio >= 0.8, detail=f"eager: {tps[('mixed', 'eager')] / tps[('base', 'eager')]:.2f}"))
+        eager_b1, graph_b1 = by[("base", "eager")]["itl_b1_ms"], by[("base", "graphs")]["itl_b1_ms"]
+        rows.append(dict(name="batch-1 ITL eager / graphs (base)", value=eager_b1 / graph_b1, target=">= 2x",
+                         met=eager_b1 / graph_b1 >= 2, detail=f"{eager_b1:.2f} ms -> {graph_b1:.2f} ms"))
+        if e["args"].get("dry_run"):  # CPU figures of a tiny model say nothing about the targets
+            for r in rows[-2:]:
+                r["met"], r["detail"] = None, "dry run on CPU (no CUDA graphs): plumbing only; " + r["detail"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    out = args[0] if args else "./gpu_out"
+    rows = summarise(out)
+    device = next((d["device"] for d in (_load(out, n) for n in ("bench_attention.json", "bench_kernels.json"))
+                   if d), "unknown")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# gpu_check summary: {stamp}, commit {_commit()}, {device}", "",
+             "| target | measured | wanted | met | detail |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        v = "-" if r["value"] is None else f"{r['value']:.2f}"
+        met = "n/a" if r["met"] is None else ("yes" if r["met"] else "NO")
+        lines.append(f"| {r['name']} | {v} | {r['target']} | {met} | {r['detail']} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump({"date": stamp, "commit": _commit(), "device": device, "targets": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
