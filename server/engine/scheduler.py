@@ -164,7 +164,9 @@ class Scheduler:
                 self.finish(seq, "error")
                 out.rejected.append(seq)
                 continue
-            hits = self.prefix_cache.match(seq) if self.prefix_cache is not None else []
+            # a prompt being scored needs the logits of every prompt position: it takes no cached KV
+            scoring = seq.params.prompt_logprobs is not None
+            hits = self.prefix_cache.match(seq) if self.prefix_cache is not None and not scoring else []
             idle_hits = sum(1 for b in hits if self.allocator.refs(b) == 0)  # leave the allocatable pool
             if not self.allocator.can_allocate(total_blocks - len(hits) + idle_hits + prefix_blocks):
                 break
