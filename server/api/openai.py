@@ -422,13 +422,12 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     state = get_state(request)
     prompt_ids = _encode_prompt(state, body.prompt)
     echo, top_n = body.echo, body.logprobs or 0
-    prompt_text = ""
-    if echo:  # the prompt as the client sent it (a string), or its tokens decoded
-        p = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and not isinstance(
-            body.prompt[0], int) else body.prompt
-        prompt_text = p if isinstance(p, str) else state.tokenizer.decode(prompt_ids)
-
-    def fmt(tok: Any) -> _Format:
+    def fmt(tok: Any) -> _Format:  # called once the prompt's token ids are validated
+        prompt_text = ""
+        if echo:  # the prompt as the client sent it (a string), or its tokens decoded
+            p = body.prompt[0] if isinstance(body.prompt, list) and body.prompt and not isinstance(
+                body.prompt[0], int) else body.prompt
+            prompt_text = p if isinstance(p, str) else tok.decode(prompt_ids)
         echoed: set[int] = set()  # streamed choices whose first chunk carried the prompt
 
         def lp(x: list[SampleResult]) -> dict[str, Any] | None:
