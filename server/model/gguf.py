@@ -71,10 +71,10 @@ def gguf_to_checkpoint(gguf_path: str, out_dir: str, name: str, sha256: str) -> 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, name = os.path.split(os.path.abspath(gguf_path))
+    folder, file_name = os.path.split(os.path.abspath(gguf_path))
     log.info("converting %s to a safetensors checkpoint (de-quantising, once)", gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
     # The tensors are already plain fp32; only the "gguf quantizer" marker stops save_pretrained.
     model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:
