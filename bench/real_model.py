@@ -46,7 +46,7 @@ def chat_prompts(tokenizer: Any, n: int) -> list[list[int]]:
 
 def step_costs(runner: Any, prompts: list[list[int]], repeat: int) -> dict[str, float]:
     """ms of one decode step of 1 and of len(prompts) sequences (after their prefill), best of `repeat`."""
-    bs = runner.block_size
+    bs = runner.info.block_size
     out: dict[str, float] = {}
     for n in (1, len(prompts)):
         chunks, tables = [], []
