@@ -240,6 +240,9 @@ def _check_body(state: ServerState, f: AssistantFields, sent: set[str]) -> dict[
     """The body fields of `f` that were sent, validated against this server's limits."""
     s = state.settings
     out: dict[str, Any] = {k: getattr(f, k) for k in sent if k not in ("name", "model")}
+    for k in ("temperature", "top_p"):
+        if out.get(k) is not None:
+            out[k] = float(out[k])
     if f.max_tokens is not None and f.max_tokens > s.max_tokens_limit:
         raise APIError(400, f"max_tokens {f.max_tokens} exceeds this server's limit {s.max_tokens_limit} "
                             "(--max-tokens-limit)", param="max_tokens")
