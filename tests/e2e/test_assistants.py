@@ -3,6 +3,8 @@ defaults, used as a model id; their CRUD, bad inputs, guarded adapter deletes, p
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -16,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from transformers import AutoTokenizer
 
 from server.api.assistants import AssistantMetrics
+from server.cli import main
 from tests.adapters import greedy, make_lora, peft_model
 from tests.server_utils import LiveServer, live_server
 from tests.tiny import make_tiny_checkpoint
@@ -384,8 +387,14 @@ def test_assistant_metric_labels_are_bounded() -> None:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server", "assistants", *args], capture_output=True, text=True,
-                          timeout=120)
+    """`peftserve assistants ARGS`, in this process (the entry point itself is run once as a subprocess below)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["assistants", *args])
+        except SystemExit as e:  # argparse refusing a flag
+            code = int(e.code or 0)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_cli_create_ls_show_update_rm(srv: LiveServer, tmp_path) -> None:
@@ -422,3 +431,6 @@ def test_cli_create_ls_show_update_rm(srv: LiveServer, tmp_path) -> None:
     assert r.returncode == 0 and "deleted cli-bot-2" in r.stdout
     r = cli("show", "cli-bot-2", *url)
     assert r.returncode == 1 and "404" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "server", "assistants", "ls", *url], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("NAME") and "cli-bot" not in r.stdout, r.stderr
