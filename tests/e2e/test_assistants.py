@@ -135,7 +135,8 @@ def test_defaults_apply_where_the_request_is_silent_and_yield_to_its_values(srv:
         assert len(chat(c, "pirate", USER, max_tokens=3)["choices"][0]["token_ids"]) == 3
         assert len(chat(c, "pirate", USER, max_completion_tokens=2)["choices"][0]["token_ids"]) == 2
         # stop: a default cut at a character of the greedy answer; a request's own stop replaces it
-        text = chat(c, "pirate-lora", msgs, temperature=0, max_tokens=N, min_tokens=N)["choices"][0]["message"]["content"]
+        answer = chat(c, "pirate-lora", msgs, temperature=0, max_tokens=N, min_tokens=N)
+        text = answer["choices"][0]["message"]["content"]
         cut = next(i for i, ch in enumerate(text) if i > 0 and ch != "\ufffd" and ch not in text[:i])
         create(c, name="stopper", model="pirate-lora", instructions=INSTR, temperature=0.0, max_tokens=N,
                stop=text[cut])
@@ -310,7 +311,7 @@ def test_assistant_follows_a_replaced_adapter_and_delete_is_guarded(base, loras,
         assert chat(c, "swapper", USER, min_tokens=N)["choices"][0]["token_ids"] == new  # still serving
         assert c.delete("/v1/adapters/swap", params={"force": "true"}).status_code == 204
         assert c.get("/v1/adapters/swap").status_code == 404
-        assert c.get("/v1/assistants/swapper").status_code == 404 and c.get("/v1/assistants/swapper2").status_code == 404
+        assert [c.get(f"/v1/assistants/{n}").status_code for n in ("swapper", "swapper2")] == [404, 404]
         r = c.post(CHAT, json={"model": "swapper", "messages": USER})
         assert r.status_code == 404 and r.json()["error"]["param"] == "model"
         assert {m["id"] for m in c.get("/v1/models").json()["data"]} == {s.state.base_name}
@@ -344,6 +345,32 @@ def test_persisted_across_a_restart_with_admin_key_for_writes(base, loras, tmp_p
         assert c.delete("/v1/assistants/keeper").status_code == 200
     with live_server(model=base, adapters_dir=store, max_model_len=192, kv_cache_blocks=96) as s, s.client() as c:
         assert c.get("/v1/assistants").json()["data"] == []  # the delete persisted too
+
+
+def test_an_assistant_whose_model_is_gone_or_whose_name_is_taken_at_start(base, loras, tmp_path, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="peftserve.assistants")
+    cfg = dict(model=base, adapters_dir=str(tmp_path / "s"), max_model_len=192, kv_cache_blocks=96)
+    with live_server(**cfg, adapter=[f"local={loras['v2']}"]) as s, s.client() as c:
+        create(c, name="on-local", model="local", temperature=0.0, max_tokens=N)
+        assert chat(c, "on-local", USER)["model"] == "on-local"
+    with live_server(**cfg) as s, s.client() as c:  # started without --adapter local
+        assert c.get("/v1/assistants/on-local").status_code == 200
+        assert "on-local" not in {m["id"] for m in c.get("/v1/models").json()["data"]}
+        r = c.post(CHAT, json={"model": "on-local", "messages": USER})
+        err = r.json()["error"]
+        assert r.status_code == 404 and err["param"] == "model" and "'local'" in err["message"]
+        assert c.patch("/v1/assistants/on-local", json={"model": s.state.base_name}).status_code == 200
+        ref = chat(c, s.state.base_name, USER, temperature=0, max_tokens=N)
+        assert chat(c, "on-local", USER)["choices"][0]["token_ids"] == ref["choices"][0]["token_ids"]
+    assert any("uses model 'local', which is not served" in r.getMessage() for r in caplog.records)
+    with live_server(**cfg, adapter=[f"on-local={loras['v1']}"]) as s, s.client() as c:  # an adapter takes the name
+        listed = [m for m in c.get("/v1/models").json()["data"] if m["id"] == "on-local"]
+        assert len(listed) == 1 and listed[0]["parent"] == s.state.base_name and "assistant_id" not in listed[0]
+        # the adapter answers (not the assistant, which now runs on the base)
+        got = chat(c, "on-local", USER, temperature=0, max_tokens=N, min_tokens=N)["choices"][0]["token_ids"]
+        ref = chat(c, s.state.base_name, USER, temperature=0, max_tokens=N, min_tokens=N)["choices"][0]["token_ids"]
+        assert got != ref
+    assert any("'on-local' is shadowed" in r.getMessage() for r in caplog.records)
 
 
 def test_metrics_and_request_log_carry_the_assistant(srv: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
