@@ -87,6 +87,7 @@ class Delta:
     completion_tokens: int = 0
     error: BaseException | None = None
     prompt_logprobs: list[PromptLogprob | None] | None = None  # on the first delta of a prompt-scoring request
+    cached_tokens: int = 0  # on the final delta: prompt tokens the prefix cache served (not prefilled)
 
 
 @dataclass
@@ -451,7 +452,8 @@ class AsyncEngine:
         """The answer of a max_tokens=0 request: its prompt's logprobs, nothing generated."""
         self._retire(req, "length")
         return Delta([], "", finished=True, finish_reason="length", prompt_tokens=len(req.seq.prompt_ids),
-                     prompt_logprobs=req.scorer.entries if req.scorer is not None else None)
+                     prompt_logprobs=req.scorer.entries if req.scorer is not None else None,
+                     cached_tokens=req.seq.cached_prompt_tokens)
 
     def _suppressed(self, seq: Sequence) -> list[int] | None:
         """Token ids that must not be sampled yet: EOS and stop ids until min_tokens are out."""
@@ -523,6 +525,7 @@ class AsyncEngine:
         if first and req.scorer is not None:
             delta.prompt_logprobs = req.scorer.entries
         if finished:
+            delta.cached_tokens = seq.cached_prompt_tokens
             self._retire(req, reason)
         return delta
 

@@ -72,6 +72,11 @@ class Sequence:
         return self.prompt_ids + self.output_ids
 
     @property
+    def cached_prompt_tokens(self) -> int:
+        """The user's prompt tokens the prefix cache served at first admission (virtual tokens not counted)."""
+        return max(0, min(self.num_cache_hit - self.num_virtual, len(self.prompt_ids)))
+
+    @property
     def num_tokens(self) -> int:
         """Tokens this sequence holds in the KV cache once fully computed (virtual tokens included)."""
         return self.num_virtual + len(self.prompt_ids) + len(self.output_ids)
