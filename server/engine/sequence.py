@@ -66,6 +66,11 @@ class Sequence:
     num_registered: int = 0
     num_cache_queried: int = 0
     num_cache_hit: int = 0
+    # Scheduler steps (Scheduler.step): when the sequence was added, first admitted, and since when it has
+    # been waiting for a device adapter slot (-1: not blocked) — the slot-fairness rule reads these.
+    arrival_step: int = -1
+    admit_step: int = -1
+    slot_blocked_since: int = -1
 
     @property
     def all_ids(self) -> list[int]:
