@@ -203,7 +203,7 @@ def test_without_a_key_the_page_asks_for_one(console: Console) -> None:
     # the key is held in page memory only: nothing in the URL, cookies or web storage
     page.fill("#api-key", USER)
     page.click("#key-form button[type=submit]")
-    page.wait_for_function("document.body.dataset.role === 'user'")
+    page.wait_for_function("() => document.body.dataset.role === 'user'")
     stored = page.evaluate("[document.cookie, localStorage.length, sessionStorage.length, location.href]")
     assert stored[:3] == ["", 0, 0] and USER not in stored[3]
     assert page.context.cookies() == []
@@ -226,9 +226,10 @@ def test_adapters_table_lists_an_adapter_with_its_tier_and_recent_traffic(consol
     before_req, before_tok = int(cell(page, "table-lora", "req")), int(cell(page, "table-lora", "tok"))
     usage = [chat(srv, "table-lora", f"count me {i}", 5)["usage"] for i in range(2)]
     tokens = sum(u["prompt_tokens"] + u["completion_tokens"] for u in usage)
-    wait_text(page, '#adapters-table tr[data-adapter="table-lora"] td.req', lambda t: int(t) == before_req + 2,
-              "two more requests counted")
-    assert int(cell(page, "table-lora", "tok")) == before_tok + tokens
+    page.wait_for_function("""([req, tok]) => {
+        const row = document.querySelector('#adapters-table tr[data-adapter="table-lora"]');
+        return row && Number(row.querySelector('td.req').textContent) === req
+            && Number(row.querySelector('td.tok').textContent) === tok; }""", arg=[before_req + 2, before_tok + tokens])
     console.shot(page, "adapters")
     watch.check()
 
@@ -255,7 +256,7 @@ def test_upload_replace_and_delete_through_the_page(console: Console, tmp_path: 
     files = {n: Path(console.lora, n).read_bytes() for n in names}
     # 1. drag and drop the two files
     _drop_files(page, files)
-    page.wait_for_function("document.querySelectorAll('#upload-list li').length === 2")
+    page.wait_for_function("() => document.querySelectorAll('#upload-list li').length === 2")
     page.fill("#upload-name", "dropped-lora")
     page.click("#upload-btn")
     wait_text(page, "#upload-msg", lambda t: t.startswith("Stored dropped-lora v1"), "upload answered")
@@ -288,7 +289,7 @@ def test_upload_replace_and_delete_through_the_page(console: Console, tmp_path: 
     page.click('button[aria-label="Delete archived-lora"]')
     page.wait_for_selector("#confirm-dialog[open]")
     page.keyboard.press("Enter")  # the focused button is Cancel
-    page.wait_for_selector("#confirm-dialog:not([open])")
+    page.wait_for_selector("#confirm-dialog:not([open])", state="attached")
     assert httpx.get(srv.url + "/v1/adapters/archived-lora", headers=bearer(USER)).status_code == 200
     page.click('button[aria-label="Delete archived-lora"]')
     console.shot(page, "adapters-delete-confirm")
@@ -315,7 +316,8 @@ def test_playground_streams_base_and_adapter_side_by_side(console: Console) -> N
     page.fill("#pg-temperature", "0")
     page.fill("#pg-max-tokens", str(n))
     page.click("#pg-run")
-    page.wait_for_function("[...document.querySelectorAll('.pg-col')].map(c => c.dataset.state).join() === 'done,done'")
+    page.wait_for_function("() => [...document.querySelectorAll('.pg-col')].map(c => c.dataset.state).join() === "
+                           "'done,done'")
     for col, model in ((1, console.base), (2, "table-lora")):
         art = page.locator(f'.pg-col[data-column="{col}"]')
         assert art.locator(".pg-text").text_content() == texts[model], model
@@ -390,24 +392,30 @@ def test_assistants_and_fine_tuning_say_they_are_not_available(console: Console)
 
 
 def test_keyboard_navigation_and_labels(console: Console) -> None:
-    page, watch = console.open(ADMIN)
-    console.screen(page, "adapters")
-    page.evaluate("document.activeElement.blur()")
+    page, watch = console.open(None)
+    page.wait_for_selector("#global-error:not([hidden])")
+    focused = "() => document.activeElement.id || document.activeElement.className"
     page.keyboard.press("Tab")
-    assert page.evaluate("document.activeElement.className") == "skip"
-    page.keyboard.press("Enter")
-    assert page.evaluate("document.activeElement.id") == "main"
-    # from the top, Tab reaches the key form, then the screen links; Enter on one opens its screen
-    page.evaluate("document.activeElement.blur()")
+    assert page.evaluate(focused) == "skip"
+    page.keyboard.press("Tab")
+    assert page.evaluate(focused) == "api-key"
+    page.keyboard.type(ADMIN)
+    page.keyboard.press("Enter")  # submits the key form
+    page.wait_for_function("() => document.body.dataset.role === 'admin'")
+    # on from the key field: the submit button, then the screen links; Enter on one opens its screen
     for _ in range(12):
         page.keyboard.press("Tab")
-        if page.evaluate("document.activeElement.textContent") == "Health":
+        if page.evaluate("() => document.activeElement.textContent") == "Health":
             break
     else:
         raise AssertionError("Tab never reached the Health link")
     page.keyboard.press("Enter")
     page.wait_for_selector("#screen-health:not([hidden])")
     assert page.get_attribute('nav a[data-screen="health"]', "aria-current") == "page"
+    # the skip link moves focus to the main content
+    page.focus("a.skip")
+    page.keyboard.press("Enter")
+    assert page.evaluate(focused) == "main"
     # every form control of every screen has a label
     unlabelled = page.evaluate("""[...document.querySelectorAll('input:not([type=hidden]), select, textarea')]
         .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')).map(e => e.id || e.outerHTML)""")

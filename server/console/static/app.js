@@ -13,6 +13,7 @@ const state = {
   screen: null,
   running: [],         // AbortControllers of playground streams
   ftJob: null,         // job id shown in the fine-tuning detail
+  ftAvailable: false,  // the server has /v1/fine_tuning/jobs (polled only then)
 };
 
 const WINDOW_MS = 5 * 60 * 1000;
@@ -139,7 +140,7 @@ function render() {
 function schedulePoll() {
   clearTimeout(state.pollTimer);
   const s = state.screen;
-  if (s !== "adapters" && s !== "health" && s !== "fine-tuning") return;
+  if (s !== "adapters" && s !== "health" && !(s === "fine-tuning" && state.ftAvailable)) return;
   state.pollTimer = setTimeout(async () => {
     if (document.hidden) { schedulePoll(); return; }
     try {
@@ -148,7 +149,7 @@ function schedulePoll() {
       else if (s === "fine-tuning") await refreshJobs();
     } catch (e) { showError(e); }
     schedulePoll();
-  }, s === "adapters" ? 5000 : POLL_MS);
+  }, s === "adapters" ? 3000 : POLL_MS);
 }
 
 // ---- /metrics ----------------------------------------------------------------------------------------
@@ -624,8 +625,10 @@ async function deleteAssistant(a) {
 async function renderFineTuning() {
   try {
     await refreshJobs();
+    state.ftAvailable = true;
   } catch (e) {
     if (e.status === 404 || e.status === 405) {
+      state.ftAvailable = false;
       $("#ft-body").hidden = true;
       unavailable("#ft-unavailable", "Fine-tuning jobs", e);
       return;
