@@ -713,8 +713,18 @@ async function cancelJob(id) {
 }
 
 async function showJob(id) {
-  const ev = await api("GET", `/v1/fine_tuning/jobs/${encodeURIComponent(id)}/events?limit=1000`);
-  const events = (ev.data || []).slice().sort((a, b) => a.created_at - b.created_at);
+  // OpenAI pages events (newest first, at most 100 a page, `after` = the last id seen): read them all
+  const all = [];
+  let after = null;
+  for (let pages = 0; pages < 50; pages++) {
+    const q = `limit=100${after ? `&after=${encodeURIComponent(after)}` : ""}`;
+    const ev = await api("GET", `/v1/fine_tuning/jobs/${encodeURIComponent(id)}/events?${q}`);
+    const data = ev.data || [];
+    all.push(...data);
+    if (!ev.has_more || !data.length) break;
+    after = data[data.length - 1].id;
+  }
+  const events = all.reverse().sort((a, b) => a.created_at - b.created_at);  // oldest first, stable within a second
   $("#h-ft-detail").textContent = `Job ${id}`;
   $("#ft-events").replaceChildren(...events.slice().reverse().map((e) =>
     el("li", { "data-level": e.level || "info", text: `${new Date(e.created_at * 1000).toLocaleTimeString()} ${e.message}` })));
