@@ -34,8 +34,6 @@ from tests.adapters import make_lora
 from tests.server_utils import LiveServer, live_server
 from tests.tiny import make_tiny_checkpoint
 
-playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
-
 USER, ADMIN = "sk-console-user-1", "adm-console-admin-2"
 SERVER = dict(max_model_len=256, kv_cache_blocks=64)
 AXE = Path(__file__).with_name("vendor") / "axe-core" / "axe.min.js"
@@ -121,7 +119,7 @@ class Console:
 
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory, tiny_root: str) -> Iterator[Console]:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # the dev extra; never skipped
 
     exe = chromium_path()
     model = make_tiny_checkpoint(tiny_root)
