@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     shutdown_timeout: float = 30.0
     ready_step_timeout: float = 60.0
     log_level: str = "info"
+    no_ui: bool = False
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -224,6 +225,7 @@ HELP = {
     "ready_step_timeout": "/ready answers 503 while one engine step has run longer than this many seconds "
                           "with requests waiting (a hung device)",
     "log_level": "debug | info | warning | error",
+    "no_ui": "do not serve the web console at / and /ui/ (404 there); a bare --no-ui means true (true/false)",
 }
 
 
@@ -323,8 +325,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag_of(name), action="append", default=argparse.SUPPRESS, metavar=_METAVARS.get(name),
                            help=help_)
         else:
-            metavar = "true|false" if isinstance(default, bool) else _METAVARS.get(name)
-            p.add_argument(flag_of(name), default=argparse.SUPPRESS, metavar=metavar, help=help_)
+            if isinstance(default, bool):  # `--no-ui` alone means true; `--no-ui false` still parses
+                p.add_argument(flag_of(name), default=argparse.SUPPRESS, metavar="true|false", nargs="?",
+                               const=True, help=help_)
+            else:
+                p.add_argument(flag_of(name), default=argparse.SUPPRESS, metavar=_METAVARS.get(name), help=help_)
 
 
 _METAVARS = {"adapter": "NAME=PATH", "allowed_adapter_dir": "DIR", "metrics_require_key": "true|false",

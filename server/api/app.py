@@ -16,6 +16,7 @@ from server.api.errors import install_handlers
 from server.api.openai import router as openai_router
 from server.api.ops import OpsMiddleware
 from server.api.state import ServerState
+from server.console import router as console_router
 from server.metrics import Metrics
 from server.shutdown import FINAL_GRACE_S, shutdown_error
 
@@ -42,6 +43,8 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(adapters_router)
     assistants.install(app, state)
+    if not state.settings.no_ui:
+        app.include_router(console_router)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
