@@ -17,7 +17,8 @@ class CompositionCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily("peftserve_compositions_computed",
-                                  "Adapter compositions (adapters/merge/lora_scale) computed", value=self.composer.computed)
+                                  "Adapter compositions (adapters/merge/lora_scale) computed",
+                                  value=self.composer.computed)
         yield CounterMetricFamily("peftserve_composition_cache_hits",
                                   "Requests served by a composition already computed (cached in the CPU tier)",
                                   value=self.composer.hits)

@@ -35,10 +35,10 @@ SEED = 1234
 @pytest.fixture(scope="module")
 def tiny_pair(tiny_root):
     base = make_tiny_checkpoint(tiny_root, "llama", seed=3)
-    a = make_lora(base, os.path.join(tiny_root, "compose-s1"), r=8, targets=["q_proj", "v_proj", "o_proj", "down_proj"],
-                  seed=31)
-    b = make_lora(base, os.path.join(tiny_root, "compose-s2"), r=8, targets=["q_proj", "k_proj", "gate_proj", "up_proj"],
-                  seed=32, use_rslora=True)
+    a = make_lora(base, os.path.join(tiny_root, "compose-s1"), r=8,
+                  targets=["q_proj", "v_proj", "o_proj", "down_proj"], seed=31)
+    b = make_lora(base, os.path.join(tiny_root, "compose-s2"), r=8,
+                  targets=["q_proj", "k_proj", "gate_proj", "up_proj"], seed=32, use_rslora=True)
     c = make_lora(base, os.path.join(tiny_root, "compose-s3"), r=4, targets=["v_proj", "down_proj"], seed=33)
     return base, {"s1": a, "s2": b, "s3": c}
 
