@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from tests.adapters import greedy, load_base, make_lora, make_prompt_learning
+from tests.adapters import greedy, load_base, make_dora, make_lora, make_prompt_learning
 from tests.server_utils import live_server
 from tests.tiny import make_tiny_checkpoint
 from tests.waits import hold_first_step_until
@@ -59,10 +59,11 @@ def world(tiny_root, tmp_path_factory):
         "d8": make_lora(base, os.path.join(tiny_root, "compose-d8"), r=8,
                         targets=["q_proj", "v_proj", "o_proj", "down_proj"], seed=35),
         "pfx": make_prompt_learning(base, os.path.join(tiny_root, "compose-pfx"), "prefix", seed=36),
+        "dora": make_dora(base, os.path.join(tiny_root, "compose-dora"), r=8, targets=["q_proj", "v_proj"], seed=37),
     }
     ref = _references(base, d)
     store = str(tmp_path_factory.mktemp("compose-store"))
-    served = [f"{n}={d[n]}" for n in ("s1", "s2", "s3", "big", "pfx")]
+    served = [f"{n}={d[n]}" for n in ("s1", "s2", "s3", "big", "pfx", "dora")]
     with live_server(model=base, adapter=served, adapters_dir=store, max_rank=32, max_adapters=24, max_num_seqs=48,
                      max_model_len=128, kv_cache_blocks=512, block_size=8) as srv:
         yield srv, d, ref
@@ -87,12 +88,12 @@ def _references(base: str, d: dict[str, str]) -> dict:
     model.add_weighted_adapter(["d8", "s2"], W, "m-cat-d8", combination_type="cat")
     model.set_adapter("m-cat-d8")
     ref["cat-d8"] = [greedy(model, p, N) for p in PROMPTS]
-    for scale in (2.0, 0.5):  # lora_scale: peft's s1 with every scaling multiplied
-        scaled = PeftModel.from_pretrained(load_base(base), d["s1"]).eval()
+    for src, scale in (("s1", 2.0), ("s1", 0.5), ("dora", 1.0), ("dora", 2.0)):  # peft, every scaling multiplied
+        scaled = PeftModel.from_pretrained(load_base(base), d[src]).eval()
         for mod in scaled.modules():
             if isinstance(getattr(mod, "scaling", None), dict) and "default" in mod.scaling:
                 mod.scaling["default"] *= scale
-        ref[f"scale-{scale}"] = [greedy(scaled, p, N) for p in PROMPTS]
+        ref[f"scale-{scale}" if src == "s1" else f"{src}-{scale}"] = [greedy(scaled, p, N) for p in PROMPTS]
     ref["cat-f64"] = _float64_cat(base, [d["s1"], d["s2"]], W)
     return ref
 
@@ -138,7 +139,7 @@ def test_every_method_serves_peft_tokens_in_a_mixed_batch(world):
         for src in ("s1", "s2", "base"):
             assert ref[name] != ref[src], (name, src)
     assert ref["cat-f64"] != ref["s1"] and ref["cat-f64"] != ref["s2"]
-    assert ref["scale-2.0"] != ref["s1"] and ref["scale-0.5"] != ref["s1"]
+    assert ref["scale-2.0"] != ref["s1"] and ref["scale-0.5"] != ref["s1"] and ref["dora-2.0"] != ref["dora-1.0"]
     jobs: list[tuple[str, int, dict]] = []
     for i, p in enumerate(PROMPTS):
         for name, (method, weights, opts) in METHODS.items():
@@ -147,6 +148,7 @@ def test_every_method_serves_peft_tokens_in_a_mixed_batch(world):
                  ("scale-2.0", i, _body(p, model="s1", lora_scale=2.0)),
                  ("scale-0.5", i, _body(p, model="s1", lora_scale=0.5)),
                  ("base", i, _body(p, model="s1", lora_scale=0.0)),
+                 ("dora-2.0", i, _body(p, model="dora", lora_scale=2.0)), ("dora-1.0", i, _body(p, model="dora")),
                  ("cat-f64", i, _body(p, adapters=[{"name": "s1", "weight": W[0]}, {"name": "s2", "weight": W[1]}]))]
     eng = srv.state.engine
     hold_first_step_until(eng, lambda: eng.in_flight == len(jobs), f"all {len(jobs)} requests in the engine")
@@ -155,8 +157,8 @@ def test_every_method_serves_peft_tokens_in_a_mixed_batch(world):
     for (name, i, _), r in zip(jobs, resps, strict=True):
         assert r.status_code == 200, (name, r.text)
         assert r.json()["choices"][0]["token_ids"] == ref[name][i], (name, i)
-    # 12 methods + 2 lora_scale values + scale 0; "cat-f64" is the same composition as "cat" (default method)
-    assert srv.state.composer.computed - before == len(METHODS) + 3
+    # 12 methods + 3 lora_scale values on s1 + 1 on dora; "cat-f64" is the same composition as "cat"
+    assert srv.state.composer.computed - before == len(METHODS) + 4
 
 
 def test_cache_hits_single_flight_listing_and_metrics(world):
@@ -214,12 +216,12 @@ def _items(*pairs):
     return [{"name": n, "weight": w} for n, w in pairs]
 
 
-BAD = [  # (body fields, status, param)
+BAD = [  # (body fields, status, param[, what the message must say])
     ({"adapters": _items(("s1", 1.0), ("nope", 1.0))}, 404, "adapters[1].name"),
     ({"adapters": _items(("s1", 1.0), ("pfx", 1.0)), "merge": {"method": "ties", "density": 0.5}}, 422,
      "adapters[1].name"),
-    ({"adapters": _items(("big", 1.0), ("s1", 1.0))}, 400, "adapters"),  # cat rank 40 > --max-rank 32
-    ({"adapters": _items(*[("s1", 0.2)] * 5)}, 400, "adapters"),  # more than --max-compose 4
+    ({"adapters": _items(("big", 1.0), ("s1", 1.0))}, 400, "adapters", "--max-rank 32"),  # cat rank 40
+    ({"adapters": _items(*[("s3", 0.2)] * 5)}, 400, "adapters", "--max-compose"),  # rank 20 fits: 5 > 4
     ({"adapters": _items(("s1", 1.0), ("s2", 1.0)), "merge": {"method": "svd", "rank": 33}}, 400, "merge.rank"),
     ({"adapters": _items(("s1", 1.0), ("s2", 1.0)), "merge": {"method": "ties"}}, 400, "merge.density"),
     ({"adapters": _items(("s1", 1.0), ("s2", 1.0)), "merge": {"method": "dare_ties", "density": 0.5}}, 400,
@@ -239,10 +241,10 @@ BAD = [  # (body fields, status, param)
 def test_bad_compositions_are_refused_naming_the_field(world):
     srv, _, _ = world
     with srv.client() as c:
-        for fields, status, param in BAD:
+        for fields, status, param, *says in BAD:
             r = c.post("/v1/completions", json=_body(PROMPTS[0], **fields))
             assert (r.status_code, r.json()["error"]["param"]) == (status, param), (fields, r.text)
-            assert r.json()["error"]["message"]
+            assert all(x in r.json()["error"]["message"] for x in says), (fields, r.text)
         for raw in ("NaN", "Infinity", "-Infinity", "1e999"):  # json.loads accepts these: still refused
             body = json.dumps(_body(PROMPTS[0], adapters=_items(("s1", 1.0), ("s2", 2.0))))
             body = body.replace('"weight": 2.0', f'"weight": {raw}')
