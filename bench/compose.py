@@ -12,7 +12,8 @@ is part 2's subject); the engine serves them as ordinary rank-32 LoRAs.
 
 Part 2 (the real default model, SmolLM2-135M-Instruct: 30 layers, 7 projections each): the one-time cost of
 merging two r16 LoRAs with TIES (density 0.5) by our `derived_lora`, paired with peft's `add_weighted_adapter`
-(same arguments) in the same process, plus `cat` and `ties_svd` for scale. Median of --merge-repeat.
+(same arguments) in the same process, plus `cat` (and with --svd, `ties_svd`: a full SVD per module, minutes
+on one thread). Median of --merge-repeat.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def serving(args: argparse.Namespace) -> dict[str, Any]:
     dirs = make_lora_adapters(model_dir, 8, args.rank)
     n = args.num_requests
     engine = make_engine(model_dir, max_num_seqs=n, max_model_len=args.prompt_len + args.output_len + 8,
-                         max_adapters=n, max_rank=2 * args.rank, max_batch_tokens=max(2048, n))
+                         max_adapters=n + 16, max_rank=2 * args.rank, max_batch_tokens=max(2048, n))
     info = engine.info.shapes
     reg = AdapterRegistry(max_cpu=256)
     singles = [reg.put(f"lora{i}", load_adapter(d, info, max_rank=args.rank)) for i, d in enumerate(dirs)]
@@ -97,7 +98,7 @@ def merge_cost(args: argparse.Namespace) -> dict[str, Any]:
     peft_model = PeftModel.from_pretrained(hf, dirs[0], adapter_name="src0")
     peft_model.load_adapter(dirs[1], adapter_name="src1")
     out: dict[str, Any] = {"model": path, "layers": info.num_layers, "rank": 16}
-    cases = [("ties", dict(density=0.5)), ("cat", {}), ("ties_svd", dict(density=0.5))]
+    cases = [("ties", dict(density=0.5)), ("cat", {})] + ([("ties_svd", dict(density=0.5))] if args.svd else [])
     for method, kw in cases:
         p = MergeParams(method, density=kw.get("density"))
         times, peft_times = [], []
@@ -125,6 +126,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--skip-serving", action="store_true")
     ap.add_argument("--skip-merge", action="store_true")
+    ap.add_argument("--svd", action="store_true", help="also time ties_svd once (minutes on the real model)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     if args.threads:
