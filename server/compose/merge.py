@@ -203,6 +203,10 @@ def derived_lora(sources: list[tuple[LoraAdapter, float]], params: MergeParams, 
                     "has; peft's add_weighted_adapter fails there too", "adapters")
             a, b = _merge_module(valid, p, rank, gen, f"layer {layer} {short}")
             r = a.shape[0]
+            if b.shape[1] != r:  # an svd rank over a module's smaller side (peft builds a broken layer there)
+                most = min(b.shape[0], a.shape[1])
+                raise CompositionError(f"merge.rank {rank} exceeds the size of layer {layer} {short} "
+                                       f"({b.shape[0]} x {a.shape[1]}); use merge.rank <= {most}", "merge.rank", 400)
             if r > max_rank:
                 where = "merge.rank" if p.method in SVD_METHODS else "adapters"
                 raise CompositionError(

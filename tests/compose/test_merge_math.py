@@ -98,3 +98,15 @@ def test_dare_seed_matters(tiny_pair):
     key = next(iter(m1))
     assert not torch.equal(m1[key].a, m2[key].a)
     assert all(torch.equal(m1[k].a, m1b[k].a) and torch.equal(m1[k].b, m1b[k].b) for k in m1)
+
+
+def test_svd_rank_over_a_module_side_is_refused(tiny_pair):
+    """k_proj of the tiny model is 64 -> 32: an svd rank of 40 cannot be served there (peft builds a broken layer)."""
+    from server.compose.merge import CompositionError
+
+    base_dir, dirs = tiny_pair
+    info = spec_from_config(load_base(base_dir).config).base_info()
+    src = [(load_adapter(dirs[s], info, max_rank=64), 1.0) for s in ("s1", "s2")]
+    with pytest.raises(CompositionError) as e:
+        derived_lora(src, MergeParams(method="svd", rank=40), info, 64)
+    assert e.value.field == "merge.rank" and "k_proj" in str(e.value)
