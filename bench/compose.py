@@ -5,7 +5,7 @@
 
 Part 1 (random Llama of --hidden x --layers): 32 requests (64 in, 32 out, greedy, all submitted at once), request
 i composing 2 of 8 LoRA adapters (r16, all 7 projections) with `cat` (weights 0.7 / 0.3; pairs (i, i+1+i//8)
-mod 8: 28 distinct compositions of rank 32), timed alternately with the same requests each on its first source
+mod 8: 32 distinct ordered compositions of rank 32), timed alternately with the same requests each on its first source
 alone (8 distinct adapters of rank 16), best of --repeat each; the ratio is taken per pair (ratios survive other
 load on the machine, absolute numbers do not). The compositions are built before timing (their one-time cost
 is part 2's subject); the engine serves them as ordinary rank-32 LoRAs.
