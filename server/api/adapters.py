@@ -214,7 +214,7 @@ async def replace_adapter(name: str, request: Request) -> JSONResponse:
 @router.get("/v1/adapters")
 async def list_adapters(request: Request) -> dict[str, Any]:
     state = _state(request)
-    names = state.registry.names(include_derived=True)
+    names = state.registry.names() + state.registry.derived_names()
     return {"object": "list", "data": [_record(state, n) for n in names if n in state.registry]}
 
 

@@ -125,9 +125,14 @@ class AdapterRegistry:
         with self._lock:
             return self._entries.get(name)
 
-    def names(self, *, include_derived: bool = False) -> list[str]:
+    def names(self) -> list[str]:
+        """Every adapter name but derived ones (per-request compositions: `derived_names`)."""
         with self._lock:
-            return sorted(n for n, e in self._entries.items() if include_derived or e.derived is None)
+            return sorted(n for n, e in self._entries.items() if e.derived is None)
+
+    def derived_names(self) -> list[str]:
+        with self._lock:
+            return sorted(n for n, e in self._entries.items() if e.derived is not None)
 
     def __contains__(self, name: str) -> bool:
         return self.entry(name) is not None

@@ -18,7 +18,7 @@ def test_derived_entries_follow_their_sources_and_the_cpu_lru():
     a, b = reg.put("a", _adapter()), reg.put("b", _adapter())
     d1 = reg.put_derived("compose:1", _adapter(), (a.key, b.key), {"method": "cat"})
     assert "compose:1" in reg and reg.in_cpu(d1.key)
-    assert reg.names() == ["a", "b"] and reg.names(include_derived=True) == ["a", "b", "compose:1"]
+    assert reg.names() == ["a", "b"] and reg.derived_names() == ["compose:1"]
     reg.release(d1)
     assert d1.key not in stale  # still catalogued: cached for the next request
 
