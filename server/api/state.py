@@ -25,6 +25,7 @@ class ServerState:
     store: Any = None  # adapters_store.AdapterStore when the store is enabled
     metrics: Any = None  # server.metrics.Metrics
     composer: Any = None  # server.compose.service.Composer: per-request adapter compositions
+    assistants: Any = None  # server.api.assistants.Assistants when the store is enabled
 
     @property
     def model(self) -> ModelInfo:
@@ -106,11 +107,14 @@ def build_state(settings: Settings) -> ServerState:
                          "another --served-model-name")
     log.info("serving %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d; %d stored adapters in %s",
              base_name, m.device, m.dtype, m.num_blocks, m.block_size, m.max_model_len, len(store.list()), store.root)
+    from server.api.assistants import check_at_startup, open_assistants
     from server.compose.service import Composer
 
     composer = Composer(registry, info, max_rank=max_rank, max_compose=settings.max_compose, base_name=base_name)
-    return ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name, store=store,
-                       composer=composer)
+    state = ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name, store=store,
+                        assistants=open_assistants(store.index_path), composer=composer)
+    check_at_startup(state)
+    return state
 
 
 def adapters_dir(settings: Settings) -> str:
