@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     adapter: Annotated[list[str], NoDecode] = Field(default_factory=list)  # NAME=PATH, repeatable
     adapters_dir: str | None = None  # None: $PEFTSERVE_CACHE_DIR/adapters, else ~/.cache/peftserve/adapters
     max_cpu_adapters: int = 64
+    max_compose: int = 4  # adapters one request may compose (server/compose)
     allowed_adapter_dir: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_upload_mb: int = 200
     api_key: str | None = None
@@ -128,7 +129,7 @@ class Settings(BaseSettings):
             bad("port", self.port, "must be 1-65535")
         for name in ("max_num_seqs", "max_batch_tokens", "block_size", "max_adapters", "max_rank",
                      "max_cpu_adapters", "max_upload_mb", "max_queue", "max_tokens_limit", "max_n",
-                     "max_stop", "max_body_mb", "metrics_max_adapters"):
+                     "max_stop", "max_body_mb", "metrics_max_adapters", "max_compose"):
             if getattr(self, name) < 1:
                 bad(name.replace("_", "-"), getattr(self, name), "must be >= 1")
         if self.max_slot_wait < 0:
@@ -210,6 +211,7 @@ HELP = {
     "adapters_dir": "where uploaded adapters are stored (default $PEFTSERVE_CACHE_DIR/adapters or "
                     "~/.cache/peftserve/adapters)",
     "max_cpu_adapters": "adapters kept loaded in CPU memory (LRU)",
+    "max_compose": "most adapters one request may compose (\"adapters\": [...])",
     "allowed_adapter_dir": "directories /v1/load_lora_adapter may read from; repeatable",
     "max_upload_mb": "largest adapter upload (413 beyond)",
     "api_key": "Bearer key required on every /v1 route",

@@ -54,6 +54,8 @@ def _record(state: ServerState, name: str) -> dict[str, Any]:
                                             "source": str(e.path) if e.path else None}
     rec.update(type=e.kind, residency=residency(state, e), in_flight=state.registry.in_flight(name),
                stored=e.stored)
+    if e.derived is not None:  # a per-request composition (server/compose): CPU tier only
+        rec.update(peft_type="LORA", derived=e.derived)
     return rec
 
 
@@ -219,7 +221,8 @@ async def replace_adapter(name: str, request: Request) -> JSONResponse:
 @router.get("/v1/adapters")
 async def list_adapters(request: Request) -> dict[str, Any]:
     state = _state(request)
-    return {"object": "list", "data": [_record(state, n) for n in state.registry.names() if n in state.registry]}
+    names = state.registry.names() + state.registry.derived_names()
+    return {"object": "list", "data": [_record(state, n) for n in names if n in state.registry]}
 
 
 @router.get("/v1/adapters/{name}")

@@ -85,4 +85,8 @@ def _metrics(state: ServerState) -> Metrics:
         m.tier_loads["cpu"] = lambda: reg.cpu_loads
         m.tier_evictions["cpu"] = lambda: reg.cpu_evictions
     m.residency["disk"] = lambda: len(reg.names())
+    if state.composer is not None:
+        from server.compose.metrics import CompositionCollector
+
+        m.registry.register(CompositionCollector(state.composer))
     return m

@@ -335,7 +335,7 @@ async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int], 
     state = get_state(request)
     ctx = GenerationContext(model=body.model)
     setattr(request.state, STATE_KEY, ctx)
-    adapter = await resolve_model(state, body.model)
+    adapter = await (state.composer.acquire(body) if body.composes else resolve_model(state, body.model))
     ctx.resolved, ctx.adapter = True, adapter.name if adapter is not None else None
     try:
         params = build_params(state, body, prompt_ids, adapter, max_tokens, logprobs, prompt_param, max_tokens_param)

@@ -6,12 +6,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
+from server.compose.schema import CompositionFields
+
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(CompositionFields):  # + adapters / merge / lora_scale (server/compose)
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None

@@ -24,6 +24,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     store: Any = None  # adapters_store.AdapterStore when the store is enabled
     metrics: Any = None  # server.metrics.Metrics
+    composer: Any = None  # server.compose.service.Composer: per-request adapter compositions
     assistants: Any = None  # server.api.assistants.Assistants when the store is enabled
 
     @property
@@ -107,9 +108,11 @@ def build_state(settings: Settings) -> ServerState:
     log.info("serving %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d; %d stored adapters in %s",
              base_name, m.device, m.dtype, m.num_blocks, m.block_size, m.max_model_len, len(store.list()), store.root)
     from server.api.assistants import check_at_startup, open_assistants
+    from server.compose.service import Composer
 
+    composer = Composer(registry, info, max_rank=max_rank, max_compose=settings.max_compose, base_name=base_name)
     state = ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name, store=store,
-                        assistants=open_assistants(store.index_path))
+                        assistants=open_assistants(store.index_path), composer=composer)
     check_at_startup(state)
     return state
 

@@ -50,6 +50,11 @@ class AdapterEntry:
     stored: bool  # True: lives in the store (upload); False: a local dir given at start-up
     record: dict[str, Any] | None = None  # the store's record, for listings
     uid: int = field(default_factory=lambda: next(_uids))
+    # A derived adapter (a per-request composition, server/compose): the source versions it was computed
+    # from, and what to list. It lives only in the CPU tier: evicted from it (or a source replaced or
+    # removed), it leaves the catalogue and is recomputed on next use.
+    sources: tuple[Key, ...] = ()
+    derived: dict[str, Any] | None = None
 
     @property
     def key(self) -> Key:
@@ -75,8 +80,25 @@ class AdapterRegistry:
         entry = AdapterEntry(name, version, loaded.kind, Path(path) if path else None, stored=False)
         self._set(entry)
         with self._lock:
-            self._cache(entry.key, loaded)
+            dropped = self._cache(entry.key, loaded)
+        self._retire_all(dropped)
         return AdapterHandle(name, version, loaded, entry.uid)
+
+    def put_derived(self, name: str, loaded: Adapter, sources: tuple[Key, ...], info: dict[str, Any]
+                    ) -> AdapterHandle:
+        """Catalogue a derived adapter computed from `sources` and return it with a reference taken. If a
+        source was replaced or removed meanwhile, it is not catalogued: the request that computed it runs on
+        it (it started on those versions) and it is dropped when released."""
+        entry = AdapterEntry(name, 1, loaded.kind, None, stored=False, sources=sources, derived=info)
+        dropped: list[Key] = []
+        with self._lock:
+            current = all(self._entries.get(k[0]) is not None and self._entries[k[0]].key == k for k in sources)
+            if current and name not in self._entries:
+                self._entries[name] = entry
+                dropped = self._cache(entry.key, loaded)
+            self._inflight[entry.key] += 1
+        self._retire_all(dropped)
+        return AdapterHandle(name, 1, loaded, entry.uid, held=True)
 
     def register(self, name: str, version: int, path: str | Path, record: dict[str, Any]) -> None:
         """Register a stored adapter version (on disk; loaded on first use). `record` is the store's row."""
@@ -104,8 +126,13 @@ class AdapterRegistry:
             return self._entries.get(name)
 
     def names(self) -> list[str]:
+        """Every adapter name but derived ones (per-request compositions: `derived_names`)."""
         with self._lock:
-            return sorted(self._entries)
+            return sorted(n for n, e in self._entries.items() if e.derived is None)
+
+    def derived_names(self) -> list[str]:
+        with self._lock:
+            return sorted(n for n, e in self._entries.items() if e.derived is not None)
 
     def __contains__(self, name: str) -> bool:
         return self.entry(name) is not None
@@ -152,8 +179,9 @@ class AdapterRegistry:
                 raise RuntimeError(f"adapter {entry.name!r} has no files to load from")
             loaded = await asyncio.to_thread(self._loader, entry.path)
             with self._lock:
-                self._cache(key, loaded)
+                dropped = self._cache(key, loaded)
                 self.cpu_loads += 1
+            self._retire_all(dropped)
             return loaded
         finally:
             self._loading.pop(key, None)
@@ -173,21 +201,39 @@ class AdapterRegistry:
         if stale:
             self._retire(key)
 
-    def _cache(self, key: Key, loaded: Adapter) -> None:
-        """Insert into the CPU LRU (lock held); evicting drops only the cache's reference."""
+    def _cache(self, key: Key, loaded: Adapter) -> list[Key]:
+        """Insert into the CPU LRU (lock held); evicting drops only the cache's reference, except for a
+        derived adapter, whose only tier this is: it leaves the catalogue too. Returns those keys, for
+        `_retire_all` once the lock is released."""
         self._cpu[key] = loaded
         self._cpu.move_to_end(key)
+        dropped = []
         while len(self._cpu) > self.max_cpu:
             old = next(iter(self._cpu))
             if old == key:
                 break
             del self._cpu[old]
             self.cpu_evictions += 1
+            entry = self._entries.get(old[0])
+            if entry is not None and entry.derived is not None and entry.key == old:
+                del self._entries[old[0]]
+                dropped.append(old)
+        return dropped
+
+    def _retire_all(self, keys: list[Key]) -> None:
+        for key in keys:
+            self._retire(key)
 
     def _retire(self, key: Key) -> None:
-        """A version that is no longer current: drop it from CPU, and tell the engine once unused."""
+        """A version that is no longer current: drop it from CPU, and tell the engine once unused. Derived
+        adapters computed from it leave the catalogue with it (a new request recomputes from the new version)."""
         with self._lock:
             self._cpu.pop(key, None)
             unused = key not in self._inflight
+            derived = [e for e in self._entries.values() if key in e.sources]
+            for e in derived:
+                del self._entries[e.name]
         if unused and self.on_stale is not None:
             self.on_stale(key)
+        for e in derived:
+            self._retire(e.key)

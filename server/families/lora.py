@@ -74,6 +74,10 @@ class LoraSpec(AdapterSpec):
     layers_to_transform: tuple[int, ...] | None
     # resolved: (layer index, short module name such as "q_proj") -> rank and scaling
     modules: dict[tuple[int, str], LoraModuleSpec]
+    # kept for per-request composition (server/compose), which rebuilds peft's merged config from them
+    layers_pattern: str | tuple[str, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
+    init_lora_weights: bool | str = True
 
     @property
     def rank(self) -> int:
@@ -318,7 +322,13 @@ def parse_lora(cfg: dict[str, Any], base: BaseModelInfo, max_rank: int) -> LoraS
         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
         layers_to_transform=None if layers is None else tuple([layers] if isinstance(layers, int) else layers),
         modules=modules, peft_type="LORA", base_model_name_or_path=base_name_of(cfg),
+        layers_pattern=_as_tuple(cfg.get("layers_pattern")), exclude_modules=_as_tuple(cfg.get("exclude_modules")),
+        init_lora_weights=init if isinstance(init, bool | str) else True,
     )
+
+
+def _as_tuple(value: Any) -> str | tuple[str, ...] | None:
+    return tuple(value) if isinstance(value, list) else value
 
 
 # ---------------------------------------------------------------------------------------------- weights
