@@ -15,6 +15,7 @@ from server.api.errors import install_handlers
 from server.api.openai import router as openai_router
 from server.api.ops import OpsMiddleware
 from server.api.state import ServerState
+from server.evals.api import router as evals_router
 from server.metrics import Metrics
 from server.shutdown import FINAL_GRACE_S, shutdown_error
 
@@ -40,6 +41,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(OpsMiddleware, state=state)
     app.include_router(openai_router)
     app.include_router(adapters_router)
+    app.include_router(evals_router)  # POST /v1/evals (admin), GET /v1/evals/{id}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -38,7 +38,10 @@ _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def is_admin_route(method: str, path: str) -> bool:
-    """Adapter writes: POST/PUT/PATCH/DELETE under /v1/adapters, and the vLLM-style load/unload routes."""
+    """Adapter writes: POST/PUT/PATCH/DELETE under /v1/adapters, the vLLM-style load/unload routes; and
+    every /v1/evals route (eval jobs and their reports)."""
+    if path == "/v1/evals" or path.startswith("/v1/evals/"):
+        return True
     if method not in ADMIN_METHODS:
         return False
     return path in ADMIN_PATHS or path == "/v1/adapters" or path.startswith("/v1/adapters/")
@@ -94,7 +97,8 @@ class OpsMiddleware:
         if any(hmac.compare_digest(given.encode(), k.encode()) for k in wanted):
             return None
         if admin and s.api_key and hmac.compare_digest(given.encode(), s.api_key.encode()):
-            return 403, f"{method} {path} changes adapters and needs the admin key (--admin-key)"
+            what = "runs evals" if path.startswith("/v1/evals") else "changes adapters"
+            return 403, f"{method} {path} {what} and needs the admin key (--admin-key)"
         return 401, "invalid API key"
 
     def route_template(self, app: Any, path: str) -> str:
