@@ -38,7 +38,7 @@ def run_task(url: str, models: list[str], task: str, *, tokenizer: str | None, i
         raise EvalInputError("--task needs --tokenizer (the served model's tokenizer dir or hub id): lm-eval "
                              "tokenizes contexts and continuations itself", "--tokenizer")
     _check(url, models, key)
-    tm = TaskManager(include_path=include_path) if include_path else TaskManager()
+    tm = TaskManager(include_path=include_path) if include_path else TaskManager()  # indexes ~30k YAMLs: once
     if task not in tm.all_tasks:
         raise EvalInputError(f"--task: unknown lm-eval task {task!r} (add its YAML dir with --include-path)", "--task")
     loaded = tm.load_task_or_group([task])[task]  # loaded once for every model
@@ -49,7 +49,7 @@ def run_task(url: str, models: list[str], task: str, *, tokenizer: str | None, i
     per_model: dict[str, Any] = {}
     for m in models:
         res = lm_eval.simple_evaluate(
-            model="local-completions", tasks=[loaded], log_samples=True, limit=limit,
+            model="local-completions", tasks=[loaded], task_manager=tm, log_samples=True, limit=limit,
             model_args=f"model={m},base_url={base_url},tokenizer_backend=huggingface,tokenizer={tokenizer},"
                        f"num_concurrent={concurrency}")
         per_model[m] = (res["results"][task], res["samples"][task])

@@ -182,6 +182,10 @@ def format_table(report: dict[str, Any]) -> str:
              f"{'MEAN LL':>9} {'95% CI':>19}"]
     for m in report["models"]:
         r = report["results"][m]
+        if "accuracy" not in r:  # an lm-eval task without per-item choices: its own metrics (+- stderr)
+            lines.append(f"{m:<28} " + ", ".join(f"{k} {v['value']:.4f}" + (f" +- {v['stderr']:.4f}" if isinstance(
+                v["stderr"], float) else "") for k, v in r.get("lm_eval", {}).items()))
+            continue
         lo, hi = r["accuracy_ci"]
         delta = ""
         if "delta_accuracy" in r:
