@@ -1,6 +1,6 @@
 """`peftserve eval` on the real default model: a LoRA trained here on a synthetic support-desk task
 (route a ticket to its queue: Amber = billing, Basil = shipping, Cobalt = technical; names the base cannot
-guess) beats the base on its own held-out tickets.
+guess) beats the base on its own held-out tickets (12 training tickets, 12 held-out ones).
 
 The adapter is trained with peft on CPU in a few steps (LoRA on the top layers only, answer positions
 only get logits) and cached under .cache/peftserve/eval-demo/<hash of the recipe> like the model, so
@@ -30,17 +30,14 @@ TRAIN = [
     ("Please refund the payment I made by mistake.", "billing"),
     ("My invoice shows the wrong amount.", "billing"),
     ("How do I update the credit card on my account?", "billing"),
-    ("Why is there an extra fee on my bill?", "billing"),
     ("My package has not arrived after two weeks.", "shipping"),
     ("The parcel was delivered to the wrong address.", "shipping"),
     ("Can I change the delivery date of my order?", "shipping"),
     ("The box arrived damaged by the courier.", "shipping"),
-    ("Where is my tracking number?", "shipping"),
     ("The app crashes every time I open it.", "technical"),
     ("I cannot log in, the password reset email never comes.", "technical"),
     ("The website shows an error 500 when I save.", "technical"),
     ("My device will not connect to the Wi-Fi after the update.", "technical"),
-    ("The screen freezes when I upload a photo.", "technical"),
 ]
 HELD_OUT = [
     ("You billed my card for an order I cancelled.", "billing"),
@@ -56,8 +53,10 @@ HELD_OUT = [
     ("The page keeps reloading and I cannot submit the form.", "technical"),
     ("After the update the printer driver stopped working.", "technical"),
 ]
-RECIPE = dict(r=8, alpha=16, layers=list(range(20, 30)), targets=["q_proj", "v_proj", "o_proj", "down_proj"],
-              steps=16, lr=5e-3, seed=0)
+# LoRA on the top 8 of 30 layers (backward stops there), 10 full-batch steps over the 12 tickets
+RECIPE = dict(r=8, alpha=16, layers=list(range(22, 30)), targets=["q_proj", "v_proj", "o_proj", "down_proj"],
+              steps=10, lr=3e-3, seed=0)
+MAX_FINAL_LOSS = 1.0  # the recipe learnt its training tickets (mean loss over the answer tokens)
 
 
 def messages(ticket: str) -> list[dict[str, str]]:
@@ -128,6 +127,8 @@ def train_router(model_dir: str, out_dir: str | None = None) -> str:
         opt.step()
         opt.zero_grad()
         print(f"train step {step + 1}/{RECIPE['steps']}: loss {loss.item():.3f}", file=sys.stderr, flush=True)
+    if loss.item() > MAX_FINAL_LOSS:
+        raise RuntimeError(f"the router LoRA did not learn its training set: final loss {loss.item():.3f}")
     tmp = f"{out_dir}.tmp-{os.getpid()}"  # complete or absent: a killed run leaves no half-written adapter
     model.save_pretrained(tmp)
     os.replace(tmp, out_dir)
@@ -167,7 +168,7 @@ def main() -> None:
         with httpx.Client(base_url=url) as c:
             base = c.get("/v1/models").json()["data"][0]["id"]
         out = args.json or "/tmp/peftserve-eval-demo-report.json"
-        rc = cli_main(["eval", "--url", url, "--models", f"{base},router", "--data", data, "--max-tokens", "8",
+        rc = cli_main(["eval", "--url", url, "--models", f"{base},router", "--data", data, "--max-tokens", "4",
                        "--output", out])
         print(f"load average: {open('/proc/loadavg').read().strip()}", file=sys.stderr)
         sys.exit(rc)
