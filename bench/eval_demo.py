@@ -63,12 +63,13 @@ def messages(ticket: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ticket}]
 
 
-def eval_items() -> list[dict[str, Any]]:
-    """The held-out tickets twice: multiple choice (one choice per queue) and generation (contains the name)."""
+def eval_items(generation: bool = True) -> list[dict[str, Any]]:
+    """The held-out tickets as multiple choice (one choice per queue) and, with `generation`, again as
+    generation (the greedy answer contains the queue's name)."""
     names = list(QUEUES.values())
     mc = [{"prompt": ticket, "choices": names, "answer": QUEUES[q]} for ticket, q in HELD_OUT]
     gen = [{"messages": messages(ticket), "ideal": QUEUES[q], "match": "contains"} for ticket, q in HELD_OUT]
-    return mc + gen
+    return mc + gen if generation else mc
 
 
 def mc_prompt(tok: Any, ticket: str) -> str:
@@ -76,9 +77,9 @@ def mc_prompt(tok: Any, ticket: str) -> str:
     return tok.apply_chat_template(messages(ticket), tokenize=False, add_generation_prompt=True)
 
 
-def write_eval_set(tok: Any, path: str) -> str:
+def write_eval_set(tok: Any, path: str, generation: bool = True) -> str:
     with open(path, "w") as f:
-        for item in eval_items():
+        for item in eval_items(generation):
             if "prompt" in item:
                 item = {**item, "prompt": mc_prompt(tok, item["prompt"])}
             f.write(json.dumps(item) + "\n")
@@ -153,7 +154,8 @@ def main() -> None:
     data = write_eval_set(AutoTokenizer.from_pretrained(model_dir), "/tmp/peftserve-eval-demo.jsonl")
     url = f"http://127.0.0.1:{args.port}"
     srv = subprocess.Popen([sys.executable, "-m", "server", "serve", "--model", model_dir, "--port", str(args.port),
-                            "--adapter", f"router={adapter}", "--max-model-len", "512", "--log-level", "warning"])
+                            "--adapter", f"router={adapter}", "--max-model-len", "512", "--log-level", "warning",
+                            "--max-num-seqs", "32", "--max-batch-tokens", "2048"])
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -169,7 +171,7 @@ def main() -> None:
             base = c.get("/v1/models").json()["data"][0]["id"]
         out = args.json or "/tmp/peftserve-eval-demo-report.json"
         rc = cli_main(["eval", "--url", url, "--models", f"{base},router", "--data", data, "--max-tokens", "4",
-                       "--output", out])
+                       "--concurrency", "32", "--output", out])
         print(f"load average: {open('/proc/loadavg').read().strip()}", file=sys.stderr)
         sys.exit(rc)
     finally:

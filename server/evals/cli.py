@@ -11,6 +11,8 @@ import sys
 import time
 from typing import Any
 
+import httpx
+
 from server.evals.items import MATCHES, EvalInputError, parse_jsonl
 from server.evals.runner import EvalRunError, format_table, run_eval
 
@@ -35,8 +37,6 @@ def _models(value: str) -> list[str]:
 
 
 async def _run_jsonl(ns: argparse.Namespace, models: list[str]) -> dict[str, Any]:
-    import httpx
-
     try:
         with open(ns.data, encoding="utf-8") as f:
             text = f.read()
@@ -68,8 +68,8 @@ def _eval(ns: argparse.Namespace) -> int:
     except (EvalInputError, EvalRunError) as e:
         print(f"peftserve: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, EvalInputError) else 1
-    except OSError as e:  # the server is not there
-        print(f"peftserve: error: {ns.url}: {e}", file=sys.stderr)
+    except (OSError, httpx.HTTPError) as e:  # the server is not there, or went away
+        print(f"peftserve: error: {ns.url}: {e!r}", file=sys.stderr)
         return 1
     print(format_table(report))
     if ns.output:

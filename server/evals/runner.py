@@ -24,6 +24,7 @@ from server.evals.stats import CI_METHODS, mean_ci, paired_bootstrap, wilson
 
 Progress = Callable[[int, int], None]  # (requests done, total)
 MAX_RETRIES = 20  # 429 (queue full): wait Retry-After and try again
+MAX_CONNECTION_RETRIES = 3
 
 
 class UnknownModelError(EvalInputError):
@@ -71,8 +72,15 @@ class _Runner:
 
     async def post(self, path: str, body: dict[str, Any], what: str) -> dict[str, Any]:
         async with self.sem:
-            for _ in range(MAX_RETRIES):
-                r = await self.client.post(path, json=body)
+            for attempt in range(MAX_RETRIES):
+                try:
+                    r = await self.client.post(path, json=body)
+                except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as e:
+                    # a pooled keep-alive connection the server closed as we reused it: scoring and greedy
+                    # answers have no side effects, so send it again on a fresh connection
+                    if attempt >= MAX_CONNECTION_RETRIES:
+                        raise EvalRunError(f"{what}: POST {path} for model {body.get('model')!r}: {e!r}") from e
+                    continue
                 if r.status_code != 429:
                     break
                 await asyncio.sleep(float(r.headers.get("retry-after", "1")))
