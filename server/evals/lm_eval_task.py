@@ -38,7 +38,10 @@ def run_task(url: str, models: list[str], task: str, *, tokenizer: str | None, i
         raise EvalInputError("--task needs --tokenizer (the served model's tokenizer dir or hub id): lm-eval "
                              "tokenizes contexts and continuations itself", "--tokenizer")
     _check(url, models, key)
-    tm = TaskManager(include_path=include_path) if include_path else TaskManager()  # indexes ~30k YAMLs: once
+    # a task in --include-path needs no index of lm-eval's ~30k bundled YAMLs (minutes of CPU): try that first
+    tm = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if tm is None or task not in tm.all_tasks:
+        tm = TaskManager(include_path=include_path)  # built once, handed to every run
     if task not in tm.all_tasks:
         raise EvalInputError(f"--task: unknown lm-eval task {task!r} (add its YAML dir with --include-path)", "--task")
     loaded = tm.load_task_or_group([task])[task]  # loaded once for every model

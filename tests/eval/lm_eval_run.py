@@ -12,7 +12,8 @@ TASK = "peftserve_tiny_mc"
 
 
 def main() -> None:
-    spec = json.loads(sys.argv[1])  # {"tasks": dir, "runs": {label: [backend, model_args]}}
+    # {"tasks": dir, "runs": {label: [backend, model_args]}, "peftserve": {url, models, labels, tokenizer}?}
+    spec = json.loads(sys.argv[1])
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -30,6 +31,16 @@ def main() -> None:
             "ll": {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in samples},
         }
         print(f"lm_eval_run: {label} took {time.process_time() - t0:.1f} s CPU", file=sys.stderr)
+    if "peftserve" in spec:  # `peftserve eval --task`'s code path, every model in one call
+        from server.evals.lm_eval_task import run_task
+
+        ps = spec["peftserve"]
+        report = run_task(ps["url"], ps["models"], TASK, tokenizer=ps["tokenizer"], include_path=spec["tasks"],
+                          concurrency=1)
+        for m, label in zip(ps["models"], ps["labels"], strict=True):
+            out[label] = {"acc": report["results"][m]["lm_eval"]["acc"]["value"],
+                          "report_acc": report["results"][m]["accuracy"],
+                          "ll": {r["where"].rsplit(" ", 1)[-1]: r["models"][m]["ll"] for r in report["items"]}}
     print("RESULT " + json.dumps(out))
 
 

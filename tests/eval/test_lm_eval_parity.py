@@ -3,8 +3,11 @@ local multiple-choice task gives the same per-item loglikelihoods and accuracy a
 (with `peft=` for each adapter), for the base model and two adapters (two LoRA versions of one
 "assistant", as a team compares them before a release).
 
-Cost: one lm-eval child process runs all six evaluations (three models x two backends) on one task load,
-while the server (started first, serving both adapters) answers the local-completions runs."""
+`peftserve eval --task` (server/evals/lm_eval_task.py) runs the same task for the three models and its
+report must carry the same per-item loglikelihoods and accuracies.
+
+Cost: one lm-eval child process runs all the evaluations (three models x two backends, then the CLI's
+path) on one task index, while the server (started first, serving both adapters) answers."""
 
 from __future__ import annotations
 
@@ -54,11 +57,11 @@ metric_list:
     return tasks
 
 
-def run_lm_eval(runs: dict[str, tuple[str, str]], tasks: str, home: str) -> dict:
-    """label -> (lm-eval backend, model_args), all in one child process."""
+def run_lm_eval(runs: dict[str, tuple[str, str]], tasks: str, home: str, peftserve: dict | None = None) -> dict:
+    """label -> (lm-eval backend, model_args), plus `peftserve eval --task`'s run_task, in one child process."""
     env = {**os.environ, "HF_HOME": home, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    spec = json.dumps({"runs": runs, "tasks": tasks})
+    spec = json.dumps({"runs": runs, "tasks": tasks, **({"peftserve": peftserve} if peftserve else {})})
     p = subprocess.run([sys.executable, "-m", "tests.eval.lm_eval_run", spec], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -85,7 +88,9 @@ def test_lm_eval_local_completions_equals_hf_backend(tiny_root: str, tmp_path) -
                 **{f"hf:{n}": ("hf", f"pretrained={base},peft={d},{hf}") for n, d in adapters.items()},
                 "server:base": ("local-completions", f"model={srv.state.base_name},{args}"),
                 **{f"server:{n}": ("local-completions", f"model={n},{args}") for n in adapters}}
-        got = run_lm_eval(runs, tasks, home)
+        names = [srv.state.base_name, *adapters]  # and once more through `peftserve eval --task`'s code
+        got = run_lm_eval(runs, tasks, home, {"url": srv.url, "models": names, "tokenizer": base,
+                                              "labels": [f"cli:{n}" for n in ("base", *adapters)]})
     ll = {k: v["ll"] for k, v in got.items()}
     # each adapter changes the items' loglikelihoods (and the two differ), so agreeing on them means something
     for a, b in (("base", "v1"), ("base", "v2"), ("v1", "v2")):
@@ -97,3 +102,8 @@ def test_lm_eval_local_completions_equals_hf_backend(tiny_root: str, tmp_path) -
         for k, w in want["ll"].items():
             assert max(abs(a - b) for a, b in zip(have["ll"][k], w, strict=True)) < 1e-3, (name, k)
         assert abs(have["acc"] - want["acc"]) < 1e-9, name
+        cli = got[f"cli:{name}"]  # the CLI's report: same loglikelihoods, same accuracy
+        assert cli["ll"].keys() == {str(k) for k in want["ll"]}
+        for k, w in want["ll"].items():
+            assert max(abs(a - b) for a, b in zip(cli["ll"][str(k)], w, strict=True)) < 1e-3, (name, k)
+        assert abs(cli["acc"] - want["acc"]) < 1e-9 and abs(cli["report_acc"] - want["acc"]) < 1e-9, name
