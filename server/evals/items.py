@@ -103,8 +103,9 @@ def parse_jsonl(text: str, source: str = "input", match: str = "exact") -> list[
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalInputError(f"{source}: line {n}: malformed JSON: {e.msg} (column {e.colno})", f"line {n}") from e
+        except ValueError as e:  # JSONDecodeError, or a number past Python's int-string limit
+            why = f"{e.msg} (column {e.colno})" if isinstance(e, json.JSONDecodeError) else str(e)
+            raise EvalInputError(f"{source}: line {n}: malformed JSON: {why}", f"line {n}") from e
         items.append(parse_item(obj, f"{source}: line {n}", match))
     if not items:
         raise EvalInputError(f"{source}: no items (the eval set is empty)", "data")
