@@ -1,4 +1,4 @@
-"""`peftserve` command line: `serve` starts the server; `adapters` manages a running server's adapters;
+"""`peftserve` command line: `serve` starts the server; `adapters` and `assistants` manage a running server's;
 `eval` scores an eval set on several of its models."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import sys
 
+from server.assistants_cli import add_assistant_commands
 from server.client import add_adapter_commands
 from server.config import ArgParser, SettingsError, add_serve_args, settings_from_args
 from server.evals.cli import add_eval_command
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(serve)
     serve.set_defaults(func=_serve)
     add_adapter_commands(sub)
+    add_assistant_commands(sub)
     add_eval_command(sub)
     return p
 

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.api import assistants
 from server.api.adapters import router as adapters_router
 from server.api.errors import install_handlers
 from server.api.openai import router as openai_router
@@ -41,6 +42,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(OpsMiddleware, state=state)
     app.include_router(openai_router)
     app.include_router(adapters_router)
+    assistants.install(app, state)
     app.include_router(evals_router)  # POST /v1/evals (admin), GET /v1/evals/{id}
 
     @app.get("/health")

@@ -24,6 +24,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     store: Any = None  # adapters_store.AdapterStore when the store is enabled
     metrics: Any = None  # server.metrics.Metrics
+    assistants: Any = None  # server.api.assistants.Assistants when the store is enabled
 
     @property
     def model(self) -> ModelInfo:
@@ -105,7 +106,12 @@ def build_state(settings: Settings) -> ServerState:
                          "another --served-model-name")
     log.info("serving %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d; %d stored adapters in %s",
              base_name, m.device, m.dtype, m.num_blocks, m.block_size, m.max_model_len, len(store.list()), store.root)
-    return ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name, store=store)
+    from server.api.assistants import check_at_startup, open_assistants
+
+    state = ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name, store=store,
+                        assistants=open_assistants(store.index_path))
+    check_at_startup(state)
+    return state
 
 
 def adapters_dir(settings: Settings) -> str:
