@@ -17,6 +17,7 @@ from server.api.openai import router as openai_router
 from server.api.ops import OpsMiddleware
 from server.api.state import ServerState
 from server.console import router as console_router
+from server.evals.api import router as evals_router
 from server.metrics import Metrics
 from server.shutdown import FINAL_GRACE_S, shutdown_error
 
@@ -45,6 +46,7 @@ def create_app(state: ServerState) -> FastAPI:
     assistants.install(app, state)
     if not state.settings.no_ui:
         app.include_router(console_router)
+    app.include_router(evals_router)  # POST /v1/evals (admin), GET /v1/evals/{id}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

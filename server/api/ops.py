@@ -40,8 +40,10 @@ _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def is_admin_route(method: str, path: str) -> bool:
-    """Adapter and assistant writes: POST/PUT/PATCH/DELETE under /v1/adapters or /v1/assistants, and the
-    vLLM-style load/unload routes."""
+    """Adapter and assistant writes: POST/PUT/PATCH/DELETE under /v1/adapters or /v1/assistants, the
+    vLLM-style load/unload routes; and every /v1/evals route (eval jobs and their reports)."""
+    if path == "/v1/evals" or path.startswith("/v1/evals/"):
+        return True
     if method not in ADMIN_METHODS:
         return False
     return path in ADMIN_PATHS or any(path == p or path.startswith(p + "/") for p in ADMIN_PREFIXES)
@@ -97,6 +99,8 @@ class OpsMiddleware:
         if any(hmac.compare_digest(given.encode(), k.encode()) for k in wanted):
             return None
         if admin and s.api_key and hmac.compare_digest(given.encode(), s.api_key.encode()):
+            if path.startswith("/v1/evals"):
+                return 403, f"{method} {path} runs evals and needs the admin key (--admin-key)"
             what = "assistants" if path.startswith("/v1/assistants") else "adapters"
             return 403, f"{method} {path} changes {what} and needs the admin key (--admin-key)"
         return 401, "invalid API key"

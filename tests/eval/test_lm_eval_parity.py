@@ -1,6 +1,13 @@
 """lm-evaluation-harness through the server: `local-completions` (echo + logprobs on /v1/completions) on a
 local multiple-choice task gives the same per-item loglikelihoods and accuracy as lm-eval's `hf` backend
-(with `peft=` for the adapter), for the base model and a LoRA adapter."""
+(with `peft=` for each adapter), for the base model and two adapters (two LoRA versions of one
+"assistant", as a team compares them before a release).
+
+`peftserve eval --task` (server/evals/lm_eval_task.py) runs the same task for the three models and its
+report must carry the same per-item loglikelihoods and accuracies.
+
+Cost: one lm-eval child process runs all the evaluations (three models x two backends, then the CLI's
+path) on one task index, while the server (started first, serving both adapters) answers."""
 
 from __future__ import annotations
 
@@ -18,15 +25,16 @@ from tests.tiny import make_tiny_checkpoint
 
 pytest.importorskip("lm_eval", reason="lm-eval is the optional [eval] extra; make test installs it")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+N_ITEMS = 10  # x 3 choices x 3 models: 90 scored continuations per backend
 WORDS = ["red", "blue", "cat", "dog", "sun", "moon", "tree", "river", "stone", "bird"]
 
 
 def write_task(d: str) -> str:
-    """A 10-item multiple-choice task read from a local JSONL (no hub)."""
+    """An N_ITEMS multiple-choice task read from a local JSONL (no hub)."""
     rng = random.Random(0)
     items = os.path.join(d, "items.jsonl")
     with open(items, "w") as f:
-        for i in range(10):
+        for i in range(N_ITEMS):
             ch = rng.sample(WORDS, 3)
             f.write(json.dumps({"prompt": f"Q{i}: pick {ch[rng.randrange(3)]}. A:", "choices": [" " + c for c in ch],
                                 "answer": rng.randrange(3)}) + "\n")
@@ -49,10 +57,11 @@ metric_list:
     return tasks
 
 
-def run_lm_eval(model: str, runs: dict[str, str], tasks: str, home: str) -> dict:
+def run_lm_eval(runs: dict[str, tuple[str, str]], tasks: str, home: str, peftserve: dict | None = None) -> dict:
+    """label -> (lm-eval backend, model_args), plus `peftserve eval --task`'s run_task, in one child process."""
     env = {**os.environ, "HF_HOME": home, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    spec = json.dumps({"model": model, "runs": runs, "tasks": tasks})
+    spec = json.dumps({"runs": runs, "tasks": tasks, **({"peftserve": peftserve} if peftserve else {})})
     p = subprocess.run([sys.executable, "-m", "tests.eval.lm_eval_run", spec], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -63,22 +72,38 @@ def run_lm_eval(model: str, runs: dict[str, str], tasks: str, home: str) -> dict
 @pytest.mark.slow
 def test_lm_eval_local_completions_equals_hf_backend(tiny_root: str, tmp_path) -> None:
     base = make_tiny_checkpoint(tiny_root, "llama", seed=31)
-    lora = make_lora(base, os.path.join(tiny_root, "lmeval-lora"), r=8, targets=["q_proj", "v_proj", "down_proj"],
-                     seed=3)
+    adapters = {
+        "v1": make_lora(base, os.path.join(tiny_root, "lmeval-v1"), r=8, targets=["q_proj", "v_proj", "down_proj"],
+                        seed=3),
+        "v2": make_lora(base, os.path.join(tiny_root, "lmeval-v2"), r=4, targets=["k_proj", "o_proj", "up_proj"],
+                        seed=4),
+    }
     tasks = write_task(str(tmp_path))
     home = str(tmp_path / "hf-home")
-    ref = run_lm_eval("hf", {"base": f"pretrained={base},dtype=float32,device=cpu",
-                             "lora": f"pretrained={base},peft={lora},dtype=float32,device=cpu"}, tasks, home)
-    # the adapter changes the items' loglikelihoods, so agreeing on it means something
-    assert max(abs(a - b) for k in ref["base"]["ll"] for a, b in zip(ref["base"]["ll"][k], ref["lora"]["ll"][k],
-                                                                     strict=True)) > 0.1
-    with live_server(model=base, adapter=[f"lora={lora}"], max_model_len=128, kv_cache_blocks=256) as srv:
-        url = f"{srv.url}/v1/completions"
-        args = f"base_url={url},tokenizer_backend=huggingface,tokenizer={base}"
-        got = run_lm_eval("local-completions", {"base": f"model={srv.state.base_name},{args}",
-                                                "lora": f"model=lora,{args}"}, tasks, home)
-    for name in ("base", "lora"):
-        assert got[name]["ll"].keys() == ref[name]["ll"].keys() and len(got[name]["ll"]) == 10
-        for k, want in ref[name]["ll"].items():
-            assert max(abs(a - b) for a, b in zip(got[name]["ll"][k], want, strict=True)) < 1e-3, (name, k)
-        assert abs(got[name]["acc"] - ref[name]["acc"]) < 1e-9
+    hf = "dtype=float32,device=cpu"
+    with live_server(model=base, adapter=[f"{n}={d}" for n, d in adapters.items()], max_model_len=128,
+                     kv_cache_blocks=256) as srv:
+        args = f"base_url={srv.url}/v1/completions,tokenizer_backend=huggingface,tokenizer={base}"
+        runs = {"hf:base": ("hf", f"pretrained={base},{hf}"),
+                **{f"hf:{n}": ("hf", f"pretrained={base},peft={d},{hf}") for n, d in adapters.items()},
+                "server:base": ("local-completions", f"model={srv.state.base_name},{args}"),
+                **{f"server:{n}": ("local-completions", f"model={n},{args}") for n in adapters}}
+        names = [srv.state.base_name, *adapters]  # and once more through `peftserve eval --task`'s code
+        got = run_lm_eval(runs, tasks, home, {"url": srv.url, "models": names, "tokenizer": base,
+                                              "labels": [f"cli:{n}" for n in ("base", *adapters)]})
+    ll = {k: v["ll"] for k, v in got.items()}
+    # each adapter changes the items' loglikelihoods (and the two differ), so agreeing on them means something
+    for a, b in (("base", "v1"), ("base", "v2"), ("v1", "v2")):
+        assert max(abs(x - y) for k in ll[f"hf:{a}"] for x, y in zip(ll[f"hf:{a}"][k], ll[f"hf:{b}"][k],
+                                                                       strict=True)) > 0.1, (a, b)
+    for name in ("base", *adapters):
+        want, have = got[f"hf:{name}"], got[f"server:{name}"]
+        assert have["ll"].keys() == want["ll"].keys() and len(have["ll"]) == N_ITEMS
+        for k, w in want["ll"].items():
+            assert max(abs(a - b) for a, b in zip(have["ll"][k], w, strict=True)) < 1e-3, (name, k)
+        assert abs(have["acc"] - want["acc"]) < 1e-9, name
+        cli = got[f"cli:{name}"]  # the CLI's report: same loglikelihoods, same accuracy
+        assert cli["ll"].keys() == {str(k) for k in want["ll"]}
+        for k, w in want["ll"].items():
+            assert max(abs(a - b) for a, b in zip(cli["ll"][str(k)], w, strict=True)) < 1e-3, (name, k)
+        assert abs(cli["acc"] - want["acc"]) < 1e-9 and abs(cli["report_acc"] - want["acc"]) < 1e-9, name
