@@ -1,4 +1,5 @@
-"""`peftserve` command line: `serve` starts the server; `adapters` manages a running server's adapters."""
+"""`peftserve` command line: `serve` starts the server; `adapters` manages a running server's adapters;
+`finetune` runs fine-tuning jobs on it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 
 from server.client import add_adapter_commands
 from server.config import ArgParser, SettingsError, add_serve_args, settings_from_args
+from server.finetune_cli import add_finetune_commands
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(serve)
     serve.set_defaults(func=_serve)
     add_adapter_commands(sub)
+    add_finetune_commands(sub)
     return p
 
 

@@ -24,6 +24,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     store: Any = None  # adapters_store.AdapterStore when the store is enabled
     metrics: Any = None  # server.metrics.Metrics
+    finetune: Any = None  # server.train.manager.FineTuning: files and fine-tuning jobs
 
     @property
     def model(self) -> ModelInfo:
@@ -104,7 +105,13 @@ def build_state(settings: Settings) -> ServerState:
                          "another --served-model-name")
     log.info("serving %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d; %d stored adapters in %s",
              base_name, m.device, m.dtype, m.num_blocks, m.block_size, m.max_model_len, len(store.list()), store.root)
-    return ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name, store=store)
+    from server.train.manager import FineTuning
+
+    finetune = FineTuning(store=store, registry=registry, engine=engine, base_name=base_name,
+                          train_share=settings.train_share, max_file_lines=settings.max_file_lines,
+                          max_model_len=m.max_model_len, max_rank=max_rank)
+    return ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name, store=store,
+                       finetune=finetune)
 
 
 def adapters_dir(settings: Settings) -> str:
