@@ -53,13 +53,18 @@ class JobStore:
             row = self._db.execute("SELECT job FROM ft_jobs WHERE id = ?", (job_id,)).fetchone()
         return json.loads(row[0]) if row else None
 
-    def update(self, job_id: str, **fields: Any) -> dict[str, Any]:
-        """Merge `fields` into the job object in one transaction; returns the new object."""
+    def update(self, job_id: str, expect: tuple[str, ...] | None = None, **fields: Any) -> dict[str, Any] | None:
+        """Merge `fields` into the job object in one transaction; returns the new object. With `expect`, only
+        while the job's status is one of those (else None: another thread moved it first)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 (raw,) = self._db.execute("SELECT job FROM ft_jobs WHERE id = ?", (job_id,)).fetchone()
-                job = {**json.loads(raw), **fields}
+                old = json.loads(raw)
+                if expect is not None and old["status"] not in expect:
+                    self._db.execute("ROLLBACK")
+                    return None
+                job = {**old, **fields}
                 self._db.execute("UPDATE ft_jobs SET status = ?, job = ? WHERE id = ?",
                                  (job["status"], json.dumps(job), job_id))
                 self._db.execute("COMMIT")

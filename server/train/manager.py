@@ -170,6 +170,8 @@ class FineTuning:
         self._stop = threading.Event()
         self._cancel: set[str] = set()
         self._prepared: dict[str, tuple[list[Example], list[Example]]] = {}
+        self._validating: set[str] = set()
+        self._validating_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._shutdown_reason = "the server shut down while the job was running"
         self.running: str | None = None
@@ -187,10 +189,10 @@ class FineTuning:
             if target and target in self.registry:  # killed between storing the adapter and recording it
                 self._finish(job["id"], "succeeded", fine_tuned_model=target)
                 continue
-            self._finish(job["id"], "failed", error={
-                "code": "server_restarted", "param": None,
-                "message": "the server stopped while the job was running (killed or crashed); its checkpoints, "
-                           "if any, are servable; create a new job to train again"})
+            msg = ("the server stopped while the job was running (killed or crashed); its checkpoints, if any, "
+                   "are servable; create a new job to train again")
+            self._finish(job["id"], "failed", error={"code": "server_restarted", "param": None, "message": msg})
+            self.jobs.event(job["id"], msg, level="error")
 
     def start(self) -> None:
         if self._thread is None:
@@ -257,7 +259,8 @@ class FineTuning:
         }
         self.jobs.insert(job)
         self.jobs.event(jid, f"Validating training file: {files['training_file']}")
-        self._wake.set()
+        # validation runs beside the worker: a job waits queued (not validating) while another one trains
+        threading.Thread(target=self._validate_once, args=(jid,), name="peftserve-ft-validate", daemon=True).start()
         return public(job)
 
     def get(self, job_id: str) -> dict[str, Any]:
@@ -274,11 +277,13 @@ class FineTuning:
                            "or running can be cancelled", param="fine_tuning_job_id", status=409,
                            code="job_finished")
         self._cancel.add(job_id)
-        if job["status"] != "running":
-            job = self._finish(job_id, "cancelled")
+        done = self.jobs.update(job_id, expect=("validating_files", "queued"), status="cancelled",
+                                finished_at=int(time.time()))
+        if done is not None:
+            job = done
             self.jobs.event(job_id, "Fine-tuning job cancelled")
         self._wake.set()
-        return public(job)
+        return public(self.jobs.get(job_id) or job)
 
     # ---- the worker -----------------------------------------------------------------------------
     def _worker(self) -> None:
@@ -286,14 +291,28 @@ class FineTuning:
 
         single_threaded()
         while not self._stop.is_set():
-            for job in self.jobs.with_status("validating_files"):
-                self._validate(job)
+            for job in self.jobs.with_status("validating_files"):  # left by a restart
+                self._validate_once(job["id"])
             queued = self.jobs.with_status("queued")
             if not queued:
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
             self._run(queued[0])
+
+    def _validate_once(self, jid: str) -> None:
+        with self._validating_lock:
+            if jid in self._validating:
+                return
+            self._validating.add(jid)
+        try:
+            job = self.jobs.get(jid)
+            if job is not None and job["status"] == "validating_files":
+                self._validate(job)
+        finally:
+            with self._validating_lock:
+                self._validating.discard(jid)
+            self._wake.set()
 
     def _validate(self, job: dict[str, Any]) -> None:
         """Parse and tokenize the files (they were checked at upload; the tokenizer or limits may differ)."""
@@ -307,30 +326,32 @@ class FineTuning:
                 parsed = parse_jsonl(self.files.content(job[key]), max_lines=self.max_file_lines)
                 sets.append(encode_file(self.engine.tokenizer, parsed, self.max_model_len))
         except (DatasetError, AdapterError, OSError) as e:
-            self._finish(jid, "failed", error={"code": "invalid_training_file", "param": "training_file",
-                                               "message": f"{job['training_file']}: {e}"})
-            self.jobs.event(jid, f"Validation failed: {e}", level="error")
+            if self.jobs.update(jid, expect=("validating_files",), status="failed", finished_at=int(time.time()),
+                                error={"code": "invalid_training_file", "param": "training_file",
+                                       "message": f"{job['training_file']}: {e}"}) is not None:
+                self.jobs.event(jid, f"Validation failed: {e}", level="error")
             return
         train, val = sets
         self._prepared[jid] = (train, val)
         hp = resolve_auto(job["hyperparameters"], len(train))
-        job = self.jobs.update(jid, status="queued", hyperparameters=hp,
-                               method={"type": "supervised", "supervised": {"hyperparameters": hp}})
+        if self.jobs.update(jid, expect=("validating_files",), status="queued", hyperparameters=hp,
+                            method={"type": "supervised", "supervised": {"hyperparameters": hp}}) is None:
+            self._prepared.pop(jid, None)  # cancelled meanwhile
+            return
         self.jobs.event(jid, "Files validated, moving job to queued state")
 
     def _run(self, job: dict[str, Any]) -> None:
         jid = job["id"]
         if jid not in self._prepared:  # queued before a restart: tokenize again
-            self.jobs.update(jid, status="validating_files")
-            self._validate(self.jobs.get(jid) or job)
+            self.jobs.update(jid, expect=("queued",), status="validating_files")
+            self._validate_once(jid)
             return
         train, val = self._prepared.pop(jid)
-        if (self.jobs.get(jid) or {}).get("status") != "queued":  # cancelled meanwhile
+        if self.jobs.update(jid, expect=("queued",), status="running") is None:  # cancelled meanwhile
             return
         self.running = jid
         work = tempfile.mkdtemp(prefix="peftserve-ft-")
         try:
-            self.jobs.update(jid, status="running")
             self.jobs.event(jid, "Fine-tuning job started")
             self._train(job, train, val, work)
         except _Stop as s:
@@ -424,4 +445,6 @@ class FineTuning:
         self.jobs.event(job["id"], f"Checkpoint created at step {step}: {name}", data={"checkpoint": name, **metrics})
 
     def _finish(self, jid: str, status: str, **fields: Any) -> dict[str, Any]:
-        return self.jobs.update(jid, status=status, finished_at=int(time.time()), **fields)
+        job = self.jobs.update(jid, status=status, finished_at=int(time.time()), **fields)
+        assert job is not None
+        return job

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 
 import httpx
 import pytest
@@ -134,12 +133,13 @@ BAD_FILES = {
     "bad json": (b'{"messages": [}\n', "line 1: not valid JSON"),
     "missing role": (b'{"messages": [{"role": "user", "content": "hi"}, {"content": "x"}]}\n',
                      "line 1: messages[1] has no 'role'"),
-    "empty assistant": (b'{"messages": [{"role": "user", "content": "hi"}]}\n'
+    "empty assistant": (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]}\n'
                         b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}\n',
                         "line 2: messages[1]: empty assistant turn"),
     "over-long sample": (json.dumps({"messages": [{"role": "user", "content": "x" * 400},
                                                   {"role": "assistant", "content": "y"}]}).encode(),
                          "line 1: sample is"),
+    "no assistant": (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1: no assistant turn"),
     "bad weight": (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", '
                    b'"weight": 2}]}\n', "messages[1].weight 2 must be 0 or 1"),
 }
