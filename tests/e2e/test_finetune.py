@@ -252,3 +252,28 @@ def test_job_running_at_shutdown_is_marked_failed(tiny_root: str, tmp_path) -> N
         got = client(srv).fine_tuning.jobs.retrieve(job.id)
         assert got.status == "failed" and got.error.code == "server_shutdown", got
         assert client(srv).files.retrieve(f.id).bytes == len(dataset())
+
+
+def test_cli_create_follow_ls_show_events_cancel(server: LiveServer, tmp_path, capsys) -> None:
+    from server.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(dataset(4))
+    url = ["--url", server.url]
+    assert main(["finetune", "create", "--file", str(data), "--suffix", "cli", "--epochs", "2", "--rank", "4",
+                 "--follow", *url]) == 0
+    out = capsys.readouterr().out
+    job_id = out.split()[0]
+    assert job_id.startswith("ftjob-") and "Fine-tuning job started" in out
+    assert "[" + "#" * 30 + "] 8/8 loss=" in out  # the progress bar reached its end
+    assert out.strip().endswith(f"{job_id} succeeded: ft:{server.state.base_name}:cli:{job_id[-8:]}")
+    assert main(["finetune", "ls", *url]) == 0 and job_id in capsys.readouterr().out
+    assert main(["finetune", "show", job_id, *url]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["status"] == "succeeded" and shown["peft"]["r"] == 4 and len(shown["checkpoints"]) == 2
+    assert main(["finetune", "events", job_id, *url]) == 0 and "The job has successfully completed" in \
+        capsys.readouterr().out
+    assert main(["finetune", "cancel", job_id, *url]) == 1
+    assert f"HTTP 409: job {job_id} has already succeeded" in capsys.readouterr().err
+    missing = tmp_path / "nope.jsonl"
+    assert main(["finetune", "create", "--file", str(missing), "--suffix", "x", *url]) == 2
