@@ -69,12 +69,18 @@ def build_resident_model(decoder: Decoder, hf_config: Any) -> nn.Module:
     device = decoder.embed.device
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    shared: dict[int, nn.Parameter] = {}
-    for name, _ in list(model.named_parameters(remove_duplicate=False)):
+    # one Parameter per distinct tensor (tied embeddings stay tied); keyed by what the view points at, since
+    # base_weight returns a fresh view object per call
+    shared: dict[tuple[Any, ...], nn.Parameter] = {}
+    for name, meta in list(model.named_parameters(remove_duplicate=False)):
         t = resident_tensor(decoder, name)
-        param = shared.get(id(t))
+        if t.shape != meta.shape:
+            raise ValueError(f"resident tensor for {name} has shape {tuple(t.shape)}, the HF model expects "
+                             f"{tuple(meta.shape)}")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        param = shared.get(key)
         if param is None:
-            param = shared[id(t)] = nn.Parameter(t, requires_grad=False)  # wraps t's storage: no copy
+            param = shared[key] = nn.Parameter(t, requires_grad=False)  # wraps t's storage: no copy
         owner, attr = _owner(model, name)
         setattr(owner, attr, param)
     for mod_name, mod in list(model.named_modules()):
