@@ -385,12 +385,12 @@ class FineTuning:
         governor = ShareGovernor(self.engine, self.train_share, self._stop)
         while not trainer.done:
             self._check(jid)
-            t0 = time.monotonic()
+            busy = p.train_seconds
             try:
                 loss = run_on_engine(self.engine, trainer.micro_step)
             except EngineStopped:
                 raise _Stop("failed", "server_shutdown", self._shutdown_reason) from None
-            governor.after(time.monotonic() - t0)
+            governor.after(p.train_seconds - busy)  # the micro-step's own time, not its wait for the engine
             if loss is None:
                 continue
             if p.step == 1 or p.step % every == 0 or trainer.done:
