@@ -175,7 +175,8 @@ def main() -> None:
     out["rounds"] = rows
     for share in shares:
         ratios = sorted(r[f"share_{share}_ratio"] for r in rows)
-        out[f"share_{share}_ratio_median"] = ratios[len(ratios) // 2]
+        mid = len(ratios) // 2
+        out[f"share_{share}_ratio_median"] = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
     out["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     print(json.dumps(out, indent=2))
     if args.json:

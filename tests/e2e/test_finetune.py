@@ -30,9 +30,9 @@ QUESTIONS = ["What about the {}?", "Tell me of the {}.", "Is the {} nice?", "Whe
 HELD_OUT = ["What about the cloud?", "Tell me of the pear.", "Is the dog nice?", "Name a fruit."]
 
 
-def dataset(n: int = 24) -> bytes:
+def dataset(n: int = 24, words: list[str] = WORDS) -> bytes:
     rows = [{"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)].format(w)},
-                          {"role": "assistant", "content": PHRASE + w}]} for i, w in enumerate(WORDS[:n])]
+                          {"role": "assistant", "content": PHRASE + w}]} for i, w in enumerate(words[:n])]
     return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
 
 
@@ -67,8 +67,9 @@ def test_openai_client_trains_a_style_and_serves_it(server: LiveServer) -> None:
     c = client(server)
     f = c.files.create(file=("style.jsonl", dataset()), purpose="fine-tune")
     assert f.purpose == "fine-tune" and f.bytes == len(dataset())
+    val = c.files.create(file=("val.jsonl", dataset(4, ["cup", "owl", "hat", "egg"])), purpose="fine-tune")
     job = c.fine_tuning.jobs.create(
-        model=server.state.base_name, training_file=f.id, suffix="aye", seed=0,
+        model=server.state.base_name, training_file=f.id, validation_file=val.id, suffix="aye", seed=0,
         method={"type": "supervised", "supervised": {"hyperparameters": {
             "n_epochs": 5, "batch_size": 1, "learning_rate_multiplier": 3}}})
     assert job.status == "validating_files"
@@ -83,6 +84,8 @@ def test_openai_client_trains_a_style_and_serves_it(server: LiveServer) -> None:
     assert len(losses) >= 6 and sum(losses[-3:]) < 0.5 * sum(losses[:3]), losses
     ckpts = c.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [k.step_number for k in ckpts] == [120, 96, 72, 48, 24]  # 24 steps an epoch; the last is the model
+    valid = [k.metrics.valid_loss for k in ckpts[::-1]]
+    assert valid[-1] < valid[0] and any("validation loss=" in m for m in messages), valid
     ids = {m.id for m in c.models.list().data}
     assert job.fine_tuned_model in ids and all(k.fine_tuned_model_checkpoint in ids for k in ckpts)
 
