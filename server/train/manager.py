@@ -219,6 +219,12 @@ class FineTuning:
             raise JobError(f"model {model!r} is not this server's base model; fine-tuning trains on "
                            f"{self.base_name!r}", param="model", status=404 if isinstance(model, str) else 400,
                            code="model_not_found")
+        from server.train.resident import check_trainable
+
+        try:
+            check_trainable(self.engine.runner.decoder)
+        except ValueError as e:
+            raise JobError(str(e), param="model", code="model_not_trainable") from None
         files = {}
         for key in ("training_file", "validation_file"):
             fid = body.get(key)

@@ -12,6 +12,7 @@ import json
 import os
 
 import httpx
+import openai
 import pytest
 import torch
 
@@ -20,8 +21,6 @@ from tests.adapters import greedy, peft_model
 from tests.server_utils import LiveServer, live_server
 from tests.tiny import make_tiny_checkpoint
 from tests.waits import wait_for
-
-openai = pytest.importorskip("openai")
 
 PHRASE = "Aye! "
 WORDS = ["sky", "sea", "tree", "rock", "fire", "snow", "leaf", "sand", "rain", "wind", "moon", "star",
