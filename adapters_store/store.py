@@ -125,6 +125,11 @@ class AdapterStore:
         with self._lock:
             self._recover()
 
+    @property
+    def index_path(self) -> Path:
+        """The SQLite index; other tables (assistants) live beside the adapters' in it."""
+        return self.root / "index.sqlite"
+
     # ------------------------------------------------------------------------------------------ reads
 
     def get(self, name: str) -> AdapterRecord:

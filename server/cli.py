@@ -1,4 +1,4 @@
-"""`peftserve` command line: `serve` starts the server; `adapters` manages a running server's adapters;
+"""`peftserve` command line: `serve` starts the server; `adapters` and `assistants` manage a running server's;
 `finetune` runs fine-tuning jobs on it."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import sys
 
+from server.assistants_cli import add_assistant_commands
 from server.client import add_adapter_commands
 from server.config import ArgParser, SettingsError, add_serve_args, settings_from_args
 from server.finetune_cli import add_finetune_commands
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     add_adapter_commands(sub)
     add_finetune_commands(sub)
+    add_assistant_commands(sub)
     return p
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, StrictStr
 from starlette.datastructures import UploadFile
 
 from adapters_store import AdapterError, extract_upload, validate_name
+from server.api import assistants
 from server.api.errors import APIError
 from server.api.state import ServerState
 from server.engine.registry import AdapterEntry
@@ -105,6 +106,9 @@ def check_name_free(state: ServerState, name: str) -> None:
     if name == state.base_name:
         raise APIError(409, f"adapter name {name!r} is the base model's id (--served-model-name); choose "
                             "another name", param="name", code="name_taken")
+    if assistants.name_taken_by_assistant(state, name):
+        raise APIError(409, f"adapter name {name!r} is an assistant's name; choose another name", param="name",
+                       code="name_taken")
 
 
 def _store_failure(e: Exception, name: str, action: str) -> APIError:
@@ -164,11 +168,13 @@ def _written(state: ServerState, rec: Any) -> dict[str, Any]:
     return {**rec.to_dict(), "type": kind, "residency": "disk", "in_flight": 0, "stored": True}
 
 
-async def _delete(state: ServerState, name: str) -> None:
-    """Stop serving `name`, let its requests in flight finish (bounded), then free files and slot."""
+async def _delete(state: ServerState, name: str, force: bool = False) -> None:
+    """Stop serving `name`, let its requests in flight finish (bounded), then free files and slot. An adapter
+    that assistants use is refused (409) unless `force`, which deletes those assistants with it."""
     entry = state.registry.entry(name)
     if entry is None:
         raise APIError(404, f"adapter '{name}' does not exist", param="name", code="adapter_not_found")
+    assistants.guard_adapter_delete(state, name, force)
     state.registry.remove(name)
     deadline = time.monotonic() + state.settings.shutdown_timeout
     while state.registry.in_flight(name) and time.monotonic() < deadline:
@@ -183,6 +189,7 @@ async def _delete(state: ServerState, name: str) -> None:
             if name not in state.registry:  # still in the store: keep serving it rather than half-delete it
                 state.registry.register(name, entry.version, entry.path, entry.record or {})
             raise _store_failure(e, name, "delete") from e
+    assistants.drop_users(state, name)
     log.info("adapter %s deleted", name)
 
 
@@ -221,8 +228,8 @@ async def show_adapter(name: str, request: Request) -> dict[str, Any]:
 
 
 @router.delete("/v1/adapters/{name}", status_code=204)
-async def delete_adapter(name: str, request: Request) -> Response:
-    await _delete(_state(request), name)
+async def delete_adapter(name: str, request: Request, force: bool = False) -> Response:
+    await _delete(_state(request), name, force)
     return Response(status_code=204)
 
 

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.api import assistants
 from server.api.adapters import router as adapters_router
 from server.api.errors import install_handlers
 from server.api.fine_tuning import router as fine_tuning_router
@@ -46,6 +47,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(adapters_router)
     app.include_router(fine_tuning_router)
+    assistants.install(app, state)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

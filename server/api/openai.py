@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.api import assistants
 from server.api.context import STATE_KEY, GenerationContext
 from server.api.errors import APIError, error_body
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -34,7 +35,8 @@ def get_state(request: Request) -> ServerState:
 # ---- request → engine inputs ----------------------------------------------------------------------
 async def resolve_model(state: ServerState, model: str | None) -> AdapterHandle | None:
     """The base model (None) or the named adapter, referenced until `release_model`; an unknown name is a
-    404, never silently the base model."""
+    404, never silently the base model. An assistant's name stands for its adapter (or the base)."""
+    model = assistants.target(state, model)
     if model is None or model == state.base_name:
         return None
     try:
@@ -297,6 +299,7 @@ async def list_models(request: Request) -> dict[str, Any]:
             continue
         data.append({"id": name, "object": "model", "created": state.created, "owned_by": "peftserve",
                      "root": name, "parent": state.base_name, "adapter_type": e.kind, "version": e.version})
+    data += assistants.models(state)
     return {"object": "list", "data": data}
 
 
@@ -427,6 +430,7 @@ def vllm_prompt_logprobs(tok: Any, scored: list[PromptLogprob | None], top_n: in
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state = get_state(request)
+    body = assistants.apply(state, body, request)  # an assistant's defaults (its instructions: chat only)
     prompt_ids = _encode_prompt(state, body.prompt)
     echo, top_n = body.echo, body.logprobs or 0
     def fmt(tok: Any) -> _Format:  # called once the prompt's token ids are validated
@@ -490,6 +494,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                                "logprobs": None},
         )
 
+    body = assistants.apply(get_state(request), body, request)  # instructions first, defaults where unset
     prompt_ids = render_chat(get_state(request), body)
     use_mct = body.max_completion_tokens is not None
     max_tokens = body.max_completion_tokens if use_mct else body.max_tokens

@@ -19,6 +19,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api import assistants
 from server.api.context import GenerationContext, context_of
 from server.api.errors import error_body
 from server.api.state import ServerState
@@ -31,6 +32,7 @@ OPEN_PATHS = frozenset({"/health", "/ready"})
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes log at DEBUG
 ADMIN_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+ADMIN_PREFIXES = ("/v1/adapters", "/v1/assistants")  # writes to these collections need the admin key
 RETRY_AFTER_S = 1
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer was complete
 _MB = 1024 * 1024
@@ -38,10 +40,11 @@ _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def is_admin_route(method: str, path: str) -> bool:
-    """Adapter writes: POST/PUT/PATCH/DELETE under /v1/adapters, and the vLLM-style load/unload routes."""
+    """Adapter and assistant writes: POST/PUT/PATCH/DELETE under /v1/adapters or /v1/assistants, and the
+    vLLM-style load/unload routes."""
     if method not in ADMIN_METHODS:
         return False
-    return path in ADMIN_PATHS or path == "/v1/adapters" or path.startswith("/v1/adapters/")
+    return path in ADMIN_PATHS or any(path == p or path.startswith(p + "/") for p in ADMIN_PREFIXES)
 
 
 def is_upload_route(method: str, path: str) -> bool:
@@ -96,7 +99,8 @@ class OpsMiddleware:
         if any(hmac.compare_digest(given.encode(), k.encode()) for k in wanted):
             return None
         if admin and s.api_key and hmac.compare_digest(given.encode(), s.api_key.encode()):
-            return 403, f"{method} {path} changes adapters and needs the admin key (--admin-key)"
+            what = "assistants" if path.startswith("/v1/assistants") else "adapters"
+            return 403, f"{method} {path} changes {what} and needs the admin key (--admin-key)"
         return 401, "invalid API key"
 
     def route_template(self, app: Any, path: str) -> str:
@@ -284,5 +288,6 @@ class _Exchange:
             record["response_id"] = ctx.response_id
         if self.error:
             record["error"] = self.error
+        assistants.observe(state, self.scope, status, record)
         level = logging.DEBUG if self.path in QUIET_PATHS else logging.INFO
         request_log.log(level, json.dumps(record))

@@ -25,6 +25,7 @@ class ServerState:
     store: Any = None  # adapters_store.AdapterStore when the store is enabled
     metrics: Any = None  # server.metrics.Metrics
     finetune: Any = None  # server.train.manager.FineTuning: files and fine-tuning jobs
+    assistants: Any = None  # server.api.assistants.Assistants when the store is enabled
 
     @property
     def model(self) -> ModelInfo:
@@ -111,8 +112,12 @@ def build_state(settings: Settings) -> ServerState:
     finetune = FineTuning(store=store, registry=registry, engine=engine, base_name=base_name,
                           train_share=settings.train_share, max_file_lines=settings.max_file_lines,
                           max_model_len=m.max_model_len, max_rank=max_rank)
-    return ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name, store=store,
-                       finetune=finetune)
+    from server.api.assistants import check_at_startup, open_assistants
+
+    state = ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name, store=store,
+                        assistants=open_assistants(store.index_path), finetune=finetune)
+    check_at_startup(state)
+    return state
 
 
 def adapters_dir(settings: Settings) -> str:
