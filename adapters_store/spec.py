@@ -24,14 +24,14 @@ __all__ = [
     "AdapterSpec", "LoraModuleSpec", "LoraSpec", "PrefixSpec", "PromptSpec", "load_config", "loads_config",
     "parse_config", "validate_name",
 ]
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")  # ":" for ft:<base>:<suffix>:<job>
 
 
 def validate_name(name: str) -> str:
     """Return `name` if it is a safe adapter name, else raise AdapterError."""
     if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
         raise AdapterError(
-            f"adapter name {name!r} is invalid: use 1-64 characters from A-Z a-z 0-9 . _ -, "
+            f"adapter name {name!r} is invalid: use 1-64 characters from A-Z a-z 0-9 . _ - :, "
             "starting with a letter or digit, without '..'",
             field="name",
         )

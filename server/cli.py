@@ -1,5 +1,5 @@
 """`peftserve` command line: `serve` starts the server; `adapters` and `assistants` manage a running server's;
-`eval` scores an eval set on several of its models."""
+`finetune` runs fine-tuning jobs on it; `eval` scores an eval set on several of its models."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from server.assistants_cli import add_assistant_commands
 from server.client import add_adapter_commands
 from server.config import ArgParser, SettingsError, add_serve_args, settings_from_args
 from server.evals.cli import add_eval_command
+from server.finetune_cli import add_finetune_commands
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(serve)
     serve.set_defaults(func=_serve)
     add_adapter_commands(sub)
+    add_finetune_commands(sub)
     add_assistant_commands(sub)
     add_eval_command(sub)
     return p

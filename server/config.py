@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     ready_step_timeout: float = 60.0
     log_level: str = "info"
     no_ui: bool = False
+    train_share: float = 0.5  # fine-tuning: most share of the engine thread a job takes under load
+    max_file_lines: int = 50000  # fine-tuning: most samples in one training file
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -146,6 +148,10 @@ class Settings(BaseSettings):
             bad("shutdown-timeout", self.shutdown_timeout, "must be >= 0")
         if not self.ready_step_timeout > 0:
             bad("ready-step-timeout", self.ready_step_timeout, "must be > 0")
+        if not 0 < self.train_share <= 1:
+            bad("train-share", self.train_share, "must be in (0, 1]")
+        if self.max_file_lines < 1:
+            bad("max-file-lines", self.max_file_lines, "must be >= 1")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             bad("log-level", self.log_level, "choose debug, info, warning or error")
         for item in self.adapter:
@@ -228,6 +234,9 @@ HELP = {
                           "with requests waiting (a hung device)",
     "log_level": "debug | info | warning | error",
     "no_ui": "do not serve the web console at / and /ui/ (404 there); a bare --no-ui means true (true/false)",
+    "train_share": "largest share of the engine thread a fine-tuning job takes while requests are waiting "
+                   "(it takes all of an idle engine)",
+    "max_file_lines": "most samples in one fine-tuning file (POST /v1/files; 400 beyond)",
 }
 
 

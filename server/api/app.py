@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from server.api import assistants
 from server.api.adapters import router as adapters_router
 from server.api.errors import install_handlers
+from server.api.fine_tuning import router as fine_tuning_router
 from server.api.openai import router as openai_router
 from server.api.ops import OpsMiddleware
 from server.api.state import ServerState
@@ -27,9 +28,13 @@ def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.engine.start()
+        if state.finetune is not None:
+            state.finetune.start()
         try:
             yield
         finally:
+            if state.finetune is not None:  # a running job stops between micro-steps, marked failed
+                state.finetune.shutdown(timeout=FINAL_GRACE_S)
             # The drain (server.shutdown) has ended every request by now; whatever is left (HTTP tasks
             # cancelled, an embedding server without the drain) ends with an error, not mid-step.
             state.engine.abort_all(shutdown_error(state.settings.shutdown_timeout))
@@ -43,6 +48,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(OpsMiddleware, state=state)
     app.include_router(openai_router)
     app.include_router(adapters_router)
+    app.include_router(fine_tuning_router)
     assistants.install(app, state)
     if not state.settings.no_ui:
         app.include_router(console_router)

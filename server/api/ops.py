@@ -50,7 +50,9 @@ def is_admin_route(method: str, path: str) -> bool:
 
 
 def is_upload_route(method: str, path: str) -> bool:
-    """Adapter uploads carry weights: they get --max-upload-mb instead of --max-body-mb."""
+    """Adapter uploads carry weights, training files data: they get --max-upload-mb instead of --max-body-mb."""
+    if method == "POST" and path == "/v1/files":
+        return True
     return method in ("POST", "PUT") and (path == "/v1/adapters" or path.startswith("/v1/adapters/"))
 
 

@@ -25,6 +25,7 @@ class ServerState:
     store: Any = None  # adapters_store.AdapterStore when the store is enabled
     metrics: Any = None  # server.metrics.Metrics
     composer: Any = None  # server.compose.service.Composer: per-request adapter compositions
+    finetune: Any = None  # server.train.manager.FineTuning: files and fine-tuning jobs
     assistants: Any = None  # server.api.assistants.Assistants when the store is enabled
 
     @property
@@ -107,12 +108,17 @@ def build_state(settings: Settings) -> ServerState:
                          "another --served-model-name")
     log.info("serving %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d; %d stored adapters in %s",
              base_name, m.device, m.dtype, m.num_blocks, m.block_size, m.max_model_len, len(store.list()), store.root)
+    from server.train.manager import FineTuning
+
+    finetune = FineTuning(store=store, registry=registry, engine=engine, base_name=base_name,
+                          train_share=settings.train_share, max_file_lines=settings.max_file_lines,
+                          max_model_len=m.max_model_len, max_rank=max_rank)
     from server.api.assistants import check_at_startup, open_assistants
     from server.compose.service import Composer
 
     composer = Composer(registry, info, max_rank=max_rank, max_compose=settings.max_compose, base_name=base_name)
     state = ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name, store=store,
-                        assistants=open_assistants(store.index_path), composer=composer)
+                        assistants=open_assistants(store.index_path), composer=composer, finetune=finetune)
     check_at_startup(state)
     return state
 

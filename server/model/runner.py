@@ -62,6 +62,7 @@ class ModelRunner:
                  enforce_eager: bool = False) -> None:
         spec, hf_config = load_spec(model_dir)
         self.spec = spec
+        self.hf_config = hf_config  # fine-tuning builds its HF model over the resident weights from it
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, device, spec.torch_dtype)
         if max_model_len is None:
@@ -73,9 +74,12 @@ class ModelRunner:
             raise ValueError("block_size, max_adapters and max_rank must be >= 1")
         self.tokenizer = load_tokenizer(model_dir)
         eos = eos_token_ids(model_dir, hf_config, self.tokenizer)
-        with torch.inference_mode():
+        # The base weights are plain tensors (no_grad, not inference_mode): a fine-tuning job backpropagates
+        # through these same tensors (server.train.resident), and inference tensors refuse autograd.
+        with torch.no_grad():
             state = load_state_dict(model_dir, str(self.device), self.dtype)
             self.decoder = Decoder(spec, state, max_model_len)
+        with torch.inference_mode():
             if num_blocks is None:
                 num_blocks = default_num_blocks(spec, self.dtype, self.device, block_size, max_model_len,
                                                 kv_cache_fraction)
