@@ -78,7 +78,8 @@ def bench_llguidance(tok, vocab: int, eos: int) -> dict:
     mask = lt.allocate_token_bitmask(1, vocab)
     for schema, inst in SCHEMAS:
         t0 = time.perf_counter()
-        s = dict(schema, **{"x-guidance": {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}})
+        fixed = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+        s = dict(schema, **{"x-guidance": fixed})
         grm = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(s))
         m = llguidance.LLMatcher(lltok, grm)
         assert not m.is_error(), m.get_error()
@@ -114,7 +115,8 @@ def main() -> None:
         r = out[k]
         print(f"{k:10s} setup {r['setup_s']*1e3:8.1f} ms  compile/schema "
               + " ".join(f"{c*1e3:7.1f}" for c in r["compile_s"])
-              + f" ms  step mean {r['step_us_mean']:7.1f} us  p50 {r['step_us_p50']:6.1f} us  p95 {r['step_us_p95']:7.1f} us  ({r['steps']} steps)")
+              + f" ms  step mean {r['step_us_mean']:7.1f} us  p50 {r['step_us_p50']:6.1f} us"
+              + f"  p95 {r['step_us_p95']:7.1f} us  ({r['steps']} steps)")
     print("loadavg", *out["loadavg"])
     if a.json:
         with open(a.json, "w") as f:

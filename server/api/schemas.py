@@ -6,12 +6,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
+from server.api.structured_fields import GuidedFields, ToolFields, ToolMessageFields
+
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(GuidedFields):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -70,7 +72,7 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(ToolMessageFields):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
@@ -84,7 +86,7 @@ class ChatMessage(BaseModel):
         return "\n".join(p.text for p in self.content)  # as vLLM joins text parts for string templates
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(ToolFields, SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
