@@ -32,14 +32,15 @@ class GrammarError(ValueError):
 @dataclass(frozen=True)
 class GuideSpec:
     """What a request's output must match. `kind`: json_schema | json_object | regex | choice | grammar;
-    `value`: the schema as canonical JSON text, the regex, the choices as a JSON list, or EBNF text."""
+    `value`: the schema as JSON text (key order kept: it is the order the properties are generated in), the
+    regex, the choices as a JSON list, or EBNF text."""
 
     kind: str
     value: str = ""
 
     @staticmethod
     def json_schema(schema: dict[str, Any]) -> GuideSpec:
-        return GuideSpec("json_schema", json.dumps(schema, sort_keys=True))
+        return GuideSpec("json_schema", json.dumps(schema, separators=(",", ":")))
 
     @staticmethod
     def choice(options: list[str]) -> GuideSpec:
