@@ -3,7 +3,8 @@
 For each engine: one-time tokenizer setup, compile time per distinct JSON schema (cold), and per decode
 step of one constrained row the cost of what the sampler does: fill the row's bitmask, apply it to a
 [1, vocab] fp32 logits row, accept the token. The token path is a valid instance of each schema, tokenized
-by the model's tokenizer. llguidance is not a dependency (xgrammar was chosen): `pip install llguidance` first to compare.
+by the model's tokenizer. llguidance is not a dependency (xgrammar was chosen): `pip install llguidance`
+first to compare.
 Run: OMP_NUM_THREADS=1 .venv/bin/python bench/grammar_engines.py [--json FILE]
 """
 
