@@ -19,6 +19,7 @@ from server.api.context import STATE_KEY, GenerationContext
 from server.api.errors import APIError, error_body
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.api.state import ServerState
+from server.api.structured import attach_guide, chat_prompt_text, no_template_param, tool_format, tool_mode
 from server.engine.async_engine import CapacityError, Delta, EngineDeadError, StepError
 from server.engine.prompt_logprobs import PromptLogprob
 from server.engine.registry import AdapterHandle
@@ -341,6 +342,7 @@ async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int], 
         params = build_params(state, body, prompt_ids, adapter, max_tokens, logprobs, prompt_param, max_tokens_param)
         if prompt_logprobs is not None:
             params = replace(params, prompt_logprobs=prompt_logprobs)
+        params = await attach_guide(state, body, params)  # response_format / guided_* / tool_choice grammar
         f = fmt(state.tokenizer)
         rid = f"{f.id_prefix}-{uuid.uuid4().hex}"
         ctx.response_id, ctx.prompt_tokens, ctx.completion_tokens = rid, len(prompt_ids), 0
@@ -472,9 +474,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 def render_chat(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     tok = state.tokenizer
     if not getattr(tok, "chat_template", None):
-        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
-    msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
-    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=body.add_generation_prompt)
+        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions",
+                       param=no_template_param(body))
+    text = chat_prompt_text(tok, body)  # tools and tool messages: server/api/structured.py
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
@@ -496,6 +498,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 
     body = assistants.apply(get_state(request), body, request)  # instructions first, defaults where unset
     prompt_ids = render_chat(get_state(request), body)
+    fmt = tool_format(tool_mode(body), fmt)  # tool_calls in choices and stream deltas
     use_mct = body.max_completion_tokens is not None
     max_tokens = body.max_completion_tokens if use_mct else body.max_tokens
     top = body.top_logprobs or 0

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
+from server.api.structured_fields import GuidedFields, ToolFields, ToolMessageFields
 from server.compose.schema import CompositionFields
 
 
@@ -13,7 +14,7 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class SamplingFields(CompositionFields):  # + adapters / merge / lora_scale (server/compose)
+class SamplingFields(CompositionFields, GuidedFields):  # + adapters/merge/lora_scale (server/compose), guided_*
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -72,7 +73,7 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(ToolMessageFields):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
@@ -86,7 +87,7 @@ class ChatMessage(BaseModel):
         return "\n".join(p.text for p in self.content)  # as vLLM joins text parts for string templates
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(ToolFields, SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False

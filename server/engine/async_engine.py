@@ -23,6 +23,7 @@ import torch
 
 from server.engine.block_manager import BlockAllocator
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.guided import grammar_masks
 from server.engine.prompt_logprobs import PromptLogprob, PromptScorer
 from server.engine.registry import AdapterHandle
 from server.engine.sampler import SampleResult, make_generator, sample
@@ -127,6 +128,7 @@ class Request:
     first_token_at: float | None = None
     last_token_at: float | None = None
     scorer: PromptScorer | None = None  # the request scores its prompt (SamplingParams.prompt_logprobs)
+    matcher: Any = None  # guided decoding: this sequence's grammar state (engine/guided.py), advanced in _advance
 
     @property
     def adapter_name(self) -> str | None:
@@ -252,6 +254,8 @@ class AsyncEngine:
             seq.num_prefix = adapter.adapter.prefix_tokens
         detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.min_tokens)
         req = Request(seq, detok, asyncio.Queue(), loop, make_generator(params.seed))
+        if params.guide is not None:
+            req.matcher = params.guide.matcher()
         if params.prompt_logprobs is not None:
             req.scorer = PromptScorer(seq.prompt_ids, seq.num_virtual, params.prompt_logprobs)
         self._post(AddRequest(req))
@@ -420,7 +424,7 @@ class AsyncEngine:
             logits = logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
         if reqs:
             results = sample(logits, [r.seq.params for r in reqs], [r.generator for r in reqs],
-                             [self._suppressed(r.seq) for r in reqs])
+                             [self._suppressed(r.seq) for r in reqs], grammar_masks([r.matcher for r in reqs]))
             for req, res in zip(reqs, results, strict=True):
                 batch.setdefault(req.loop, []).append((req, self._advance(req, res)))
         for loop, items in batch.items():  # one wake-up of each requester loop per step, not per token
@@ -502,7 +506,9 @@ class AsyncEngine:
             ob.on_token(req.adapter_name, first, now - (seq.arrival if first else req.last_token_at))
         req.last_token_at = now
         reason = None
-        if not p.ignore_eos and res.token_id in self._eos:
+        if req.matcher is not None and (not req.matcher.accept(res.token_id) or req.matcher.done):
+            reason = "stop"  # the grammar is complete (it took a stop token), or refused one it never allowed
+        elif not p.ignore_eos and res.token_id in self._eos:
             reason = "stop"
         elif res.token_id in p.stop_token_ids:
             reason = "stop"

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.guided import mask_logits
 from server.engine.sequence import SamplingParams
 
 
@@ -50,16 +51,24 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     suppress: list[list[int] | None] | None = None,  # per row: token ids that must not be picked (min_tokens)
+    masks: tuple[list[int], torch.Tensor] | None = None,  # grammar bitmasks of the constrained rows (guided.py)
 ) -> list[SampleResult]:
-    """Pick one token per row. Greedy rows are batched; random rows use their own generator."""
+    """Pick one token per row. Greedy rows are batched; random rows use their own generator. Only the
+    rows named in `masks` are masked; the grammar wins over `suppress` when both would leave nothing."""
     logits = logits.float().cpu()
     want_lp = any(p.logprobs is not None for p in params)
     logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None  # before any masking
-    if suppress and any(suppress):
+    if masks is not None or (suppress and any(suppress)):
         logits = logits.clone()
+    if masks is not None:
+        mask_logits(logits, masks)
+    if suppress and any(suppress):
         for i, ids in enumerate(suppress):
             if ids:
-                logits[i, ids] = float("-inf")
+                row = logits[i].clone()
+                row[ids] = float("-inf")
+                if masks is None or bool(torch.isfinite(row).any()):
+                    logits[i] = row
     greedy_ids = logits.argmax(dim=-1).tolist()
     results: list[SampleResult] = []
     for i, p in enumerate(params):

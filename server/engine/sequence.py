@@ -24,6 +24,8 @@ class SamplingParams:
     # Score the prompt (echo, vLLM prompt_logprobs): None = off; 0 = each prompt token only; N = + top-N.
     # With max_tokens 0 the prompt is scored and nothing is generated.
     prompt_logprobs: int | None = None
+    # Guided decoding: a compiled grammar (server.structured.grammar.Guide) the output must match; None = free.
+    guide: Any = None
 
     @property
     def greedy(self) -> bool:

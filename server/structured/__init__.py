@@ -1,0 +1,1 @@
+"""Structured output and tool calling: grammars (xgrammar), tool-call rendering and parsing."""
