@@ -224,6 +224,17 @@ class AsyncEngine:
         """Whether an adapter version (AdapterHandle.key) sits in a device slot now."""
         return self.slots.slot_of(key) is not None
 
+    def worker_cpu_seconds(self) -> float | None:
+        """CPU seconds the worker thread has used so far (None before start or where the OS has no per-thread
+        clock). Benchmarks divide work by it: unlike wall time, other processes' load barely inflates it."""
+        thread = self._thread
+        if thread is None or thread.ident is None or not hasattr(time, "pthread_getcpuclockid"):
+            return None
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        except OSError:  # the thread has exited
+            return None
+
     def step_running_for(self) -> float:
         """Seconds the current step has been running (0.0 between steps)."""
         started = self.step_started_at
