@@ -8,8 +8,9 @@ Other rows are untouched. Tables have one row per slot plus a last *identity* ro
 table row without asking whether the slot is on.
 
 Two ways to run it, the same result:
-- gather (several small segments: decode with a few adapters or more, or any CUDA step): the step's row -> table-row index
-  (`row_index`, built once per step and shared by every module and family) picks each row's multiplier,
+- gather (several small segments: decode with a few adapters or more, or any CUDA step): the step's
+  row -> table-row index (`row_index`, built once per step, shared by every module and family) picks each
+  row's multiplier,
   and one multiply (and one add) covers all T rows, base rows included (they pick the identity row).
   Per module that is one gather + one elementwise op, whatever the number of adapters.
 - per segment (on CPU: one or two segments, or long ones: prefill): one in-place op per segment on its row slice, where
