@@ -58,15 +58,22 @@ def _save_atomic(model: Any, out_dir: str) -> None:
     os.rename(tmp, out_dir)
 
 
+def _adapter_dirs(model_dir: str, root: str, stem: str, k: int) -> tuple[list[str], list[str]]:
+    """(the K cached adapter dirs `<root>/<model>/<stem>-<i>`, those not written yet); creates the parent."""
+    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
+    dirs = [os.path.join(base, f"{stem}-{i}") for i in range(k)]
+    missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "adapter_config.json"))]
+    if missing:
+        os.makedirs(base, exist_ok=True)
+    return dirs, missing
+
+
 def make_lora_adapters(model_dir: str, k: int, rank: int, root: str = ADAPTER_CACHE) -> list[str]:
     """K LoRA adapters (random A and B as `init_lora_weights=False` leaves them), seed i for adapter i."""
     from peft import LoraConfig, get_peft_model
 
-    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
-    dirs = [os.path.join(base, f"lora-r{rank}-{i}") for i in range(k)]
-    missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "adapter_config.json"))]
+    dirs, missing = _adapter_dirs(model_dir, root, f"lora-r{rank}", k)
     if missing:
-        os.makedirs(base, exist_ok=True)
         model = get_peft_model(_load_base(model_dir), LoraConfig(
             r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, init_lora_weights=False, lora_dropout=0.0,
             task_type="CAUSAL_LM"))
@@ -85,11 +92,8 @@ def make_prompt_learning_adapters(model_dir: str, kind: str, k: int, num_virtual
     """K prefix-tuning ("prefix") or prompt-tuning ("prompt") adapters with random weights."""
     from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
-    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
-    dirs = [os.path.join(base, f"{kind}-v{num_virtual_tokens}-{i}") for i in range(k)]
-    missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "adapter_config.json"))]
+    dirs, missing = _adapter_dirs(model_dir, root, f"{kind}-v{num_virtual_tokens}", k)
     if missing:
-        os.makedirs(base, exist_ok=True)
         cls = {"prefix": PrefixTuningConfig, "prompt": PromptTuningConfig}[kind]
         model = get_peft_model(_load_base(model_dir), cls(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens))
         for d in missing:
@@ -106,11 +110,8 @@ def make_ia3_adapters(model_dir: str, k: int, root: str = ADAPTER_CACHE) -> list
     """K IA3 adapters on k_proj, v_proj and down_proj (down scales its input), random vectors around 1."""
     from peft import IA3Config, get_peft_model
 
-    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
-    dirs = [os.path.join(base, f"ia3-kvd-{i}") for i in range(k)]
-    missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "adapter_config.json"))]
+    dirs, missing = _adapter_dirs(model_dir, root, "ia3-kvd", k)
     if missing:
-        os.makedirs(base, exist_ok=True)
         model = get_peft_model(_load_base(model_dir), IA3Config(
             task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
             init_ia3_weights=False))
@@ -128,11 +129,8 @@ def make_dora_adapters(model_dir: str, k: int, rank: int, root: str = ADAPTER_CA
     """K DoRA adapters (use_dora=True) on all 7 projections, random A/B and magnitudes."""
     from peft import LoraConfig, get_peft_model
 
-    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
-    dirs = [os.path.join(base, f"dora-r{rank}-{i}") for i in range(k)]
-    missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "adapter_config.json"))]
+    dirs, missing = _adapter_dirs(model_dir, root, f"dora-r{rank}", k)
     if missing:
-        os.makedirs(base, exist_ok=True)
         model = get_peft_model(_load_base(model_dir), LoraConfig(
             r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, init_lora_weights=False, use_dora=True,
             lora_dropout=0.0, task_type="CAUSAL_LM"))
@@ -158,10 +156,9 @@ def make_bottleneck_adapters(model_dir: str, k: int, reduction_factor: int, root
         hf = json.load(f)
     d_model, layers = hf["hidden_size"], hf["num_hidden_layers"]
     width = d_model // reduction_factor
-    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
-    dirs = [os.path.join(base, f"seqbn-r{reduction_factor}-{i}") for i in range(k)]
+    dirs, missing = _adapter_dirs(model_dir, root, f"seqbn-r{reduction_factor}", k)
     for i, d in enumerate(dirs):
-        if os.path.isfile(os.path.join(d, "adapter_config.json")):
+        if d not in missing:
             continue
         name = f"seqbn{i}"
         cfg = {"config": {"mh_adapter": False, "output_adapter": True, "reduction_factor": reduction_factor,
