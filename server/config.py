@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     block_size: int = 16
     no_prefix_caching: bool = False
     max_adapters: int = 8
+    max_slot_wait: int = 32
     max_rank: int = 64
     attention_backend: str = "auto"  # auto | triton | torch
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
@@ -129,6 +130,8 @@ class Settings(BaseSettings):
                      "max_stop", "max_body_mb", "metrics_max_adapters"):
             if getattr(self, name) < 1:
                 bad(name.replace("_", "-"), getattr(self, name), "must be >= 1")
+        if self.max_slot_wait < 0:
+            bad("max-slot-wait", self.max_slot_wait, "must be >= 0")
         if self.max_model_len is not None and self.max_model_len < 2:
             bad("max-model-len", self.max_model_len, "must be >= 2")
         if self.kv_cache_blocks is not None and self.kv_cache_blocks < 1:
@@ -196,6 +199,8 @@ HELP = {
     "no_prefix_caching": "turn off automatic prefix caching (reuse of full KV blocks across requests on the "
                          "same adapter version) (true/false)",
     "max_adapters": "adapters resident on the device at once (slots)",
+    "max_slot_wait": "engine steps a request may wait for an adapter slot before the scheduler drains one for "
+                     "it (no new requests join that slot until it has it); 0 drains at once",
     "max_rank": "largest LoRA rank accepted",
     "attention_backend": "auto | triton | torch: paged attention kernels (auto: Triton on CUDA, the torch "
                          "gather+SDPA twin on CPU; triton on CPU needs TRITON_INTERPRET=1)",

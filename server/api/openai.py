@@ -122,6 +122,7 @@ class ChoiceResult:
     logprobs: list[SampleResult] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_logprobs: list[PromptLogprob | None] | None = None
+    cached_tokens: int = 0
 
 
 async def _merge(gens: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
@@ -190,6 +191,7 @@ async def _collect(gens: list[AsyncIterator[Delta]], results: list[ChoiceResult]
                 r.prompt_logprobs = d.prompt_logprobs
             if d.finished:
                 r.finish_reason = d.finish_reason
+                r.cached_tokens = d.cached_tokens
     return results
 
 
@@ -272,9 +274,11 @@ def chat_logprobs(tok: Any, lps: list[SampleResult]) -> dict[str, Any]:
     ]}
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens` = prompt tokens the prefix cache served (the most any choice got)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _sse(obj: Any) -> str:
@@ -354,7 +358,7 @@ async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int], 
             raise _engine_error(EngineDeadError(f"engine stopped: {state.engine.dead!r}"))
 
         async def events() -> AsyncGenerator[str, None]:
-            completion_tokens = 0
+            completion_tokens = cached_tokens = 0
             ctx.streaming = True
             if f.prelude is not None:
                 for i in range(body.n):
@@ -363,6 +367,7 @@ async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int], 
                 async with contextlib.aclosing(_merge(gens)) as merged:
                     async for i, d in merged:
                         completion_tokens += len(d.token_ids)
+                        cached_tokens = max(cached_tokens, d.cached_tokens)
                         ctx.completion_tokens = completion_tokens
                         choice = f.delta_choice(i, d)
                         if body.return_token_ids:
@@ -373,7 +378,8 @@ async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int], 
                 yield _sse(error_body(err.status, err.message, code=err.code))
             ctx.complete = True
             if body.stream_options and body.stream_options.include_usage:
-                yield _sse({**envelope(f.chunk_obj, []), "usage": _usage(len(prompt_ids), completion_tokens)})
+                usage = _usage(len(prompt_ids), completion_tokens, cached_tokens)
+                yield _sse({**envelope(f.chunk_obj, []), "usage": usage})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(_releasing(state, adapter, events()), media_type="text/event-stream")
@@ -386,7 +392,8 @@ async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int], 
             c["token_ids"] = r.token_ids
         choices.append(c)
     resp = envelope(f.obj, choices)
-    resp["usage"] = _usage(len(prompt_ids), sum(len(r.token_ids) for r in results))
+    resp["usage"] = _usage(len(prompt_ids), sum(len(r.token_ids) for r in results),
+                           max(r.cached_tokens for r in results))
     if body.return_token_ids:
         resp["prompt_token_ids"] = prompt_ids
     return JSONResponse(resp)

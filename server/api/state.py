@@ -78,7 +78,8 @@ def build_state(settings: Settings) -> ServerState:
                          f"of --max-model-len {m.max_model_len}: needs at least {need} blocks; lower --max-model-len "
                          "or raise --kv-cache-blocks / --kv-cache-fraction")
     engine = AsyncEngine(runner, max_num_seqs=settings.max_num_seqs, max_batch_tokens=settings.max_batch_tokens,
-                         torch_threads=engine_threads, prefix_caching=not settings.no_prefix_caching)
+                         torch_threads=engine_threads, prefix_caching=not settings.no_prefix_caching,
+                         max_slot_wait=settings.max_slot_wait)
     info, max_rank = runner.info.shapes, settings.max_rank
 
     def load(path: Any) -> Any:  # runs in a worker thread of asyncio.to_thread

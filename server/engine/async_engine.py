@@ -87,6 +87,7 @@ class Delta:
     completion_tokens: int = 0
     error: BaseException | None = None
     prompt_logprobs: list[PromptLogprob | None] | None = None  # on the first delta of a prompt-scoring request
+    cached_tokens: int = 0  # on the final delta: prompt tokens the prefix cache served (not prefilled)
 
 
 @dataclass
@@ -104,6 +105,7 @@ class RequestStats:
     num_preemptions: int
     cache_queried_tokens: int = 0  # prefix cache: tokens looked up at the request's first admission
     cache_hit_tokens: int = 0  # of which found cached (not prefilled)
+    wait_steps: int = -1  # engine steps from arrival to first admission (-1: never admitted)
 
 
 class EngineObserver:
@@ -151,7 +153,7 @@ InboxMessage = AddRequest | AbortRequest | CallInWorker
 
 class AsyncEngine:
     def __init__(self, runner: Runner, *, max_num_seqs: int, max_batch_tokens: int,
-                 torch_threads: int | None = None, prefix_caching: bool = True) -> None:
+                 torch_threads: int | None = None, prefix_caching: bool = True, max_slot_wait: int = 32) -> None:
         self.runner = runner
         self.info: ModelInfo = runner.info
         self.torch_threads = torch_threads  # CPU threads of the worker (see server.threads)
@@ -162,7 +164,7 @@ class AsyncEngine:
         self.slots = SlotManager(self.info.max_adapters)
         self.scheduler = Scheduler(self.allocator, max_num_seqs=max_num_seqs,
                                    max_batch_tokens=max_batch_tokens, slots=self.slots,
-                                   prefix_caching=prefix_caching)
+                                   prefix_caching=prefix_caching, max_slot_wait=max_slot_wait)
         self._eos = self.info.eos_token_ids
         self._inbox: queue.SimpleQueue[InboxMessage] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -462,7 +464,8 @@ class AsyncEngine:
         """The answer of a max_tokens=0 request: its prompt's logprobs, nothing generated."""
         self._retire(req, "length")
         return Delta([], "", finished=True, finish_reason="length", prompt_tokens=len(req.seq.prompt_ids),
-                     prompt_logprobs=req.scorer.entries if req.scorer is not None else None)
+                     prompt_logprobs=req.scorer.entries if req.scorer is not None else None,
+                     cached_tokens=req.seq.cached_prompt_tokens)
 
     def _suppressed(self, seq: Sequence) -> list[int] | None:
         """Token ids that must not be sampled yet: EOS and stop ids until min_tokens are out."""
@@ -494,7 +497,8 @@ class AsyncEngine:
         if self.observers:
             stats = RequestStats(seq.request_id, req.adapter_name, len(seq.prompt_ids), len(seq.output_ids),
                                  reason, seq.arrival, req.first_token_at, time.monotonic(), seq.num_preemptions,
-                                 seq.num_cache_queried, seq.num_cache_hit)
+                                 seq.num_cache_queried, seq.num_cache_hit,
+                                 seq.admit_step - seq.arrival_step if seq.admit_step >= 0 else -1)
             for ob in self.observers:
                 ob.on_request_done(stats)
 
@@ -534,6 +538,7 @@ class AsyncEngine:
         if first and req.scorer is not None:
             delta.prompt_logprobs = req.scorer.entries
         if finished:
+            delta.cached_tokens = seq.cached_prompt_tokens
             self._retire(req, reason)
         return delta
 

@@ -5,6 +5,17 @@ waiting sequences join while the token budget, the sequence cap, KV blocks and a
 When KV blocks run out the newest running sequence is preempted (blocks freed, recomputed later),
 never dropped. With prefix caching on, a joining sequence starts from the longest run of cached full
 blocks of its tokens (prefix_cache.py), and full blocks are registered as soon as their KV is computed.
+
+Adapter slots and fairness. A waiting request whose adapter has no free or idle slot is skipped, so later
+requests (base, or on resident adapters) are not held behind it. Skipping alone can starve it: a stream of
+requests on resident adapters keeps every slot referenced. So once a request has waited `max_slot_wait`
+steps for a slot it is *starved*: the scheduler picks a busy slot to drain (the one with the fewest
+references) and admits no new sequence onto that slot until the starved request has it. Each distinct
+starved adapter drains its own slot (up to all slots; beyond that, in arrival order). Base requests are
+never held. The running sequences on a drained slot only shrink, oldest first, so a starved request
+waits at most `max_slot_wait` + D steps, where D = max_model_len + ceil(max_num_seqs·max_model_len /
+max_batch_tokens) bounds the steps those sequences need to finish (each step either advances every
+running sequence or spends the whole token budget) — barring KV preemption, which only frees slots.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ class Scheduler:
         max_batch_tokens: int,
         slots: SlotManager | None = None,
         prefix_caching: bool = True,
+        max_slot_wait: int = 32,
     ) -> None:
         if max_batch_tokens < max_num_seqs:
             raise ValueError(f"max_batch_tokens={max_batch_tokens} must be >= max_num_seqs={max_num_seqs}")
@@ -60,10 +72,17 @@ class Scheduler:
         # when the adapter is loaded and given back as soon as no running sequence uses it.
         self.slot_blocks: dict[int, list[int]] = {}
         self.prefix_cache = PrefixCache(allocator) if prefix_caching else None
+        if max_slot_wait < 0:
+            raise ValueError(f"max_slot_wait={max_slot_wait} must be >= 0")
+        self.max_slot_wait = max_slot_wait
+        self.step = 0  # schedule() calls so far
+        self.draining: dict[int, Sequence] = {}  # slot -> the starved sequence it is being drained for
 
     # ---- membership -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
+        if seq.arrival_step < 0:
+            seq.arrival_step = self.step
         self.waiting.append(seq)
 
     @property
@@ -123,6 +142,7 @@ class Scheduler:
     # ---- one step ---------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self.step += 1
         budget = self.max_batch_tokens
         if self.prefix_cache is not None:  # KV computed by the last step becomes reusable
             for seq in self.running:
@@ -148,11 +168,12 @@ class Scheduler:
         if out.preempted:
             return out
         skipped: list[Sequence] = []
+        self._update_drains()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.adapter_key is not None and self.slots is not None and not self.slots.can_acquire(
-                seq.adapter_key
-            ):
+            if seq.adapter_key is not None and self.slots is not None and not self._may_take_slot(seq):
+                if seq.slot_blocked_since < 0:
+                    seq.slot_blocked_since = self.step
                 skipped.append(self.waiting.popleft())
                 continue
             total_blocks = self.allocator.blocks_for(seq.num_tokens)
@@ -176,9 +197,13 @@ class Scheduler:
                 self._release(seq)
                 break
             self.waiting.popleft()
+            if seq.admit_step < 0:
+                seq.admit_step = self.step
+            seq.slot_blocked_since = -1
             if seq.adapter_key is not None and self.slots is not None:
                 slot, _evicted, needs_load = self.slots.acquire(seq.adapter_key)
                 seq.slot = slot
+                self.draining = {s: q for s, q in self.draining.items() if q is not seq}
                 if needs_load:
                     if prefix_blocks:
                         self.slot_blocks[slot] = self.allocator.allocate(prefix_blocks)
@@ -189,6 +214,38 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(skipped))
         return out
+
+    # ---- slot fairness (see the module docstring) -----------------------------------------------
+    def _may_take_slot(self, seq: Sequence) -> bool:
+        """Whether `seq` may take a slot reference now: one is acquirable and not held for a starved request."""
+        assert self.slots is not None
+        if not self.slots.can_acquire(seq.adapter_key):
+            return False
+        slot = self.slots.slot_of(seq.adapter_key)
+        if slot is not None:  # resident: only a slot being drained for another sequence is closed to it
+            owner = self.draining.get(slot)
+            return owner is None or owner is seq or owner.adapter_key == seq.adapter_key
+        # a load takes a free or idle slot: a starved request has first claim on those (queue order does it)
+        return True
+
+    def _update_drains(self) -> None:
+        """Drop drains whose request left; give each newly starved adapter a busy slot to drain."""
+        if self.slots is None:
+            return
+        waiting = set(map(id, self.waiting))
+        self.draining = {s: q for s, q in self.draining.items() if id(q) in waiting}
+        claimed = {q.adapter_key for q in self.draining.values()}
+        for seq in self.waiting:
+            if (seq.slot_blocked_since < 0 or self.step - seq.slot_blocked_since < self.max_slot_wait
+                    or seq.adapter_key in claimed):
+                continue
+            busy = [s for s in range(self.slots.num_slots)
+                    if s not in self.draining and self.slots.refs(s) > 0]
+            if not busy:
+                break  # every slot is already draining: later starved adapters wait their turn
+            slot = min(busy, key=lambda s: (self.slots.refs(s), s))
+            self.draining[slot] = seq
+            claimed.add(seq.adapter_key)
 
     def _reuse(self, seq: Sequence, hits: list[int]) -> None:
         """Start a joining sequence on its cached blocks: referenced, counted as computed."""

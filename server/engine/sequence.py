@@ -66,10 +66,20 @@ class Sequence:
     num_registered: int = 0
     num_cache_queried: int = 0
     num_cache_hit: int = 0
+    # Scheduler steps (Scheduler.step): when the sequence was added, first admitted, and since when it has
+    # been waiting for a device adapter slot (-1: not blocked) — the slot-fairness rule reads these.
+    arrival_step: int = -1
+    admit_step: int = -1
+    slot_blocked_since: int = -1
 
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def cached_prompt_tokens(self) -> int:
+        """The user's prompt tokens the prefix cache served at first admission (virtual tokens not counted)."""
+        return max(0, min(self.num_cache_hit - self.num_virtual, len(self.prompt_ids)))
 
     @property
     def num_tokens(self) -> int:

@@ -5,6 +5,7 @@ version never share KV; the per-adapter metrics count it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import threading
@@ -64,7 +65,20 @@ def ask(c: httpx.Client, model: str | None, prompt: list[int], n: int = N) -> di
                                         "logprobs": 0, "return_token_ids": True, **({"model": model} if model else {})})
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
-    return {"ids": choice["token_ids"], "lp": choice["logprobs"]["token_logprobs"]}
+    return {"ids": choice["token_ids"], "lp": choice["logprobs"]["token_logprobs"],
+            "cached": r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]}
+
+
+def ask_stream(c: httpx.Client, model: str | None, prompt: list[int]) -> int:
+    """usage.prompt_tokens_details.cached_tokens of a streamed request (stream_options.include_usage)."""
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
+    with c.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        usage = [json.loads(line[6:])["usage"] for line in r.iter_lines()
+                 if line.startswith("data: {") and '"usage"' in line]
+    assert len(usage) == 1
+    return usage[0]["prompt_tokens_details"]["cached_tokens"]
 
 
 def test_hits_match_misses_and_nothing_is_shared_across_adapters(base, adapters):
@@ -89,13 +103,17 @@ def test_hits_match_misses_and_nothing_is_shared_across_adapters(base, adapters)
             s = rec.last()
             virtual = 4 if name == "prompt" else 0
             assert (s.adapter, s.cache_queried_tokens, s.cache_hit_tokens) == (name, 30 + virtual, 0), name
+            assert first[name]["cached"] == 0, name
         for name in names:  # again: each hits its own blocks (all full blocks before the last token)
             second[name] = ask(c, name, prompt)
             s = rec.last()
             virtual = 4 if name == "prompt" else 0
             assert s.cache_hit_tokens == (30 + virtual - 1) // BLOCK * BLOCK, name
+            # usage counts the user's prompt tokens served from cache (a prompt adapter's virtual ones are not)
+            assert second[name]["cached"] == (30 + virtual - 1) // BLOCK * BLOCK - virtual, name
         after = scrape(c)
         assert value(after, "peftserve_kv_blocks_cached") > 0
+        assert ask_stream(c, "lora-a", prompt) == 28 and ask_stream(c, "lora-a", prompt[:3] + [1] + prompt[4:]) == 0
     for name in names:
         label = name or "base"
         assert value(after, "peftserve_prefix_cache_queried_tokens_total", adapter=label) - value(

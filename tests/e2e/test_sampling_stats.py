@@ -145,6 +145,8 @@ def test_n_choices_indices_seeds_and_usage(srv) -> None:
     for ch, one in zip(choices, singles, strict=True):
         assert ch["token_ids"] == one["token_ids"] and ch["text"] == one["text"]
         assert ch["finish_reason"] == "length"
+    cached = got["usage"].pop("prompt_tokens_details")["cached_tokens"]
+    assert 0 <= cached < len(PROMPT)  # what the prefix cache served (tests/e2e/test_prefix_cache.py pins it)
     assert got["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 6 * n,
                             "total_tokens": len(PROMPT) + 6 * n}
 
@@ -166,6 +168,8 @@ def test_n_streamed_choices_equal_non_streamed(srv, route: str) -> None:
     events = _sse_events(lines)
     usage = [e for e in events if not e["choices"]]
     assert len(usage) == 1 and events[-1] is usage[0], "usage must come once, last"
+    for u in (usage[0]["usage"], plain["usage"]):  # the streamed request may find the plain one's prompt cached
+        u.pop("prompt_tokens_details")
     assert usage[0]["usage"] == plain["usage"]
     text = {i: "" for i in range(n)}
     ids: dict[int, list[int]] = {i: [] for i in range(n)}

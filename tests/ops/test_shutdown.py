@@ -24,30 +24,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_drains_streams_and_exits_0(tiny_model: str) -> None:
+def start_server(model: str, max_model_len: int, kv_blocks: int, shutdown_timeout: int) -> tuple[subprocess.Popen, str]:
+    """`peftserve serve` as a subprocess, ready to answer."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--model", tiny_model, "--port", str(port), "--max-model-len",
-         "256", "--kv-cache-blocks", "64", "--shutdown-timeout", "120", "--log-level", "warning"],
+        [sys.executable, "-m", "server", "serve", "--model", model, "--port", str(port), "--max-model-len",
+         str(max_model_len), "--kv-cache-blocks", str(kv_blocks), "--shutdown-timeout", str(shutdown_timeout),
+         "--log-level", "warning"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_ready(proc, url)
-        started = [threading.Event(), threading.Event()]
-        streams: list[list[str]] = [[], []]
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url
 
-        def stream(i: int) -> None:
-            body = {"prompt": "hello", "max_tokens": 60, "ignore_eos": True, "stream": True}
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
-                for line in r.iter_lines():
-                    if line:
-                        streams[i].append(line)
-                        started[i].set()
 
-        threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        assert all(e.wait(30) for e in started), "the streams did not start"
+def start_streams(url: str, max_tokens: int, n: int = 2) -> tuple[list[threading.Thread], list[list[str]]]:
+    """n streamed completions in threads; returns once each has received its first event."""
+    started = [threading.Event() for _ in range(n)]
+    streams: list[list[str]] = [[] for _ in range(n)]
+
+    def stream(i: int) -> None:
+        body = {"prompt": "hello", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line:
+                    streams[i].append(line)
+                    started[i].set()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    assert all(e.wait(30) for e in started), "the streams did not start"
+    return threads, streams
+
+
+def test_sigterm_drains_streams_and_exits_0(tiny_model: str) -> None:
+    proc, url = start_server(tiny_model, 256, 64, 120)
+    try:
+        threads, streams = start_streams(url, 60)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(60)
@@ -68,30 +86,10 @@ def test_sigterm_deadline_ends_long_streams_with_an_error_and_exits_0(tiny_root:
     """Streams far longer than --shutdown-timeout: at the deadline each gets a final error event naming the
     flag and `[DONE]`, the engine stops and the process exits 0 (it used to abort with SIGABRT)."""
     model = make_tiny_checkpoint(tiny_root, name="long-ctx", max_position_embeddings=4096)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--model", model, "--port", str(port), "--max-model-len",
-         "4096", "--kv-cache-blocks", "600", "--shutdown-timeout", "1", "--log-level", "warning"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, url = start_server(model, 4096, 600, 1)
     try:
-        wait_ready(proc, url)
-        started = [threading.Event(), threading.Event()]
-        streams: list[list[str]] = [[], []]
-
-        def stream(i: int) -> None:
-            # ~4000 tokens: many seconds on any CPU, so both are still running at the 1 s deadline
-            body = {"prompt": "hello", "max_tokens": 4000, "ignore_eos": True, "stream": True}
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
-                for line in r.iter_lines():
-                    if line:
-                        streams[i].append(line)
-                        started[i].set()
-
-        threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        assert all(e.wait(30) for e in started), "the streams did not start"
+        # ~4000 tokens: many seconds on any CPU, so both are still running at the 1 s deadline
+        threads, streams = start_streams(url, 4000)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(30)
