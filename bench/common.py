@@ -77,11 +77,18 @@ def run_engine(engine: AsyncEngine, prompts: list[list[int]], output_len: int,
         return await asyncio.gather(*(one(p, a) for p, a in zip(prompts, adapters, strict=True)))
 
     engine.start()
+    cpu0 = engine.worker_cpu_seconds()
     t0 = time.perf_counter()
     counts = asyncio.run(main())
     dt = time.perf_counter() - t0
+    cpu1 = engine.worker_cpu_seconds()
     assert all(c == output_len for c in counts), counts
-    return {"tokens": float(sum(counts)), "seconds": dt, "tok_per_s": sum(counts) / dt}
+    out = {"tokens": float(sum(counts)), "seconds": dt, "tok_per_s": sum(counts) / dt}
+    if cpu0 is not None and cpu1 is not None and cpu1 > cpu0:
+        # the engine thread's CPU time: what a shared machine's load inflates far less than wall time
+        out["cpu_seconds"] = cpu1 - cpu0
+        out["tok_per_cpu_s"] = sum(counts) / (cpu1 - cpu0)
+    return out
 
 
 def run_isolated(fn: Any, *args: Any) -> Any:

@@ -58,15 +58,22 @@ def _save_atomic(model: Any, out_dir: str) -> None:
     os.rename(tmp, out_dir)
 
 
+def _adapter_dirs(model_dir: str, root: str, stem: str, k: int) -> tuple[list[str], list[str]]:
+    """(the K cached adapter dirs `<root>/<model>/<stem>-<i>`, those not written yet); creates the parent."""
+    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
+    dirs = [os.path.join(base, f"{stem}-{i}") for i in range(k)]
+    missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "adapter_config.json"))]
+    if missing:
+        os.makedirs(base, exist_ok=True)
+    return dirs, missing
+
+
 def make_lora_adapters(model_dir: str, k: int, rank: int, root: str = ADAPTER_CACHE) -> list[str]:
     """K LoRA adapters (random A and B as `init_lora_weights=False` leaves them), seed i for adapter i."""
     from peft import LoraConfig, get_peft_model
 
-    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
-    dirs = [os.path.join(base, f"lora-r{rank}-{i}") for i in range(k)]
-    missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "adapter_config.json"))]
+    dirs, missing = _adapter_dirs(model_dir, root, f"lora-r{rank}", k)
     if missing:
-        os.makedirs(base, exist_ok=True)
         model = get_peft_model(_load_base(model_dir), LoraConfig(
             r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, init_lora_weights=False, lora_dropout=0.0,
             task_type="CAUSAL_LM"))
@@ -85,11 +92,8 @@ def make_prompt_learning_adapters(model_dir: str, kind: str, k: int, num_virtual
     """K prefix-tuning ("prefix") or prompt-tuning ("prompt") adapters with random weights."""
     from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
-    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
-    dirs = [os.path.join(base, f"{kind}-v{num_virtual_tokens}-{i}") for i in range(k)]
-    missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "adapter_config.json"))]
+    dirs, missing = _adapter_dirs(model_dir, root, f"{kind}-v{num_virtual_tokens}", k)
     if missing:
-        os.makedirs(base, exist_ok=True)
         cls = {"prefix": PrefixTuningConfig, "prompt": PromptTuningConfig}[kind]
         model = get_peft_model(_load_base(model_dir), cls(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens))
         for d in missing:
@@ -106,11 +110,8 @@ def make_ia3_adapters(model_dir: str, k: int, root: str = ADAPTER_CACHE) -> list
     """K IA3 adapters on k_proj, v_proj and down_proj (down scales its input), random vectors around 1."""
     from peft import IA3Config, get_peft_model
 
-    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
-    dirs = [os.path.join(base, f"ia3-kvd-{i}") for i in range(k)]
-    missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "adapter_config.json"))]
+    dirs, missing = _adapter_dirs(model_dir, root, "ia3-kvd", k)
     if missing:
-        os.makedirs(base, exist_ok=True)
         model = get_peft_model(_load_base(model_dir), IA3Config(
             task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
             init_ia3_weights=False))
@@ -128,11 +129,8 @@ def make_dora_adapters(model_dir: str, k: int, rank: int, root: str = ADAPTER_CA
     """K DoRA adapters (use_dora=True) on all 7 projections, random A/B and magnitudes."""
     from peft import LoraConfig, get_peft_model
 
-    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
-    dirs = [os.path.join(base, f"dora-r{rank}-{i}") for i in range(k)]
-    missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "adapter_config.json"))]
+    dirs, missing = _adapter_dirs(model_dir, root, f"dora-r{rank}", k)
     if missing:
-        os.makedirs(base, exist_ok=True)
         model = get_peft_model(_load_base(model_dir), LoraConfig(
             r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, init_lora_weights=False, use_dora=True,
             lora_dropout=0.0, task_type="CAUSAL_LM"))
@@ -158,10 +156,9 @@ def make_bottleneck_adapters(model_dir: str, k: int, reduction_factor: int, root
         hf = json.load(f)
     d_model, layers = hf["hidden_size"], hf["num_hidden_layers"]
     width = d_model // reduction_factor
-    base = os.path.join(root, os.path.basename(os.path.normpath(model_dir)))
-    dirs = [os.path.join(base, f"seqbn-r{reduction_factor}-{i}") for i in range(k)]
+    dirs, missing = _adapter_dirs(model_dir, root, f"seqbn-r{reduction_factor}", k)
     for i, d in enumerate(dirs):
-        if os.path.isfile(os.path.join(d, "adapter_config.json")):
+        if d not in missing:
             continue
         name = f"seqbn{i}"
         cfg = {"config": {"mh_adapter": False, "output_adapter": True, "reduction_factor": reduction_factor,
@@ -228,6 +225,10 @@ class Row:
     ideal_flop: float | None = None
     paired_base: float | None = None  # tok/s of the base runs timed alternately with this workload
     ratios: dict[str, float] = field(default_factory=dict)
+    # tokens per CPU second of the engine thread (best run) and of its paired base: with --threads 1, a ratio
+    # the machine's other load barely moves (the wall-clock one above swings with it)
+    tok_per_cpu_s: float | None = None
+    paired_base_cpu: float | None = None
 
 
 def best_of(n: int, fn: Any) -> dict[str, float]:
@@ -284,6 +285,14 @@ def peft_baselines(args: argparse.Namespace, model_dir: str, prompts: list[list[
     return rows
 
 
+def _loadavg() -> str | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(ap)
@@ -306,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny shapes, K = 1, 2: a smoke run")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
+    load_start = _loadavg()
     if args.quick:
         args.hidden, args.layers, args.heads, args.kv_heads = 64, 2, 4, 2
         args.num_requests, args.prompt_len, args.output_len = 8, 16, 8
@@ -400,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         workloads = [w for w in workloads if w[1] == "base" or any(x in w[0] for x in keys)]
     base_runs: list[dict[str, float]] = []
     paired: dict[str, float] = {}
+    paired_cpu: dict[str, float] = {}
     run_engine(engine, prompts[:2], 2)  # warm-up
     failures: dict[str, str] = {}
     for name, kind, k, hs, extra in workloads:
@@ -423,9 +434,14 @@ def main(argv: list[str] | None = None) -> None:
         res = max(runs, key=lambda r: r["tok_per_s"])
         if pair:
             paired[name] = max(r["tok_per_s"] for r in pair)
+            if all("tok_per_cpu_s" in r for r in pair):
+                paired_cpu[name] = max(r["tok_per_cpu_s"] for r in pair)
         im, ifl = ideal_ratios(info, elem, n, avg_ctx, extra) if extra is not None else (None, None)
-        rows.append(Row(name, "ours", kind, k, res["tok_per_s"], res["seconds"], im, ifl))
+        cpu = max((r["tok_per_cpu_s"] for r in runs if "tok_per_cpu_s" in r), default=None)
+        rows.append(Row(name, "ours", kind, k, res["tok_per_s"], res["seconds"], im, ifl, tok_per_cpu_s=cpu))
         extra_txt = f"  (paired base {paired[name]:.1f})" if name in paired else ""
+        if name in paired_cpu and cpu is not None:
+            extra_txt += f"  cpu: {cpu:.1f} tok/cpu-s, /paired {cpu / paired_cpu[name]:.2f}"
         print(f"  {name:<44} {res['tok_per_s']:9.1f} tok/s{extra_txt}", flush=True)
     best_base = max(base_runs, key=lambda r: r["tok_per_s"])
     ours_base = next(r for r in rows if r.name == "ours base")
@@ -441,6 +457,9 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         r.paired_base = paired.get(r.name)
         r.ratios["vs_our_base"] = r.tok_per_s / paired.get(r.name, base)  # paired base where there is one
+        r.paired_base_cpu = paired_cpu.get(r.name)
+        if r.tok_per_cpu_s is not None and r.paired_base_cpu is not None:
+            r.ratios["cpu_vs_our_base"] = r.tok_per_cpu_s / r.paired_base_cpu
         r.ratios["vs_best_base"] = r.tok_per_s / base
         if r.system == "ours" and r.kind == "lora":
             for ref in ("one-at-a-time", "mixed batch"):
@@ -455,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         return "-" if x is None else f"{x:.2f}"
 
     header = (f"{'workload':<44} {'tok/s':>9} {'paired base':>11} {'/paired':>8} {'/best base':>10} "
-              f"{'/peft 1by1':>10} {'/peft mixed':>11} {'ideal(mem)':>10} {'ideal(flop)':>11}")
+              f"{'/peft 1by1':>10} {'/peft mixed':>11} {'ideal(mem)':>10} {'ideal(flop)':>11} {'/paired cpu':>11}")
     threads = engine_threads()
     print(f"\n== mixed adapters ({device}, {str(dtype).replace('torch.', '')}, engine threads={threads}, "
           f"hidden={info.hidden_size}, layers={info.num_layers}, {n} req x {args.prompt_len}+{args.output_len} tok)")
@@ -466,11 +485,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r.name:<44} {r.tok_per_s:9.1f} {paired_txt:>11} {fmt(r.ratios['vs_our_base']):>8} "
               f"{fmt(r.ratios['vs_best_base']):>10} "
               f"{fmt(r.ratios.get('vs_peft_one_at_a_time')):>10} {fmt(r.ratios.get('vs_peft_mixed_batch')):>11} "
-              f"{fmt(r.ideal_mem):>10} {fmt(r.ideal_flop):>11}")
+              f"{fmt(r.ideal_mem):>10} {fmt(r.ideal_flop):>11} {fmt(r.ratios.get('cpu_vs_our_base')):>11}")
     print(f"engine slot loads={loads} evictions={evictions}; /paired = tok/s over the base runs timed alternately "
           f"with that workload (best of {args.repeat}), the ratio the targets use; /best base = over the best of "
           f"all {len(base_runs)} base runs ({base:.1f} tok/s, the 'ours base' row)")
     print("ideal(mem) = memory-bound ideal of a decode step (weights + KV bytes); ideal(flop) = FLOP-bound ideal")
+    print("/paired cpu = the same ratio in tokens per CPU second of the engine thread (best of each): with "
+          "--threads 1 the machine's other load barely moves it")
 
     targets: dict[str, Any] = {}
     if info.hidden_size >= 1024:
@@ -486,6 +507,9 @@ def main(argv: list[str] | None = None) -> None:
             if r is not None:
                 v = r.ratios["vs_our_base"]
                 targets[f"{label}_K8"] = {"value": v, "target": target, "met": v >= target}
+                if "cpu_vs_our_base" in r.ratios:
+                    v = r.ratios["cpu_vs_our_base"]
+                    targets[f"{label}_K8_cpu"] = {"value": v, "target": target, "met": v >= target}
         for key, t in targets.items():
             print(f"target {key}: {t['value']:.2f} (>= {t['target']}) {'MET' if t['met'] else 'NOT MET'}")
 
@@ -496,6 +520,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.json, "w") as f:
             json.dump({"device": device, "dtype": str(dtype), "threads": torch.get_num_threads(), "args": vars(args),
                        "best_base_tok_per_s": base, "base_runs_tok_per_s": [r["tok_per_s"] for r in base_runs],
+                       "loadavg_start": load_start, "loadavg_end": _loadavg(),
                        "slot_loads": loads, "slot_evictions": evictions, "targets": targets, "failures": failures,
                        "rows": [r.__dict__ for r in rows]}, f, indent=2)
 

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from kernels.bottleneck_ref import ACTIVATIONS, bottleneck_apply_ref
 from kernels.metadata import LoRAMeta
-from kernels.triton_common import DTYPES, block_m_for
+from kernels.triton_common import DTYPES, block_m_for, load_tile
 
 
 @triton.jit
@@ -66,16 +66,7 @@ def _down_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    tile = tiles_ptr + tl.program_id(0) * 5
-    tok_off = tl.load(tile)
-    m_len = tl.load(tile + 1)
-    slot = tl.load(tile + 2).to(tl.int64)
-    w_off = tl.load(tile + 3)
-    w_len = tl.load(tile + 4)
-
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < m_len
-    rows = tl.load(tok_ptr + tok_off + offs_m, mask=mask_m, other=0).to(tl.int64)
+    rows, mask_m, slot, w_off, w_len = load_tile(tiles_ptr, tok_ptr, BLOCK_M)
     offs_w = tl.arange(0, BLOCK_W)
     mask_w = offs_w < w_len
     cols = (w_off + offs_w).to(tl.int64)
@@ -118,15 +109,7 @@ def _up_kernel(
     BLOCK_W: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    tile = tiles_ptr + tl.program_id(0) * 5
-    tok_off = tl.load(tile)
-    m_len = tl.load(tile + 1)
-    slot = tl.load(tile + 2).to(tl.int64)
-    w_len = tl.load(tile + 4)
-
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < m_len
-    rows = tl.load(tok_ptr + tok_off + offs_m, mask=mask_m, other=0).to(tl.int64)
+    rows, mask_m, slot, _, w_len = load_tile(tiles_ptr, tok_ptr, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_w = tl.arange(0, BLOCK_W)

@@ -44,6 +44,15 @@ class LoRAMeta:
     def max_seg_len(self) -> int:
         return max(self.lens, default=0)
 
+    @property
+    def slot_mask(self) -> int:
+        """Bit s set for every slot with a segment in this step (memoised): `mask & self.slot_mask` asks in O(1)
+        whether a module serves any of the step's slots."""
+        hit = self.memo.get("slot_mask")
+        if hit is None:
+            hit = self.memo["slot_mask"] = sum(1 << s for s in set(self.slots))
+        return hit
+
     def seg_ranks(self, ranks: torch.Tensor) -> tuple[int, ...]:
         """Rank of each segment's slot, read on the host (memoised per ranks tensor).
 

@@ -1,8 +1,11 @@
-"""What the Triton launchers share: accepted dtypes, the row-block rule, and the metadata checks."""
+"""What the Triton kernels and launchers share: the tile loader, accepted dtypes, the row-block rule, and the
+metadata checks."""
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from kernels.metadata import LoRAMeta
 
@@ -29,3 +32,22 @@ def check_meta(meta: LoRAMeta, ranks: torch.Tensor, num_tokens: int, num_slots: 
     for s, r in zip(meta.slots, meta.seg_ranks(ranks), strict=True):
         if not 0 <= r <= r_max:
             raise ValueError(f"rank {r} of slot {s} outside [0, R_max={r_max}]")
+
+
+@triton.jit
+def load_tile(tiles_ptr, tok_ptr, BLOCK_M: tl.constexpr):
+    """This program's tile (a row of ``LoRAMeta.tile_table``: tok_off, m_len, slot, c_off, c_len) and its rows.
+
+    Returns (rows [BLOCK_M] int64 row ids into x / y, mask_m [BLOCK_M] which of them are real, slot int64,
+    c_off, c_len): the tile covers columns [c_off, c_off + c_len) of the slot's rank (or bottleneck width).
+    """
+    tile = tiles_ptr + tl.program_id(0) * 5
+    tok_off = tl.load(tile)
+    m_len = tl.load(tile + 1)
+    slot = tl.load(tile + 2).to(tl.int64)
+    c_off = tl.load(tile + 3)
+    c_len = tl.load(tile + 4)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < m_len
+    rows = tl.load(tok_ptr + tok_off + offs_m, mask=mask_m, other=0).to(tl.int64)
+    return rows, mask_m, slot, c_off, c_len

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels.metadata import LoRAMeta
-from kernels.triton_common import DTYPES, block_m_for, check_meta
+from kernels.triton_common import DTYPES, block_m_for, check_meta, load_tile
 
 
 @triton.jit
@@ -34,15 +34,7 @@ def _expand_kernel(
     BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    tile = tiles_ptr + tl.program_id(0) * 5
-    tok_off = tl.load(tile)
-    m_len = tl.load(tile + 1)
-    slot = tl.load(tile + 2).to(tl.int64)
-    r_len = tl.load(tile + 4)
-
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < m_len
-    rows = tl.load(tok_ptr + tok_off + offs_m, mask=mask_m, other=0).to(tl.int64)
+    rows, mask_m, slot, _, r_len = load_tile(tiles_ptr, tok_ptr, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.metadata import LoRAMeta
-from kernels.triton_common import DTYPES, block_m_for, check_meta
+from kernels.triton_common import DTYPES, block_m_for, check_meta, load_tile
 
 
 @triton.jit
@@ -38,16 +38,7 @@ def _shrink_kernel(
     ATOMIC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    tile = tiles_ptr + tl.program_id(0) * 5
-    tok_off = tl.load(tile)
-    m_len = tl.load(tile + 1)
-    slot = tl.load(tile + 2).to(tl.int64)
-    r_off = tl.load(tile + 3)
-    r_len = tl.load(tile + 4)
-
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < m_len
-    rows = tl.load(tok_ptr + tok_off + offs_m, mask=mask_m, other=0).to(tl.int64)
+    rows, mask_m, slot, r_off, r_len = load_tile(tiles_ptr, tok_ptr, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < r_len
     cols = (r_off + offs_r).to(tl.int64)

@@ -87,9 +87,9 @@ class Metrics(EngineObserver):
         self.registry = CollectorRegistry(auto_describe=True)
         self.labels = AdapterLabels(max_adapters, self._remove_adapter_series)
         # Per storage tier ("device" here; the app adds "cpu" and "disk"): adapters held, loads, evictions.
-        self.residency: dict[str, Callable[[], int]] = {"device": lambda: engine.slots.num_resident}
-        self.tier_loads: dict[str, Callable[[], int]] = {"device": lambda: engine.slots.loads}
-        self.tier_evictions: dict[str, Callable[[], int]] = {"device": lambda: engine.slots.evictions}
+        self.residency: dict[str, Callable[[], int]] = {"device": lambda: engine.stats().slots_resident}
+        self.tier_loads: dict[str, Callable[[], int]] = {"device": lambda: engine.stats().slot_loads}
+        self.tier_evictions: dict[str, Callable[[], int]] = {"device": lambda: engine.stats().slot_evictions}
         r = self.registry
         self.requests = Counter("peftserve_http_requests", "HTTP requests by route, status and adapter",
                                 ["route", "status", "adapter"], registry=r)
@@ -197,24 +197,24 @@ class _EngineCollector:
 
     def collect(self) -> Iterator[Metric]:
         eng = self.m.engine
-        alloc, slots = eng.allocator, eng.slots
+        st = eng.stats()
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, value=value)
 
         yield gauge("peftserve_num_requests_waiting", "Sequences accepted and not yet running", eng.num_waiting)
         yield gauge("peftserve_num_requests_running", "Sequences in the running batch", eng.num_running)
-        yield gauge("peftserve_kv_blocks_used", "KV cache blocks in use", alloc.num_used)
-        yield gauge("peftserve_kv_blocks_total", "KV cache blocks in all", alloc.num_blocks)
+        yield gauge("peftserve_kv_blocks_used", "KV cache blocks in use", st.kv_blocks_used)
+        yield gauge("peftserve_kv_blocks_total", "KV cache blocks in all", st.kv_blocks_total)
         yield gauge("peftserve_kv_blocks_cached", "KV blocks holding reusable prefix-cache KV (in use or idle)",
-                    alloc.num_cached)
+                    st.kv_blocks_cached)
         yield gauge("peftserve_kv_blocks_cached_idle", "Cached KV blocks no sequence uses (evictable, LRU)",
-                    alloc.num_cached_idle)
+                    st.kv_blocks_cached_idle)
         yield CounterMetricFamily("peftserve_prefix_cache_evictions", "Cached KV blocks evicted to make room",
-                                  value=alloc.evictions)
+                                  value=st.prefix_cache_evictions)
         yield gauge("peftserve_adapter_slots_in_use", "Device adapter slots used by running sequences",
-                    slots.num_in_use)
-        yield gauge("peftserve_adapter_slots_total", "Device adapter slots", slots.num_slots)
+                    st.slots_in_use)
+        yield gauge("peftserve_adapter_slots_total", "Device adapter slots", st.slots_total)
         yield gauge("peftserve_engine_alive", "1 while the engine loop is stepping", 1 if eng.alive else 0)
         m = self.m
         yield _by_tier(GaugeMetricFamily("peftserve_adapters_resident", "Adapters held per tier", labels=["tier"]),

@@ -91,6 +91,23 @@ class Delta:
     cached_tokens: int = 0  # on the final delta: prompt tokens the prefix cache served (not prefilled)
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's KV-block and adapter-slot counters: what metrics read, so that they need
+    not reach into the allocator or the slot manager."""
+
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_blocks_cached: int
+    kv_blocks_cached_idle: int
+    prefix_cache_evictions: int
+    slots_in_use: int
+    slots_total: int
+    slots_resident: int
+    slot_loads: int
+    slot_evictions: int
+
+
 @dataclass
 class RequestStats:
     """What an observer (metrics, request log) learns about a request when it ends."""
@@ -227,6 +244,27 @@ class AsyncEngine:
     def is_resident(self, key: Any) -> bool:
         """Whether an adapter version (AdapterHandle.key) sits in a device slot now."""
         return self.slots.slot_of(key) is not None
+
+    def stats(self) -> EngineStats:
+        """The KV-block and adapter-slot counters now (plain reads of ints: safe from any thread)."""
+        a, sl = self.allocator, self.slots
+        return EngineStats(
+            kv_blocks_used=a.num_used, kv_blocks_total=a.num_blocks, kv_blocks_cached=a.num_cached,
+            kv_blocks_cached_idle=a.num_cached_idle, prefix_cache_evictions=a.evictions,
+            slots_in_use=sl.num_in_use, slots_total=sl.num_slots, slots_resident=sl.num_resident,
+            slot_loads=sl.loads, slot_evictions=sl.evictions,
+        )
+
+    def worker_cpu_seconds(self) -> float | None:
+        """CPU seconds the worker thread has used so far (None before start or where the OS has no per-thread
+        clock). Benchmarks divide work by it: unlike wall time, other processes' load barely inflates it."""
+        thread = self._thread
+        if thread is None or thread.ident is None or not hasattr(time, "pthread_getcpuclockid"):
+            return None
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        except OSError:  # the thread has exited
+            return None
 
     def step_running_for(self) -> float:
         """Seconds the current step has been running (0.0 between steps)."""

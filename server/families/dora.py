@@ -101,8 +101,9 @@ def fold_dora(weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, 
 
 
 class DoraSlots(LoRASlots):
-    """LoRA slots holding g * B, plus per module a multiplier table g [S, out] (and b * (1 - g) when the base
-    projection has a bias) applied to the base output of DoRA rows before the LoRA delta is added."""
+    """LoRA slots holding g * B, plus per module a multiplier table g [S + 1, out] (and b * (1 - g) when the base
+    projection has a bias) applied to the base output of DoRA rows before the LoRA delta is added. Row S of the
+    tables is the identity (`kernels.row_scale`: base rows pick it); so is a slot's row while it is empty."""
 
     def __init__(self, ctx: DeviceContext) -> None:
         super().__init__(ctx.shapes, ctx.max_adapters, ctx.max_rank, ctx.dtype, ctx.device)
@@ -111,6 +112,7 @@ class DoraSlots(LoRASlots):
         self.mul: dict[tuple[int, str], torch.Tensor] = {}
         self.add: dict[tuple[int, str], torch.Tensor | None] = {}
         self.on: dict[tuple[int, str], list[bool]] = {}
+        self.bits: dict[tuple[int, str], int] = {}  # bit s: slot s has a magnitude here
 
     def load(self, slot: int, adapter: Adapter, kv_slots: list[int]) -> None:
         assert isinstance(adapter, DoraAdapter)
@@ -127,14 +129,16 @@ class DoraSlots(LoRASlots):
         for key, (g, add) in tables.items():
             if key not in self.mul:
                 n = g.numel()
-                self.mul[key] = torch.ones(self.max_adapters, n, dtype=self.dtype, device=self.device)
-                self.add[key] = None if add is None else torch.zeros(self.max_adapters, n, dtype=self.dtype,
+                self.mul[key] = torch.ones(self.max_adapters + 1, n, dtype=self.dtype, device=self.device)
+                self.add[key] = None if add is None else torch.zeros(self.max_adapters + 1, n, dtype=self.dtype,
                                                                       device=self.device)
                 self.on[key] = [False] * self.max_adapters
+                self.bits[key] = 0
             self.mul[key][slot].copy_(g)
             if add is not None and self.add[key] is not None:
                 self.add[key][slot].copy_(add)
             self.on[key][slot] = True
+            self.bits[key] |= 1 << slot
 
     def clear_slot(self, slot: int) -> None:
         super().clear_slot(slot)
@@ -145,11 +149,12 @@ class DoraSlots(LoRASlots):
                 if add is not None:
                     add[slot].zero_()
                 on[slot] = False
+                self.bits[key] &= ~(1 << slot)
 
     def project_output(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor, batch: StepBatch) -> None:
         key = (layer, name)
-        on = self.on.get(key)
-        if on is None or batch.segments is None or not any(on[s] for s in batch.active_slots):
+        meta = batch.segments
+        if meta is None or not self.bits.get(key, 0) & meta.slot_mask:
             return
-        row_scale(y, self.mul[key], self.add[key], on, batch.segments)  # g * (x W^T) + b, before the delta
+        row_scale(y, self.mul[key], self.add[key], self.on[key], meta)  # g * (x W^T) + b, before the delta
         super().project_output(layer, name, x, y, batch)

@@ -171,14 +171,16 @@ def ia3_vectors(spec: IA3Spec, tensors: dict[str, torch.Tensor], base: BaseModel
 
 
 class IA3Slots(DeviceForm):
-    """Per (layer, module, side) a table [S, n] of vectors (ones where a slot has none) and host flags."""
+    """Per (layer, module, side) a table [S + 1, n] of vectors (ones where a slot has none; row S, the identity,
+    serves base rows: see `kernels.row_scale`), host flags and a bit mask of the slots it serves."""
 
     def __init__(self, ctx: DeviceContext) -> None:
         self.info = ctx.shapes
         self.max_adapters = ctx.max_adapters
         self.dtype, self.device = ctx.dtype, ctx.device
-        self.tables: dict[tuple[int, str, bool], torch.Tensor] = {}  # (layer, name, input side) -> [S, n]
+        self.tables: dict[tuple[int, str, bool], torch.Tensor] = {}  # (layer, name, input side) -> [S + 1, n]
         self.on: dict[tuple[int, str, bool], list[bool]] = {}
+        self.bits: dict[tuple[int, str, bool], int] = {}  # bit s: slot s has a vector here
 
     def load(self, slot: int, adapter: Adapter, kv_slots: list[int]) -> None:
         assert isinstance(adapter, IA3Adapter)
@@ -188,32 +190,32 @@ class IA3Slots(DeviceForm):
         for (layer, name), vec in adapter.vectors.items():
             key = (layer, name, spec.modules[(layer, name)])
             if key not in self.tables:
-                self.tables[key] = torch.ones(self.max_adapters, vec.numel(), dtype=self.dtype, device=self.device)
+                self.tables[key] = torch.ones(self.max_adapters + 1, vec.numel(), dtype=self.dtype,
+                                              device=self.device)
                 self.on[key] = [False] * self.max_adapters
+                self.bits[key] = 0
             self.tables[key][slot].copy_(vec)
             self.on[key][slot] = True
+            self.bits[key] |= 1 << slot
 
     def clear(self, slot: int) -> None:
         for key, on in self.on.items():
             if on[slot]:
                 self.tables[key][slot].fill_(1.0)
                 on[slot] = False
+                self.bits[key] &= ~(1 << slot)
 
-    def _active(self, key: tuple[int, str, bool], batch: StepBatch) -> list[bool] | None:
-        on = self.on.get(key)
-        if on is None or not any(on[s] for s in batch.active_slots):
-            return None
-        return on
+    def _active(self, key: tuple[int, str, bool], batch: StepBatch) -> bool:
+        meta = batch.segments
+        return meta is not None and bool(self.bits.get(key, 0) & meta.slot_mask)
 
     def project_input(self, layer: int, name: str, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         key = (layer, name, True)
-        on = self._active(key, batch)
-        if on is None or batch.segments is None:
+        if not self._active(key, batch):
             return x
-        return row_scale(x.clone(), self.tables[key], None, on, batch.segments)  # x is shared: scale a copy
+        return row_scale(x, self.tables[key], None, self.on[key], batch.segments, inplace=False)  # x is shared
 
     def project_output(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor, batch: StepBatch) -> None:
         key = (layer, name, False)
-        on = self._active(key, batch)
-        if on is not None and batch.segments is not None:
-            row_scale(y, self.tables[key], None, on, batch.segments)
+        if self._active(key, batch):
+            row_scale(y, self.tables[key], None, self.on[key], batch.segments)

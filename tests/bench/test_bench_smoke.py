@@ -84,5 +84,10 @@ def test_mixed_adapters_quick_new_families(tmp_path: Path) -> None:
     header = next(i for i, line in enumerate(lines) if line.startswith("workload"))
     for name in ("ours IA3 K=2", "ours DoRA K=2", "ours bottleneck K=1", "ours bottleneck K=2"):
         assert any(line.startswith(name) for line in lines[header:]), (name, out)
+    assert "/paired cpu" in lines[header]
     result = json.loads(out_json.read_text())
     assert not result["failures"] and all(r["tok_per_s"] > 0 for r in result["rows"])
+    # the engine thread's CPU time is measured for every adapter workload (and its paired base)
+    ours = [r for r in result["rows"] if r["system"] == "ours" and r["kind"] != "base"]
+    assert ours and all(r["tok_per_cpu_s"] > 0 and r["ratios"]["cpu_vs_our_base"] > 0 for r in ours)
+    assert result["loadavg_start"]
