@@ -61,6 +61,7 @@ class AssistantMetrics:
     """Requests and tokens per assistant; labels capped at --metrics-max-adapters (the rest: `other`)."""
 
     def __init__(self, registry: Any, max_labels: int) -> None:
+        self.registry = registry
         self.labels = AdapterLabels(max_labels, self._demote)
         self.requests = Counter("peftserve_assistant_requests", "Generation requests naming an assistant",
                                 ["assistant", "status"], registry=registry)
@@ -100,7 +101,9 @@ def install(app: Any, state: ServerState) -> None:
     """Add the routes and the per-assistant metrics to an app."""
     app.include_router(router)
     if state.assistants is not None and state.metrics is not None:
-        state.assistants.metrics = AssistantMetrics(state.metrics.registry, state.settings.metrics_max_adapters)
+        current = state.assistants.metrics
+        if current is None or current.registry is not state.metrics.registry:  # a second app on one state
+            state.assistants.metrics = AssistantMetrics(state.metrics.registry, state.settings.metrics_max_adapters)
 
 
 def check_at_startup(state: ServerState) -> None:

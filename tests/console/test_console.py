@@ -3,9 +3,8 @@ live server on the tiny model, with --api-key and --admin-key on.
 
 One server and one browser for the module. Every page records its console errors, uncaught exceptions and
 the HTTP answers >= 400 it received; each test ends by checking that there were none besides the ones the
-page provokes on purpose (the admin probe, the key-less first load, the Assistants/Fine-tuning routes this
-server does not have). Screenshots of every screen go to a tmp dir (printed at the end; docs/console/ holds
-a copy for the README).
+page provokes on purpose (the admin probe, the key-less first load, a refused training file).
+Screenshots of every screen go to a tmp dir (printed at the end; docs/console/ holds a copy for the README).
 """
 
 from __future__ import annotations
@@ -378,14 +377,40 @@ def test_user_key_sees_no_admin_actions_and_is_refused(console: Console) -> None
     watch.check()
 
 
-def test_assistants_and_fine_tuning_say_they_are_not_available(console: Console) -> None:
+def test_assistants_and_fine_tuning_screens_show_the_servers_own(console: Console) -> None:
+    """With the Assistants and Files/Fine-tuning APIs on the server: an assistant created over the API is in
+    the assistants table; a JSONL uploaded through the page is refused with its bad line named, and a good
+    one lands in /v1/files and in the page's file list."""
+    base = console.srv.state.base_name
+    with httpx.Client(base_url=console.srv.url, headers=bearer(ADMIN), timeout=30) as c:
+        r = c.post("/v1/assistants", json={"name": "console-helper", "model": base, "instructions": "Be brief."})
+        assert r.status_code in (200, 201), r.text
     page, watch = console.open(ADMIN)
-    for screen, box, what in (("assistants", "#as-unavailable", "Assistants"),
-                              ("fine-tuning", "#ft-unavailable", "Fine-tuning jobs")):
-        console.screen(page, screen)
-        text = page.wait_for_selector(f"{box}:not([hidden])").inner_text()
-        assert text.startswith(f"{what} are not available on this server") and "404" in text
-        console.shot(page, screen)
+    console.screen(page, "assistants")
+    page.wait_for_selector("#as-body:not([hidden])")
+    page.wait_for_selector("#as-table tbody tr:has-text('console-helper')")
+    assert base in page.inner_text("#as-table tbody tr:has-text('console-helper')")
+    console.shot(page, "assistants")
+
+    console.screen(page, "fine-tuning")
+    page.wait_for_selector("#ft-body:not([hidden])")
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Aye!"}]})
+    bad = json.dumps({"messages": [{"role": "user", "content": "no answer"}]})
+    page.set_input_files("#ft-file", files=[{"name": "bad.jsonl", "mimeType": "application/jsonl",
+                                             "buffer": (good + "\n" + bad + "\n").encode()}])
+    page.click("#ft-upload")
+    page.wait_for_selector("#ft-file-errors li")
+    assert "line 2" in page.inner_text("#ft-file-errors")
+    page.set_input_files("#ft-file", files=[{"name": "good.jsonl", "mimeType": "application/jsonl",
+                                             "buffer": (good + "\n").encode()}])
+    page.click("#ft-upload")
+    page.wait_for_selector("#ft-files tbody tr:has-text('good.jsonl')")
+    with httpx.Client(base_url=console.srv.url, headers=bearer(ADMIN), timeout=30) as c:
+        names = [f["filename"] for f in c.get("/v1/files").json()["data"]]
+        assert names.count("good.jsonl") == 1 and "bad.jsonl" not in names  # the refused file left nothing
+        assert c.delete("/v1/assistants/console-helper").status_code == 200
+    console.shot(page, "fine-tuning")
+    watch.failures = [f for f in watch.failures if f != ("POST", "/v1/files", 400)]  # the bad file, on purpose
     watch.check()
 
 
@@ -426,7 +451,7 @@ def test_axe_finds_no_wcag_a_or_aa_violations(console: Console) -> None:
     page.add_script_tag(path=str(AXE))
     found = {}
     rendered = {"adapters": "#adapters-table tbody tr", "playground": "#pg-model-2",
-                "assistants": "#as-unavailable:not([hidden])", "fine-tuning": "#ft-unavailable:not([hidden])",
+                "assistants": "#as-body:not([hidden])", "fine-tuning": "#ft-body:not([hidden])",
                 "health": "#hl-engine[data-ok]"}
     for screen, ready in rendered.items():
         console.screen(page, screen)
