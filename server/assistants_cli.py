@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
-from server.client import _client, _fail
+from server.client import _client, _fail, add_connection_args
 
 # flag → JSON field of an assistant's sampling defaults and description
 _FIELDS = (("temperature", float), ("top_p", float), ("max_tokens", int), ("description", str))
@@ -129,12 +128,7 @@ def _rm(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _common(v: argparse.ArgumentParser) -> None:
-    v.add_argument("--url", default=os.environ.get("PEFTSERVE_URL", "http://127.0.0.1:8000"),
-                   help="server URL [env PEFTSERVE_URL]")
-    v.add_argument("--key", default=os.environ.get("PEFTSERVE_ADMIN_KEY") or os.environ.get("PEFTSERVE_API_KEY"),
-                   help="bearer key (admin key for writes) [env PEFTSERVE_ADMIN_KEY]")
-    v.add_argument("--timeout", type=float, default=300.0)
+_common = add_connection_args
 
 
 def _defaults(v: argparse.ArgumentParser) -> None:

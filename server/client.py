@@ -22,6 +22,19 @@ def _client(ns: argparse.Namespace) -> Any:
     return httpx.Client(base_url=ns.url.rstrip("/"), headers=headers, timeout=ns.timeout)
 
 
+def add_connection_args(v: argparse.ArgumentParser, *, admin_key_first: bool = True) -> None:
+    """--url, --key and --timeout for a verb that talks to a running server. The key defaults to the admin key
+    (then the API key) for verbs that write, or the other way round (`admin_key_first=False`)."""
+    v.add_argument("--url", default=os.environ.get("PEFTSERVE_URL", "http://127.0.0.1:8000"),
+                   help="server URL [env PEFTSERVE_URL]")
+    envs = ("PEFTSERVE_ADMIN_KEY", "PEFTSERVE_API_KEY") if admin_key_first else ("PEFTSERVE_API_KEY",
+                                                                                  "PEFTSERVE_ADMIN_KEY")
+    help_ = "bearer key (admin key for writes)" if admin_key_first else "bearer key"
+    v.add_argument("--key", default=os.environ.get(envs[0]) or os.environ.get(envs[1]),
+                   help=f"{help_} [env {envs[0]}]")
+    v.add_argument("--timeout", type=float, default=300.0)
+
+
 def _fail(resp: Any) -> int:
     try:
         msg = resp.json()["error"]["message"]
@@ -96,12 +109,7 @@ def add_adapter_commands(sub: Any) -> None:
     p = sub.add_parser("adapters", help="manage a running server's adapters")
     verbs = p.add_subparsers(dest="verb", required=True, parser_class=type(p))
 
-    def common(v: argparse.ArgumentParser) -> None:
-        v.add_argument("--url", default=os.environ.get("PEFTSERVE_URL", "http://127.0.0.1:8000"),
-                       help="server URL [env PEFTSERVE_URL]")
-        v.add_argument("--key", default=os.environ.get("PEFTSERVE_ADMIN_KEY") or os.environ.get("PEFTSERVE_API_KEY"),
-                       help="bearer key (admin key for writes) [env PEFTSERVE_ADMIN_KEY]")
-        v.add_argument("--timeout", type=float, default=300.0)
+    common = add_connection_args
 
     push = verbs.add_parser("push", help="upload a PEFT adapter dir")
     push.add_argument("dir")

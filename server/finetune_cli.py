@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from server.client import _client, _fail
+from server.client import _client, _fail, add_connection_args
 
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -155,11 +155,7 @@ def add_finetune_commands(sub: Any) -> None:
     verbs = p.add_subparsers(dest="verb", required=True, parser_class=type(p))
 
     def common(v: argparse.ArgumentParser) -> None:
-        v.add_argument("--url", default=os.environ.get("PEFTSERVE_URL", "http://127.0.0.1:8000"),
-                       help="server URL [env PEFTSERVE_URL]")
-        v.add_argument("--key", default=os.environ.get("PEFTSERVE_API_KEY") or os.environ.get("PEFTSERVE_ADMIN_KEY"),
-                       help="bearer key [env PEFTSERVE_API_KEY]")
-        v.add_argument("--timeout", type=float, default=300.0)
+        add_connection_args(v, admin_key_first=False)
 
     create = verbs.add_parser("create", help="upload a JSONL file and start a job")
     create.add_argument("--file", required=True, help="training data (JSONL: chat messages or prompt/completion)")
