@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_store.errors import AdapterError
+from adapters_store.store import _fsync_dir, _write_durably
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +81,7 @@ class FileStore:
         fid = "file-" + uuid.uuid4().hex[:24]
         tmp = self._tmp / fid
         final = self._dir / fid
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_durably(tmp, data)
         rec = FileRecord(fid, filename, purpose, len(data), lines, fmt, int(time.time()))
         try:
             os.rename(tmp, final)
@@ -150,11 +144,3 @@ class FileStore:
             if p.is_file() and p.name not in known:
                 log.warning("removing %s: no index row (interrupted upload or delete)", p)
                 p.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
