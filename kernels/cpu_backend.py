@@ -6,8 +6,9 @@ it fast on a CPU, where a decode step's LoRA cost is mostly per-op overhead:
 - adjacent segments of equal length and rank run as one bmm pair over stacked weights, cached in a
   `StackCache` per module (a decode batch keeps the same adapters step after step);
 - the tiny per-segment matmuls run on one OpenMP thread (waking a team costs more than the work).
-Layout contract: B may be stored [S, R, N] and viewed as [S, N, R] (`server/families/lora.py` does so on
-CPU), so that `b[s, :, :r].T` is one contiguous block for addmm.
+Layout contract: A is a pool [P, PR, K] and B a pool viewed [P, N, PR], read through a page table
+(`kernels/pages.py`). B is stored [P, PR, N] (`server/families/lora.py` does so), so a slot's Bᵀ rows on
+consecutive pages are one contiguous [r, N] block for addmm, as are its A rows; scattered pages are gathered.
 """
 
 from __future__ import annotations
@@ -18,17 +19,20 @@ import torch
 import torch.nn.functional as F
 
 from kernels.metadata import LoRAMeta
+from kernels.pages import resolve_pages
+from kernels.reference import flat_a, flat_bt
 
 
 def lora_apply_cpu(
     x: torch.Tensor,  # [T, K]
     y: torch.Tensor,  # [T, N] base output, updated in place (may be a column slice)
-    a: torch.Tensor,  # [S, R_max, K]
-    b: torch.Tensor,  # [S, N, R_max]
+    a: torch.Tensor,  # [P, PR, K] pool ([S, R_max, K] when pages is None)
+    b: torch.Tensor,  # [P, N, PR] pool, best stored [P, PR, N] ([S, N, R_max] when pages is None)
     ranks: torch.Tensor,  # [S] int32
     scales: torch.Tensor,  # [S] float32
     meta: LoRAMeta,
     cache: tuple[StackCache, Any] | None = None,  # (cache, module key); emptied whenever a slot changes
+    pages: torch.Tensor | None = None,  # [S, MP] int32 host page table; None: identity
 ) -> torch.Tensor:
     """What kernels.reference.lora_apply_ref computes, fast on a CPU, with no intermediate [T, R_max] buffer.
 
@@ -38,9 +42,12 @@ def lora_apply_cpu(
     """
     sl = scales.tolist()
     seg_r = meta.seg_ranks(ranks)
+    pages, page_rank, _ = resolve_pages(a, pages)
+    src = meta.page_rows(pages, page_rank, ranks)
+    af, bt = flat_a(a), flat_bt(b)
     done: set[int] = set()
     if cache is not None and meta.contiguous and meta.num_segments > 1:
-        done = _apply_stacked(x, y, a, b, seg_r, scales, meta, cache)
+        done = _apply_stacked(x, y, af, bt, seg_r, src, scales, meta, cache)
     threads = torch.get_num_threads()
     # These matmuls are tiny: waking an OpenMP team for each costs ~100 us from a non-main thread (the
     # engine's), 20x the work itself. One thread does them faster.
@@ -51,11 +58,11 @@ def lora_apply_cpu(
             if r == 0 or meta.lens[i] == 0 or i in done:
                 continue
             rows = meta.rows(i)
-            h = F.linear(x[rows], a[s, :r])  # [n, r]
+            h = F.linear(x[rows], af[src[i]])  # [n, r]
             if isinstance(rows, slice):
-                y[rows].addmm_(h, b[s, :, :r].T, alpha=sl[s])
+                y[rows].addmm_(h, bt[src[i]], alpha=sl[s])
             else:
-                y.index_add_(0, rows, F.linear(h, b[s, :, :r]).to(y.dtype), alpha=sl[s])
+                y.index_add_(0, rows, (h @ bt[src[i]]).to(y.dtype), alpha=sl[s])
     finally:
         if threads > 1 and x.device.type == "cpu":
             torch.set_num_threads(threads)
@@ -103,8 +110,8 @@ class StackCache:
 
 
 def _apply_stacked(
-    x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, seg_r: tuple[int, ...],
-    scales: torch.Tensor, meta: LoRAMeta, cache: tuple[StackCache, Any],
+    x: torch.Tensor, y: torch.Tensor, af: torch.Tensor, bt: torch.Tensor, seg_r: tuple[int, ...],
+    src: tuple[slice | torch.Tensor, ...], scales: torch.Tensor, meta: LoRAMeta, cache: tuple[StackCache, Any],
 ) -> set[int]:
     """Runs of adjacent segments with the same length and rank (decode: one token per sequence, requests
     spread evenly over adapters) as bmm + baddbmm over the run's weights stacked [D, r, K] / [D, r, N].
@@ -129,11 +136,11 @@ def _apply_stacked(
             slots = meta.slots[i:j]
             key = (slots, r)
             st = store.lookup(module, key)
-            nbytes = d * r * (a.shape[2] + b.shape[1]) * a.element_size()
+            nbytes = d * r * (af.shape[1] + bt.shape[1]) * af.element_size()
             if st is None and store.fits(nbytes):
                 idx = list(slots)
-                st = (a[idx, :r].contiguous(),  # [D, r, K]
-                      b[idx, :, :r].transpose(1, 2).contiguous(),  # [D, r, N]
+                st = (torch.stack([af[src[k]] for k in range(i, j)]),  # [D, r, K]
+                      torch.stack([bt[src[k]] for k in range(i, j)]),  # [D, r, N]
                       scales[idx].to(x.dtype).view(-1, 1, 1))
                 store.store(module, key, st, nbytes)
             if st is not None:

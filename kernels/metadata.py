@@ -73,6 +73,23 @@ class LoRAMeta:
         self.memo[key] = (ranks, version, seg)
         return seg
 
+    def page_rows(self, pages: torch.Tensor, page_rank: int, ranks: torch.Tensor) -> tuple[slice | torch.Tensor, ...]:
+        """Rows of the flat pools [P * PR, ...] holding each segment's rank rows (`kernels.pages.slot_rows`),
+        read on the host once per page table (memoised like `seg_ranks`; a device table costs one sync)."""
+        seg_r = self.seg_ranks(ranks)
+        key = ("page_rows", id(pages), page_rank, seg_r)
+        version = _version(pages)
+        hit = self.memo.get(key)
+        if hit is not None and hit[0] is pages and hit[1] == version:
+            return hit[3]
+        from kernels.pages import slot_rows
+
+        host = pages.tolist()
+        rows = tuple(slot_rows(host[s], page_rank, r) if r else slice(0, 0)
+                     for s, r in zip(self.slots, seg_r, strict=True))
+        self.memo[key] = (pages, version, seg_r, rows)
+        return rows
+
     def tile_table(self, ranks: torch.Tensor, block_m: int, block_r: int) -> torch.Tensor:
         """Compact work list for the Triton kernels: int32 [n_tiles, 5] on ``token_indices``' device.
 

@@ -18,8 +18,11 @@ def block_m_for(max_seg_len: int) -> int:
 
 
 def check_meta(meta: LoRAMeta, ranks: torch.Tensor, num_tokens: int, num_slots: int, r_max: int,
-               device: torch.device) -> None:
-    """The metadata and ranks fit a pool of `num_slots` slots of rank <= `r_max` over `num_tokens` rows."""
+               device: torch.device, pages: torch.Tensor | None = None) -> None:
+    """The metadata and ranks fit `num_slots` slots of rank <= `r_max` over `num_tokens` rows (and the page
+    table, when given, is on the device)."""
+    if pages is not None and pages.device != device:
+        raise ValueError(f"pages on {pages.device}, tensors on {device}")
     if ranks.dim() != 1 or ranks.shape[0] != num_slots or ranks.dtype.is_floating_point:
         raise ValueError(f"ranks must be an integer [S={num_slots}] tensor, got shape {tuple(ranks.shape)} "
                          f"{ranks.dtype}")

@@ -2,8 +2,9 @@
 
 Grid = (compact row-block tiles, ceil(N / BLOCK_N)). Each tile is one row block of one segment
 (``LoRAMeta.tile_table`` with block_r = 0) and loops over the slot's *own* rank only, so base
-tokens, empty segments and other slots' rank padding cost nothing. Segments are disjoint and rows
-within a segment distinct, so the read-modify-write of y needs no atomics.
+tokens, empty segments and other slots' rank padding cost nothing. B is read through a page table
+(`kernels/pages.py`): rank column j of a slot is column j % PR of page pages[slot, j // PR].
+Segments are disjoint and rows within a segment distinct, so the read-modify-write of y needs no atomics.
 """
 
 from __future__ import annotations
@@ -13,22 +14,27 @@ import triton
 import triton.language as tl
 
 from kernels.metadata import LoRAMeta
+from kernels.pages import resolve_pages
 from kernels.triton_common import DTYPES, block_m_for, check_meta, load_tile
 
 
 @triton.jit
 def _expand_kernel(
     h_ptr,  # [T, R_max]
-    b_ptr,  # [S, N, R_max]
+    b_ptr,  # [P, N, PR] pool of B pages (any strides)
     y_ptr,  # [T, N] (row stride may exceed N: a column slice of a wider output)
     tok_ptr,  # [T_lora] int64
     tiles_ptr,  # [n_tiles, 5] int32 (tok_off, m_len, slot, 0, r_s)
     scales_ptr,  # [S] float32
+    pages_ptr,  # [S, MP] int32 page table
     N,
     stride_hm,
-    stride_bs,
+    stride_bp,
     stride_bn,
+    stride_br,
     stride_ym,
+    stride_ps,
+    page_rank,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -40,13 +46,15 @@ def _expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
 
     h_rows = h_ptr + rows[:, None] * stride_hm  # [BM, 1]
-    b_cols = b_ptr + slot * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn  # [1, BN]
+    b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn  # [1, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r in range(0, r_len, BLOCK_R):  # own rank only
         rr = r + offs_r
         mask_r = rr < r_len
+        page = tl.load(pages_ptr + slot * stride_ps + rr // page_rank, mask=mask_r, other=0).to(tl.int64)
+        b_at = b_cols + page[:, None] * stride_bp + (rr % page_rank)[:, None] * stride_br  # [BR, BN]
         ht = tl.load(h_rows + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-        bt = tl.load(b_cols + rr[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        bt = tl.load(b_at, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         acc += tl.dot(ht, bt, input_precision=PRECISION)
 
     scale = tl.load(scales_ptr + slot)
@@ -65,49 +73,52 @@ def expand_config(max_seg_len: int, n: int) -> tuple[int, int, int, int]:
 
 
 def _check(h: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, meta: LoRAMeta,
-           y: torch.Tensor) -> None:
+           y: torch.Tensor, pages: torch.Tensor, r_max: int) -> None:
     if b.dtype not in DTYPES:
         raise ValueError(f"b dtype {b.dtype} unsupported; expected one of {DTYPES}")
-    if b.dim() != 3 or not b.is_contiguous():
-        raise ValueError(f"b must be a contiguous [S, N, R_max] pool, got shape {tuple(b.shape)} "
-                         f"contiguous={b.is_contiguous()}")
+    if b.dim() != 3:
+        raise ValueError(f"b must be a [P, N, PR] pool, got shape {tuple(b.shape)}")
     if y.dim() != 2 or y.dtype != b.dtype or y.stride(1) != 1:
         raise ValueError(f"y must be 2-D {b.dtype} with unit column stride, got shape {tuple(y.shape)} "
                          f"{y.dtype} stride {y.stride()}")
     if h.dim() != 2 or h.stride(1) != 1 or h.dtype not in (b.dtype, torch.float32):
         raise ValueError(f"h must be 2-D {b.dtype} or float32 with unit column stride, got shape "
                          f"{tuple(h.shape)} {h.dtype} stride {h.stride()}")
-    if h.shape[0] != y.shape[0] or h.shape[1] != b.shape[2]:
-        raise ValueError(f"h shape {tuple(h.shape)} does not match [T={y.shape[0]}, R_max={b.shape[2]}]")
+    if h.shape[0] != y.shape[0] or h.shape[1] != r_max:
+        raise ValueError(f"h shape {tuple(h.shape)} does not match [T={y.shape[0]}, R_max={r_max}]")
     if y.shape[1] != b.shape[1]:
         raise ValueError(f"y width {y.shape[1]} != b output size N={b.shape[1]}")
     if not (h.device == b.device == y.device == scales.device == meta.token_indices.device):
         raise ValueError(f"devices differ: h {h.device}, b {b.device}, y {y.device}, scales {scales.device}, "
                          f"meta {meta.token_indices.device}")
-    if scales.shape != (b.shape[0],) or scales.dtype != torch.float32:
-        raise ValueError(f"scales must be float32 [S={b.shape[0]}], got shape {tuple(scales.shape)} "
-                         f"{scales.dtype}")
-    check_meta(meta, ranks, y.shape[0], b.shape[0], b.shape[2], y.device)
+    s = pages.shape[0]
+    if scales.shape != (s,) or scales.dtype != torch.float32:
+        raise ValueError(f"scales must be float32 [S={s}], got shape {tuple(scales.shape)} {scales.dtype}")
+    check_meta(meta, ranks, y.shape[0], s, r_max, y.device, pages)
 
 
 def lora_expand_triton(
     h: torch.Tensor,  # [T, R_max] output of lora_shrink (b.dtype or float32)
-    b: torch.Tensor,  # [S, N, R_max] stacked B of every slot, contiguous
+    b: torch.Tensor,  # [P, N, PR] pool of B pages (any strides); [S, N, R_max] when pages is None
     ranks: torch.Tensor,  # [S] integer; read on the host once per meta (a host tensor avoids a sync)
     scales: torch.Tensor,  # [S] float32, on the device
     meta: LoRAMeta,
     y: torch.Tensor,  # [T, N] b.dtype, updated in place; may be a column slice (stride(1) == 1)
+    *,
+    pages: torch.Tensor | None = None,  # [S, MP] int32 page table on the device; None: identity
 ) -> torch.Tensor:
-    """Semantics: for each token t with slot s >= 0: y[t] += scales[s] * (h[t, :r_s] @ b[s, :, :r_s].T)."""
-    _check(h, b, ranks, scales, meta, y)
+    """Semantics: for each token t with slot s >= 0: y[t] += scales[s] * (h[t, :r_s] @ B_s.T), B_s the slot's
+    rank columns through the page table (`kernels.reference.lora_expand_ref`)."""
+    pages, page_rank, r_max = resolve_pages(b.transpose(1, 2), pages)
+    _check(h, b, ranks, scales, meta, y, pages, r_max)
     if meta.num_segments == 0 or max(meta.seg_ranks(ranks)) == 0:
         return y
     n = b.shape[1]
     block_m, block_n, block_r, num_warps = expand_config(meta.max_seg_len, n)
     tiles = meta.tile_table(ranks, block_m, 0)
     _expand_kernel[(tiles.shape[0], triton.cdiv(n, block_n))](
-        h, b, y, meta.token_indices, tiles, scales,
-        n, h.stride(0), b.stride(0), b.stride(1), y.stride(0),
+        h, b, y, meta.token_indices, tiles, scales, pages,
+        n, h.stride(0), b.stride(0), b.stride(1), b.stride(2), y.stride(0), pages.stride(0), page_rank,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
         PRECISION="ieee" if b.dtype == torch.float32 else "tf32",
         num_warps=num_warps,

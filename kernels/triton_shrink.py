@@ -3,8 +3,9 @@
 Work is a host-built tile list (``LoRAMeta.tile_table``): each segment contributes
 ceil(len / BLOCK_M) row blocks times ceil(r_s / BLOCK_R) blocks of its *own* rank, so base tokens,
 empty segments and other slots' rank padding launch nothing. Rows are gathered through
-``meta.token_indices``; activations are never permuted. At small token counts the hidden dim is
-split across programs (split-K) that add into an fp32 workspace.
+``meta.token_indices``; activations are never permuted. A is read through a page table
+(`kernels/pages.py`): rank row j of a slot is row j % PR of page pages[slot, j // PR] of the pool.
+At small token counts the hidden dim is split across programs (split-K) that add into an fp32 workspace.
 """
 
 from __future__ import annotations
@@ -16,21 +17,25 @@ import triton
 import triton.language as tl
 
 from kernels.metadata import LoRAMeta
+from kernels.pages import resolve_pages
 from kernels.triton_common import DTYPES, block_m_for, check_meta, load_tile
 
 
 @triton.jit
 def _shrink_kernel(
     x_ptr,  # [T, K]
-    a_ptr,  # [S, R_max, K]
+    a_ptr,  # [P, PR, K] pool of A pages
     out_ptr,  # [T, R_max]
     tok_ptr,  # [T_lora] int64
     tiles_ptr,  # [n_tiles, 5] int32 (tok_off, m_len, slot, r_off, r_len)
+    pages_ptr,  # [S, MP] int32 page table
     K,
     stride_xm,
-    stride_as,
+    stride_ap,
     stride_ar,
     stride_om,
+    stride_ps,
+    page_rank,
     k_per_split,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -45,7 +50,8 @@ def _shrink_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     x_rows = x_ptr + rows[:, None] * stride_xm  # [BM, 1]
-    a_rows = a_ptr + slot * stride_as + cols[None, :] * stride_ar  # [1, BR]
+    page = tl.load(pages_ptr + slot * stride_ps + cols // page_rank, mask=mask_r, other=0).to(tl.int64)
+    a_rows = a_ptr + page[None, :] * stride_ap + (cols % page_rank)[None, :] * stride_ar  # [1, BR]
     k_start = tl.program_id(1) * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -90,23 +96,23 @@ def _split_k(n_tiles: int, k: int, block_k: int, device: torch.device) -> int:
 
 
 def _check(x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, meta: LoRAMeta,
-           out: torch.Tensor | None) -> None:
+           out: torch.Tensor | None, pages: torch.Tensor, r_max: int) -> None:
     if x.dtype not in DTYPES:
         raise ValueError(f"x dtype {x.dtype} unsupported; expected one of {DTYPES}")
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be 2-D with unit column stride, got shape {tuple(x.shape)} "
                          f"stride {x.stride()}")
-    if a.dim() != 3 or a.dtype != x.dtype or not a.is_contiguous():
-        raise ValueError(f"a must be a contiguous [S, R_max, K] {x.dtype} pool, got shape {tuple(a.shape)} "
-                         f"{a.dtype} contiguous={a.is_contiguous()}")
+    if a.dim() != 3 or a.dtype != x.dtype or a.stride(2) != 1:
+        raise ValueError(f"a must be a [P, PR, K] {x.dtype} pool with unit K stride, got shape {tuple(a.shape)} "
+                         f"{a.dtype} stride {a.stride()}")
     if a.shape[2] != x.shape[1]:
         raise ValueError(f"a hidden size {a.shape[2]} != x hidden size {x.shape[1]}")
     if a.device != x.device:
         raise ValueError(f"a on {a.device}, x on {x.device}")
-    check_meta(meta, ranks, x.shape[0], a.shape[0], a.shape[1], x.device)
+    check_meta(meta, ranks, x.shape[0], pages.shape[0], r_max, x.device, pages)
     if out is not None:
-        if tuple(out.shape) != (x.shape[0], a.shape[1]) or out.stride(1) != 1:
-            raise ValueError(f"out must be [{x.shape[0]}, {a.shape[1]}] with unit column stride, got "
+        if tuple(out.shape) != (x.shape[0], r_max) or out.stride(1) != 1:
+            raise ValueError(f"out must be [{x.shape[0]}, {r_max}] with unit column stride, got "
                              f"{tuple(out.shape)} stride {out.stride()}")
         if out.dtype not in (x.dtype, torch.float32) or out.device != x.device:
             raise ValueError(f"out must be {x.dtype} or float32 on {x.device}, got {out.dtype} on {out.device}")
@@ -114,21 +120,24 @@ def _check(x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, meta: LoRAMeta
 
 def lora_shrink_triton(
     x: torch.Tensor,  # [T, K] activations (unit column stride)
-    a: torch.Tensor,  # [S, R_max, K] stacked A of every slot, contiguous, x.dtype
+    a: torch.Tensor,  # [P, PR, K] pool of A pages (unit K stride), x.dtype; [S, R_max, K] when pages is None
     ranks: torch.Tensor,  # [S] integer; read on the host once per meta (a host tensor avoids a sync)
     meta: LoRAMeta,
-    out: torch.Tensor | None = None,  # [T, R_max] x.dtype or float32
+    out: torch.Tensor | None = None,  # [T, R_max] x.dtype or float32, R_max = MP * PR
     *,
     split_k: int | None = None,  # None: chosen from the shape; > 1 only when out is None
+    pages: torch.Tensor | None = None,  # [S, MP] int32 page table on the device; None: identity
 ) -> torch.Tensor:
-    """Semantics: for each token t with slot s >= 0: out[t, :r_s] = x[t] @ a[s, :r_s].T.
+    """Semantics: for each token t with slot s >= 0: out[t, :r_s] = x[t] @ A_s.T, A_s the slot's rank rows
+    through the page table (`kernels.reference.lora_shrink_ref`).
 
     Rows of base tokens and columns >= r_s are left untouched (zeros if out is fresh).
     """
-    _check(x, a, ranks, meta, out)
+    pages, page_rank, r_max = resolve_pages(a, pages)
+    _check(x, a, ranks, meta, out, pages, r_max)
     fresh = out is None
     if fresh:
-        out = torch.zeros(x.shape[0], a.shape[1], dtype=x.dtype, device=x.device)
+        out = torch.zeros(x.shape[0], r_max, dtype=x.dtype, device=x.device)
     if meta.num_segments == 0:
         return out
     seg_r = meta.seg_ranks(ranks)
@@ -149,8 +158,8 @@ def lora_shrink_triton(
     # Split-K partial sums meet in fp32 (atomics), then round once to the output dtype.
     dst = torch.zeros_like(out, dtype=torch.float32) if atomic and out.dtype != torch.float32 else out
     _shrink_kernel[(n_tiles, split_k)](
-        x, a, dst, meta.token_indices, tiles,
-        k, x.stride(0), a.stride(0), a.stride(1), dst.stride(0), k_per_split,
+        x, a, dst, meta.token_indices, tiles, pages,
+        k, x.stride(0), a.stride(0), a.stride(1), dst.stride(0), pages.stride(0), page_rank, k_per_split,
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, ATOMIC=atomic,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps,

@@ -295,7 +295,8 @@ def _good() -> dict[str, object]:
 
 def _shrink(g: dict[str, object], **kw: object) -> None:
     g = {**g, **kw}
-    lora_shrink_triton(g["x"], g["a"], g["ranks"], g["meta"], g.get("out"), split_k=g.get("split_k"))
+    lora_shrink_triton(g["x"], g["a"], g["ranks"], g["meta"], g.get("out"), split_k=g.get("split_k"),
+                       pages=g.get("pages"))
 
 
 def _expand(g: dict[str, object], **kw: object) -> None:
@@ -318,7 +319,8 @@ ERRORS: list[tuple[str, Callable[[dict[str, object]], None], str]] = [
     ("y_col_stride", lambda g: _expand(g, y=torch.zeros(200, 8).T), r"stride \(1, 8\)"),
     ("y_width", lambda g: _expand(g, y=torch.zeros(8, 100)), "width 100"),
     ("h_rmax", lambda g: _expand(g, h=torch.zeros(8, 32)), r"\(8, 32\)"),
-    ("b_noncontig", lambda g: _expand(g, b=g["b"].transpose(1, 2)), "contiguous=False"),
+    ("pages_float", lambda g: _shrink(g, pages=torch.zeros(8, 1)), "pages must be an integer"),
+    ("b_rank_mismatch", lambda g: _expand(g, b=g["b"].transpose(1, 2)), r"R_max=200"),
     ("scales_dtype", lambda g: _expand(g, scales=g["scales"].double()), "float64"),
 ]
 
