@@ -328,8 +328,18 @@ def closed_loop(engine: Any, prompts: list[list[int]], output_len: int, handles:
     sm = engine.slots
     before = (sm.loads, sm.evictions, sm.prefetches)
 
+    kv_peak = 0
+
+    async def sample_kv() -> None:  # peak KV blocks in use: how much of its pool the KV cache really needed
+        nonlocal kv_peak
+        while True:
+            kv_peak = max(kv_peak, engine.allocator.num_used)
+            await asyncio.sleep(0.01)
+
     async def main() -> None:
+        sampler = asyncio.ensure_future(sample_kv())
         await asyncio.gather(*(client(jobs[c::concurrency]) for c in range(concurrency)))
+        sampler.cancel()
 
     t0 = time.perf_counter()
     asyncio.run(main())
@@ -341,7 +351,8 @@ def closed_loop(engine: Any, prompts: list[list[int]], output_len: int, handles:
 
     return {"tok_per_s": tokens / dt, "seconds": dt, "ttft_p50": pct(0.5), "ttft_p99": pct(0.99),
             "loads": sm.loads - before[0], "evictions": sm.evictions - before[1],
-            "prefetches": sm.prefetches - before[2], "resident": sm.num_resident, "pages_used": sm.pages_used}
+            "prefetches": sm.prefetches - before[2], "resident": sm.num_resident, "pages_used": sm.pages_used,
+            "kv_peak_blocks": kv_peak, "kv_blocks": engine.allocator.num_blocks}
 
 
 def residency(args: argparse.Namespace) -> None:
@@ -421,7 +432,8 @@ def residency(args: argparse.Namespace) -> None:
         print(f"  {name:<34} {res['tok_per_s']:8.1f} tok/s  TTFT p50 {res['ttft_p50']:6.2f}s p99 "
               f"{res['ttft_p99']:6.2f}s  /{ref_name} {out['tput_ratio']:.2f} (p99 x{out['ttft_p99_ratio']:.2f})  "
               f"loads {res['loads']} evictions {res['evictions']} prefetched {res['prefetches']} "
-              f"resident {res['resident']} (ref loads {pr['loads']})", flush=True)
+              f"resident {res['resident']} KV peak {res['kv_peak_blocks']}/{res['kv_blocks']} blocks "
+              f"(ref loads {pr['loads']})", flush=True)
 
     for k in ks:
         row(f"{label} K={k}", main_eng, k, ref, 8, "K=8")
