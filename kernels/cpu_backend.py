@@ -58,15 +58,37 @@ def lora_apply_cpu(
             if r == 0 or meta.lens[i] == 0 or i in done:
                 continue
             rows = meta.rows(i)
-            h = F.linear(x[rows], af[src[i]])  # [n, r]
+            a_s, bt_s = _slot_weights(af, bt, src[i], s, r, cache)
+            h = F.linear(x[rows], a_s)  # [n, r]
             if isinstance(rows, slice):
-                y[rows].addmm_(h, bt[src[i]], alpha=sl[s])
+                y[rows].addmm_(h, bt_s, alpha=sl[s])
             else:
-                y.index_add_(0, rows, (h @ bt[src[i]]).to(y.dtype), alpha=sl[s])
+                y.index_add_(0, rows, (h @ bt_s).to(y.dtype), alpha=sl[s])
     finally:
         if threads > 1 and x.device.type == "cpu":
             torch.set_num_threads(threads)
     return y
+
+
+def _slot_weights(af: torch.Tensor, bt: torch.Tensor, src: slice | torch.Tensor, slot: int, r: int,
+                  cache: tuple[StackCache, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slot's A [r, K] and Bᵀ [r, N]: views when its pages are consecutive; gathered from scattered pages
+    (and kept in the stack cache, so a decode batch gathers once, not every step)."""
+    if isinstance(src, slice):
+        return af[src], bt[src]
+    if cache is None:
+        return af[src], bt[src]
+    store, module = cache
+    key = (module, slot, r)
+    hit = store.gathered.get(key)
+    if hit is not None:
+        return hit
+    got = (af[src], bt[src])
+    nbytes = r * (af.shape[1] + bt.shape[1]) * af.element_size()
+    if store.fits(nbytes):  # within the cache's byte budget; else gathered again next step
+        store.gathered[key] = got
+        store.used += nbytes
+    return got
 
 
 class StackCache:
@@ -80,6 +102,8 @@ class StackCache:
         self.max_bytes = max_bytes
         self.used = 0
         self._d: dict[Any, dict[Any, tuple[tuple[torch.Tensor, ...], int]]] = {}
+        # single slots on scattered pages: (module, slot, rank) -> (A rows, Bᵀ rows) gathered once
+        self.gathered: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def lookup(self, module: Any, key: Any) -> tuple[torch.Tensor, ...] | None:
         e = self._d.get(module, {}).get(key)
@@ -103,6 +127,7 @@ class StackCache:
 
     def clear(self) -> None:
         self._d.clear()
+        self.gathered.clear()
         self.used = 0
 
     def __len__(self) -> int:

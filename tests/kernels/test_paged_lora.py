@@ -135,3 +135,22 @@ def test_identity_pages_equal_unpaged_layout() -> None:
     got = lora_apply_cpu(x, y0.clone(), a, b, ranks, scales, meta)
     torch.testing.assert_close(got, lora_apply_cpu(x, y0.clone(), a, b, ranks, scales, meta, pages=ident))
     assert not torch.allclose(got, y0)
+
+
+def test_cpu_gathers_scattered_pages_once_per_cache():
+    """Slots on scattered pages are gathered into the stack cache once; the next step reads the copy, and a
+    cleared cache (any slot change) gathers again."""
+    p = _paged(RANKS, PAGES, NUM_PAGES, torch.float32)
+    x, y0 = _inputs(TOKENS, torch.float32)
+    meta = LoRAMeta.from_token_slots(TOKENS)
+    cache = StackCache()
+    want = _naive(x, y0, p, TOKENS)
+    for _ in range(2):
+        y = lora_apply(x, y0.clone(), p["a"], p["b"], p["ranks"], p["scales"], LoRAMeta.from_token_slots(TOKENS),
+                       cache=(cache, "m"), pages=p["pages"])
+        torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)
+    assert {k[1] for k in cache.gathered} == {1, 2}  # slots 1 and 2 sit on non-consecutive pages
+    p["a"][7].zero_()  # page 7 (slot 1) changes: the cached copy is stale until the cache is cleared
+    cache.clear()
+    y = lora_apply(x, y0.clone(), p["a"], p["b"], p["ranks"], p["scales"], meta, cache=(cache, "m"), pages=p["pages"])
+    assert not torch.allclose(y.double(), want, atol=1e-4, rtol=1e-4)
