@@ -215,6 +215,10 @@ class _EngineCollector:
         yield gauge("peftserve_adapter_slots_in_use", "Device adapter slots used by running sequences",
                     st.slots_in_use)
         yield gauge("peftserve_adapter_slots_total", "Device adapter slots", st.slots_total)
+        yield gauge("peftserve_adapter_pages_used", "Pages of the adapter pool held by resident adapters",
+                    st.adapter_pages_used)
+        yield gauge("peftserve_adapter_pages_total", "Pages of the adapter pool (--adapter-memory)",
+                    st.adapter_pages_total)
         yield gauge("peftserve_engine_alive", "1 while the engine loop is stepping", 1 if eng.alive else 0)
         m = self.m
         yield _by_tier(GaugeMetricFamily("peftserve_adapters_resident", "Adapters held per tier", labels=["tier"]),

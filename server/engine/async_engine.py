@@ -110,6 +110,8 @@ class EngineStats:
     slots_resident: int
     slot_loads: int
     slot_evictions: int
+    adapter_pages_used: int = 0  # LoRA page pool (--adapter-memory)
+    adapter_pages_total: int = 0
 
 
 @dataclass
@@ -262,6 +264,7 @@ class AsyncEngine:
             kv_blocks_cached_idle=a.num_cached_idle, prefix_cache_evictions=a.evictions,
             slots_in_use=sl.num_in_use, slots_total=sl.num_slots, slots_resident=sl.num_resident,
             slot_loads=sl.loads, slot_evictions=sl.evictions,
+            adapter_pages_used=sl.pages_used, adapter_pages_total=sl.num_pages or 0,
         )
 
     def worker_cpu_seconds(self) -> float | None:

@@ -46,7 +46,11 @@ def test_counters_move_by_exact_deltas(tiny_model: str, lora_dir: str) -> None:
     assert value(after, "peftserve_adapters_resident", tier="device") == 1
     assert value(after, "peftserve_adapters_resident", tier="cpu") == 1
     assert value(after, "peftserve_adapters_resident", tier="disk") == 1
-    assert value(after, "peftserve_adapter_slots_total") == SERVER.get("max_adapters", 8)
+    info = srv.state.engine.info
+    assert value(after, "peftserve_adapter_slots_total") == info.max_adapters
+    # the pool holds what 8 adapters of --max-rank took before paging; "a" (resident, idle) holds its own pages
+    assert value(after, "peftserve_adapter_pages_total") == info.adapter_pages == 8 * 64 // info.adapter_page_rank
+    assert 0 < value(after, "peftserve_adapter_pages_used") < info.adapter_pages
     # nothing is left running: the KV cache and the adapter slot are back to their baselines
     assert value(after, "peftserve_kv_blocks_used") == 0
     assert value(after, "peftserve_adapter_slots_in_use") == 0
