@@ -50,6 +50,8 @@ class FakeKV:
 
 def step(sched: Scheduler, kv: FakeKV | None = None, token: int = 7) -> list:
     out = sched.schedule()
+    for slot, _ in out.stages:  # loader-thread loads land before the next step
+        sched.slots.loaded(slot)
     for c in out.chunks:  # one forward: every chunk reads KV computed by earlier steps only
         assert c.start == c.seq.num_computed and c.num_tokens >= 1
         assert len(c.seq.block_table) * sched.allocator.block_size >= c.start + c.num_tokens
@@ -221,8 +223,9 @@ def test_lru_keeps_cached_blocks_until_the_allocator_needs_them():
     assert alloc.evictions > 0 and alloc.num_empty + alloc.num_cached_idle == 8
 
 
+@pytest.mark.parametrize("stage", [False, True], ids=["sync-loads", "staged-loads"])
 @pytest.mark.parametrize("seed", range(8))
-def test_fuzz_caching_preemption_aborts_and_adapter_churn(seed):
+def test_fuzz_caching_preemption_aborts_and_adapter_churn(seed, stage):
     """Base, LoRA, prefix-tuning and prompt-tuning sequences over a few shared prompt heads, adapters replaced
     by new versions as they run, a KV pool small enough to preempt and evict, random aborts. Every step:
     every block's refcount equals its holders, empty + cached idle + used = all blocks, no position is
@@ -233,10 +236,11 @@ def test_fuzz_caching_preemption_aborts_and_adapter_churn(seed):
     alloc = BlockAllocator(16, bs)
     slots = SlotManager(4, num_pages=6)  # adapter pages: lora-a 1, lora-b 3, lora-c 2, lora-d 4 (14 > 6)
     pages = {"lora-a": 1, "lora-b": 3, "lora-c": 2, "lora-d": 4}
-    sched = Scheduler(alloc, max_num_seqs=6, max_batch_tokens=24, slots=slots)
+    sched = Scheduler(alloc, max_num_seqs=6, max_batch_tokens=24, slots=slots, stage_loads=stage)
     kv = FakeKV(bs)
     heads = [[rng.randrange(1, 50) for _ in range(rng.randint(4, 14))] for _ in range(3)]
     version = {name: 1 for name in ("lora-a", "lora-b", "lora-c", "lora-d", "prefix", "prompt")}
+    landing: list[int] = []  # staged loads land one step later (the loader thread ran during that step)
     uid = iter(range(1000, 10**6))
     current = {name: (name, 1, next(uid)) for name in version}
     live: list[Sequence] = []
@@ -258,7 +262,12 @@ def test_fuzz_caching_preemption_aborts_and_adapter_churn(seed):
             name = rng.choice(list(version))
             version[name] += 1
             current[name] = (name, version[name], next(uid))
+        for slot in landing:
+            slots.loaded(slot)
         out = sched.schedule()
+        landing = [slot for slot, _ in out.stages]
+        for slot, q in out.stages:  # a staged slot is held for its adapter and used by nobody until it lands
+            assert slots.is_loading(q.adapter_key) and slots.refs(slot) == 0
         preempted += len(out.preempted)
         _check_pages(sched, out)
         for c in out.chunks:
@@ -280,11 +289,15 @@ def test_fuzz_caching_preemption_aborts_and_adapter_churn(seed):
         _check_refcounts(sched)
         if not sched.has_work and len(live) > 60:
             break
+    for slot in landing:
+        slots.loaded(slot)
     drain(sched, kv)
     _check_refcounts(sched)
     slots.check()
     assert slots.pages_free + slots.idle_pages() == slots.num_pages  # nothing in use: every page is reclaimable
-    assert slots.evictions > 0 and slots.prefetches > 0  # pages were short; adapters were loaded ahead of need
+    assert slots.evictions > 0  # pages were short
+    # synchronous loads: adapters were loaded ahead of need (staged, admission itself starts loads early)
+    assert stage or slots.prefetches > 0
     assert alloc.num_used == 0 and slots.num_in_use == 0 and not sched.slot_blocks
     assert alloc.num_free == alloc.num_blocks
     assert sched.prefix_cache.hit_tokens > 0  # caching was exercised, not just harmless
