@@ -14,7 +14,6 @@
   starts a request on the old version.
 """
 
-from __future__ import annotations
 
 import asyncio
 import json
@@ -64,7 +63,7 @@ class RayOptions:
     writer_cpus: float = 0.1
     ingress_cpus: float = 0.1
 
-    def validate(self) -> RayOptions:
+    def validate(self) -> "RayOptions":
         def bad(flag: str, value: Any, why: str) -> None:
             raise ValueError(f"--{flag}: invalid value {value!r} ({why})")
 
@@ -312,6 +311,21 @@ class Replica:
 
 # ------------------------------------------------------------------------------------------------ ingress
 
+async def _sse_tail(gen: Any, dead: tuple[type[BaseException], ...]) -> AsyncIterator[bytes]:
+    try:
+        async for c in gen:
+            yield c
+    except dead as e:  # tokens were sent already: end the stream with an error event
+        err = {"error": {"message": f"the replica serving this request died: {type(e).__name__}",
+                         "type": "server_error", "param": None, "code": "replica_died"}}
+        yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
+
+
+def _error(status: int, message: str, code: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "server_error", "param": None, "code": code}},
+                        status_code=status)
+
+
 ingress_app = FastAPI(title="peftserve (Ray Serve)", docs_url=None, redoc_url=None, openapi_url=None)
 _HOP = {"content-length", "transfer-encoding", "connection"}
 
@@ -421,21 +435,6 @@ class Ingress:
     @ingress_app.get("/_ray/info")
     async def info(self) -> dict[str, Any]:
         return {"catalog": self.catalog, "retried": self.retried, "affinity": self.affinity}
-
-
-async def _sse_tail(gen: Any, dead: tuple[type[BaseException], ...]) -> AsyncIterator[bytes]:
-    try:
-        async for c in gen:
-            yield c
-    except dead as e:  # tokens were sent already: end the stream with an error event
-        err = {"error": {"message": f"the replica serving this request died: {type(e).__name__}",
-                         "type": "server_error", "param": None, "code": "replica_died"}}
-        yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
-
-
-def _error(status: int, message: str, code: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "server_error", "param": None, "code": code}},
-                        status_code=status)
 
 
 # ------------------------------------------------------------------------------------------------ build
