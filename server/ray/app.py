@@ -62,6 +62,8 @@ class RayOptions:
     affinity: bool = True
     writer_cpus: float = 0.1
     ingress_cpus: float = 0.1
+    # a custom Ray resource only the node that mounts --adapters-dir offers (multi-node: pins the writer there)
+    writer_resource: str | None = None
 
     def validate(self) -> "RayOptions":
         def bad(flag: str, value: Any, why: str) -> None:
@@ -449,7 +451,10 @@ def build_app(settings: Any, options: RayOptions | None = None) -> Any:
     elif values.get("device", "auto") == "auto":
         values["device"] = "cpu"
     max_models = opts.max_models_per_replica or values.get("max_adapters", 8)
-    writer = StoreWriter.options(ray_actor_options={"num_cpus": opts.writer_cpus}).bind(values)
+    writer_actor: dict[str, Any] = {"num_cpus": opts.writer_cpus}
+    if opts.writer_resource:
+        writer_actor["resources"] = {opts.writer_resource: 0.01}
+    writer = StoreWriter.options(ray_actor_options=writer_actor).bind(values)
     replica = Replica.options(**opts.replica_deployment_options()).bind(values, writer, max_models)
     return Ingress.options(ray_actor_options={"num_cpus": opts.ingress_cpus}).bind(replica, writer, opts.affinity)
 

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import socket
-import time
 from collections import Counter
 from typing import Any
 
