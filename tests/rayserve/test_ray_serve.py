@@ -93,8 +93,10 @@ def cluster(adapters: dict[str, Any]) -> Any:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(settings, RayOptions(replicas=2, replica_cpus=0.5, max_models_per_replica=2)),
-                  name=APP, route_prefix="/")
+        # autoscaling bounds of 2..2: two replicas, and the settings must reach Serve's controller
+        opts = RayOptions(min_replicas=2, max_replicas=2, target_ongoing_requests=32, replica_cpus=0.5,
+                          max_models_per_replica=2)
+        serve.run(build_app(settings, opts), name=APP, route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
             yield c
     finally:
@@ -125,6 +127,17 @@ def _sse_tokens(c: httpx.Client, model: str | None) -> tuple[str, str | None]:
     for ln in lines[:-1]:
         text += json.loads(ln[6:])["choices"][0]["text"]
     return text, replica
+
+
+def test_autoscaling_settings_reach_serve(cluster: httpx.Client) -> None:
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    cfg = details["applications"][APP]["deployments"]["Replica"]["deployment_config"]
+    auto = cfg["autoscaling_config"]
+    assert (auto["min_replicas"], auto["max_replicas"], auto["target_ongoing_requests"]) == (2, 2, 32)
+    assert cfg["ray_actor_options"]["num_cpus"] == 0.5
+    assert cluster.get("/health").json() == {"status": "ok"}
 
 
 def test_same_answers_as_single_process(cluster: httpx.Client, reference: httpx.Client,
@@ -180,11 +193,20 @@ def test_affinity_and_merged_metrics(cluster: httpx.Client, adapters: dict[str, 
     names = [f"aff{i}" for i in range(4)]
     for n in names:
         assert upload(cluster, n, _files(adapters["dirs"][n])).status_code == 201
-    answers = {n: tokens(complete(cluster, n)) for n in names}  # warm-up: each adapter lands somewhere
+    answers = {n: tokens(complete(cluster, n)) for n in names}
     assert len({tuple(a) for a in answers.values()}) == 4, "four different adapters, four different answers"
-    for _ in range(2):
-        for n in names:
-            tokens(complete(cluster, n))
+    # Warm-up: Serve places an adapter no replica holds on the replica with the fewest (a tie: at random) and
+    # each replica keeps 2; warm-up ends when a whole round lands where the previous one did (placement settled).
+    last: dict[str, str] = {}
+
+    def settled() -> bool:
+        now = {n: complete(cluster, n).headers[REPLICA_HEADER] for n in names}
+        stable = now == last
+        last.clear()
+        last.update(now)
+        return stable
+
+    wait_for(settled, "adapter placement to settle", timeout=120, poll=0)
     # both replicas report: the merged /metrics has a replica label for each (event: the pushed counters)
     wait_for(lambda: len(_metric(cluster, "peftserve_http_requests_total")) >= 2, "metrics from both replicas")
     loads_before = sum(_metric(cluster, "peftserve_adapter_loads_total", tier="device").values())
