@@ -146,3 +146,26 @@ def test_merged_metrics_carry_the_replica() -> None:
     assert got[("peftserve_requests_total", "r1", "a")] == 3.0
     assert got[("peftserve_requests_total", "r2", "a")] == 5.0
     assert got[("peftserve_running", "r1", None)] == 1.0 and got[("peftserve_running", "r2", None)] == 2.0
+
+
+def test_replica_refuses_bytes_that_do_not_match_the_sha256(tmp_path: Path) -> None:
+    """A replica writes fetched adapter bytes only when they hash to the catalogue's sha256."""
+    from adapters_store.store import content_sha256
+    from server.ray.app import Replica
+
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"adapter_config.json": b'{"peft_type": "LORA"}', "adapter_model.safetensors": b"\x00" * 64}
+    for n, data in files.items():
+        (src / n).write_bytes(data)
+    sha, _ = content_sha256(src)
+    rep = object.__new__(Replica.func_or_class)  # the class Serve runs, without starting an engine
+    rep.local = tmp_path / "replica"
+    got = {"files": files, "sha256": sha, "record": {}}
+    path = rep._write_verified("a", 1, sha, got)
+    assert content_sha256(path)[0] == sha and path.name == "v1"
+    tampered = {**got, "files": {**files, "adapter_model.safetensors": b"\x01" + b"\x00" * 63}}
+    with pytest.raises(RuntimeError, match="hash"):
+        rep._write_verified("a", 2, sha, tampered)
+    assert not (rep.local / "fetched" / "a" / "v2").exists()
+    assert not any((rep.local / "fetched" / ".tmp").iterdir()), "nothing half-written is left"
