@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=4, help="device slots per replica")
     ap.add_argument("--load-requests", type=int, default=192, help="slot loads: requests per round")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--models-per-replica", type=int, default=None,
+                    help="Serve multiplexing's per-replica cache (default: --slots)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     a = ap.parse_args()
 
@@ -102,10 +104,12 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": rport})
     serve.run(build_app(Settings(**common, adapters_dir=os.path.join(tmp, "store")),
-                        RayOptions(replicas=2, replica_cpus=0.5, max_models_per_replica=a.slots)),
+                        RayOptions(replicas=2, replica_cpus=0.5,
+                                   max_models_per_replica=a.models_per_replica or a.slots)),
               name="peftserve", route_prefix="/")
     startup = time.monotonic() - t0
-    out: dict[str, Any] = {"loadavg_start": open("/proc/loadavg").read().split()[:3], "ray_startup_s": startup}
+    out: dict[str, Any] = {"models_per_replica": a.models_per_replica or a.slots,
+                           "loadavg_start": open("/proc/loadavg").read().split()[:3], "ray_startup_s": startup}
     try:
         sc = httpx.Client(base_url=f"http://127.0.0.1:{sport}", timeout=120)
         rc = httpx.Client(base_url=f"http://127.0.0.1:{rport}", timeout=120)
@@ -123,7 +127,7 @@ def main() -> None:
             sc.post("/v1/completions", json=body).raise_for_status()
             rc.post("/v1/completions", json=body).raise_for_status()
         lat: dict[str, list[float]] = {"single": [], "ray": []}
-        for _ in range(a.requests):
+        for _ in range(max(1, a.requests)):
             for name, c in (("single", sc), ("ray", rc)):
                 t = time.perf_counter()
                 c.post("/v1/completions", json=body).raise_for_status()
