@@ -18,7 +18,6 @@ import concurrent.futures as cf
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,12 +28,6 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -80,6 +73,7 @@ def main() -> None:
     from server.config import Settings
     from server.ray.app import NO_AFFINITY_HEADER, RayOptions, build_app
     from tests.adapters import make_lora
+    from tests.server_utils import free_port as _port
     from tests.tiny import make_tiny_checkpoint
 
     tmp = tempfile.mkdtemp(prefix="bench-ray-")

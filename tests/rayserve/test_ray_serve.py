@@ -14,7 +14,6 @@ import concurrent.futures as cf
 import json
 import os
 import signal
-import socket
 from collections import Counter
 from typing import Any
 
@@ -24,7 +23,7 @@ import pytest
 from tests.adapters import make_dora, make_ia3, make_lora, make_prompt_learning
 from tests.e2e.test_adapter_store_api import upload
 from tests.families.bottleneck_fixtures import adapter_dir, base_copy
-from tests.server_utils import live_server
+from tests.server_utils import free_port, live_server
 from tests.waits import wait_for
 
 ray = pytest.importorskip("ray", reason="the ray extra is part of make test's install")  # noqa: F841
@@ -41,12 +40,6 @@ N = 6
 def _files(d: str) -> dict[str, bytes]:
     return {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d)
             if n.endswith((".json", ".safetensors")) and n != "head_config.json"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def complete(c: httpx.Client, model: str | None, n: int = N, affinity: bool = True, **kw: Any) -> httpx.Response:
@@ -87,7 +80,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def cluster(adapters: dict[str, Any]) -> Any:
     """A local Ray cluster (2 CPUs), Serve on a free port, the app with 2 replicas x 2 slots; torn down after."""
-    port = _free_port()
+    port = free_port()
     settings = Settings(model=adapters["base"], adapters_dir=os.path.join(adapters["root"], "store"),
                         kv_cache_blocks=96, max_num_seqs=8, max_adapters=2, served_model_name="tiny")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
