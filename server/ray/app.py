@@ -39,7 +39,6 @@ from server.ray.metrics import merge_metrics
 log = logging.getLogger("peftserve.ray")
 
 REPLICA_HEADER = "x-peftserve-replica"
-WANT_HEADER = "x-peftserve-want"  # JSON {name: [version, sha256] | null | "static"}, set by the ingress
 NO_AFFINITY_HEADER = "x-peftserve-no-affinity"  # "1": route this request as Ray's default would (bench, tests)
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 # served by the writer: the catalogue and everything that writes the store
@@ -57,7 +56,9 @@ class RayOptions:
     target_ongoing_requests: float | None = None
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
-    max_models_per_replica: int | None = None  # multiplexing cache per replica; default: --max-adapters
+    # Serve multiplexing's per-replica cache of adapter ids; default 2 x --max-adapters, so an adapter keeps its
+    # home replica while its device slot is lent to another (bench/RESULTS.md: fewer slot loads than = slots)
+    max_models_per_replica: int | None = None
     max_ongoing_requests: int = 64
     affinity: bool = True
     writer_cpus: float = 0.1
@@ -450,7 +451,7 @@ def build_app(settings: Any, options: RayOptions | None = None) -> Any:
         values["device"] = "cuda"
     elif values.get("device", "auto") == "auto":
         values["device"] = "cpu"
-    max_models = opts.max_models_per_replica or values.get("max_adapters", 8)
+    max_models = opts.max_models_per_replica or 2 * values.get("max_adapters", 8)
     writer_actor: dict[str, Any] = {"num_cpus": opts.writer_cpus}
     if opts.writer_resource:
         writer_actor["resources"] = {opts.writer_resource: 0.01}

@@ -19,7 +19,7 @@ RAY_FLAGS: dict[str, tuple[type, str]] = {
     "target_ongoing_requests": (float, "autoscale: requests in flight per replica Serve aims for"),
     "replica_cpus": (float, "CPUs Ray reserves per replica (fractions allowed) (default 1)"),
     "replica_gpus": (float, "GPUs per replica; > 0 serves on CUDA (default 0: CPU)"),
-    "max_models_per_replica": (int, "adapters Serve's multiplexing tracks per replica (default --max-adapters)"),
+    "max_models_per_replica": (int, "adapter ids Serve's multiplexing keeps per replica (default 2 x --max-adapters)"),
     "max_ongoing_requests": (int, "requests one replica accepts at once (default 64)"),
     "writer_resource": (str, "custom Ray resource of the node that mounts --adapters-dir (pins the store writer)"),
     "ray_http_port": (int, "Serve's HTTP port (default --port)"),

@@ -44,7 +44,7 @@ def test_fixed_replicas_and_resources() -> None:
     assert rep._deployment_config.num_replicas == 3 and rep._deployment_config.autoscaling_config is None
     assert rep.ray_actor_options["num_cpus"] == 0.5 and rep.ray_actor_options["num_gpus"] == 0
     settings, _writer, max_models = rep.init_args
-    assert settings["device"] == "cpu" and max_models == 3  # multiplexing tracks as many adapters as slots
+    assert settings["device"] == "cpu" and max_models == 6  # multiplexing keeps 2 x the slots' adapter ids
     assert d["Ingress"]._deployment_config.num_replicas == 1 and d["StoreWriter"]._deployment_config.num_replicas == 1
 
 
