@@ -169,11 +169,8 @@ class StoreWriter:
         """The files of (name, version), its sha256 and record; travels through Ray's object store."""
         from adapters_store.loader import KNOWN_FILES
 
-        rec = next((r for r in self.state.store.list() if r.name == name), None)
-        path = self.state.store.path(name, version)  # AdapterError 404 when pruned or deleted
-        if rec is None or rec.version != version:
-            # an older version that is still kept: read its own row
-            rec = self.state.store._get(name, version)  # noqa: SLF001 - one read under the store's lock
+        rec = self.state.store.record(name, version)  # AdapterError 404 when pruned or deleted
+        path = rec.path
         files = {n: (path / n).read_bytes() for n in KNOWN_FILES if (path / n).is_file()}
         return {"files": files, "sha256": rec.sha256, "record": rec.to_dict()}
 
