@@ -83,6 +83,11 @@ def cluster(adapters: dict[str, Any]) -> Any:
     port = free_port()
     settings = Settings(model=adapters["base"], adapters_dir=os.path.join(adapters["root"], "store"),
                         kv_cache_blocks=96, max_num_seqs=8, max_adapters=2, served_model_name="tiny")
+    # Serve's router probes a replica's queue before routing to it and, past this deadline (default 0.1 s),
+    # spills a multiplexed request to another replica; an overloaded 2-core CI box needs longer. Workers inherit
+    # the driver's environment.
+    saved = os.environ.get("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S")
+    os.environ["RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S"] = "1.0"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -90,11 +95,23 @@ def cluster(adapters: dict[str, Any]) -> Any:
         opts = RayOptions(min_replicas=2, max_replicas=2, target_ongoing_requests=32, replica_cpus=0.5,
                           max_models_per_replica=2)
         serve.run(build_app(settings, opts), name=APP, route_prefix="/")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+        answered = Counter()
+
+        def count(r: httpx.Response) -> None:  # completions a replica answered, to know when metrics caught up
+            if r.request.url.path == "/v1/completions" and r.headers.get(REPLICA_HEADER, "writer") != "writer":
+                answered["n"] += 1
+
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                          event_hooks={"response": [count]}) as c:
+            c.answered = answered  # type: ignore[attr-defined]
             yield c
     finally:
         serve.shutdown()
         ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", None)
+        else:
+            os.environ["RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S"] = saved
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +193,12 @@ def _metric(c: httpx.Client, name: str, **labels: str) -> dict[str, float]:
     return out
 
 
+def caught_up(c: httpx.Client) -> None:
+    """Wait until the merged metrics count every completion a replica has answered (replicas push each second)."""
+    wait_for(lambda: sum(_metric(c, "peftserve_http_requests_total", route="/v1/completions").values())
+             >= c.answered["n"], "the replicas' pushed metrics to count every answered completion")
+
+
 def cluster_get(c: httpx.Client, path: str) -> str:
     r = c.get(path)
     assert r.status_code == 200
@@ -200,10 +223,11 @@ def test_affinity_and_merged_metrics(cluster: httpx.Client, adapters: dict[str, 
         return stable
 
     wait_for(settled, "adapter placement to settle", timeout=120, poll=0)
-    # both replicas report: the merged /metrics has a replica label for each (event: the pushed counters)
-    wait_for(lambda: len(_metric(cluster, "peftserve_http_requests_total")) >= 2, "metrics from both replicas")
+    # both replicas report (the merged /metrics has a replica label for each) and count every completion
+    # answered so far: the pushed counters are current
+    caught_up(cluster)
+    assert len(_metric(cluster, "peftserve_http_requests_total")) >= 2
     loads_before = sum(_metric(cluster, "peftserve_adapter_loads_total", tier="device").values())
-    sent_before = sum(_metric(cluster, "peftserve_http_requests_total", route="/v1/completions").values())
 
     per = 10
     where: dict[str, Counter[str]] = {n: Counter() for n in names}
@@ -219,13 +243,15 @@ def test_affinity_and_merged_metrics(cluster: httpx.Client, adapters: dict[str, 
         top = where[n].most_common(1)[0][1]
         assert top / per >= 0.9, f"{n}: {dict(where[n])}"
     # every request counted, on the replica that answered it (merged metrics carry the replica label)
-    wait_for(lambda: sum(_metric(cluster, "peftserve_http_requests_total", route="/v1/completions").values())
-             >= sent_before + per * len(names), "the measured requests in the merged metrics")
+    caught_up(cluster)
     by_replica = _metric(cluster, "peftserve_http_requests_total", route="/v1/completions")
     assert set(by_replica) >= {r for w in where.values() for r in w}
     loads_after = sum(_metric(cluster, "peftserve_adapter_loads_total", tier="device").values())
-    # 4 adapters, 2 replicas x 2 slots, affinity: each replica keeps its two adapters resident
-    assert loads_after - loads_before <= 0.1 * per * len(names), (loads_before, loads_after)
+    # 4 adapters, 2 replicas x 2 slots: each replica keeps its two adapters resident, so the only slot loads are
+    # those of a request Serve spilled to the other replica (its home's queue probe timed out): at most two each
+    # (the spilled adapter in, and later the evicted one back)
+    spilled = sum(per - where[n].most_common(1)[0][1] for n in names)
+    assert loads_after - loads_before <= 2 * spilled, (loads_before, loads_after, {n: dict(where[n]) for n in names})
 
 
 def _both_replicas(c: httpx.Client, model: str, check: Any, what: str) -> dict[str, Any]:
