@@ -12,15 +12,12 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
-pytest.importorskip("ray", reason="the ray extra is part of make test's install")
-
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-from server.cli import main  # noqa: E402
-from server.config import Settings  # noqa: E402
-from server.ray.app import RayOptions, build, build_app  # noqa: E402
-from server.ray.metrics import merge_metrics  # noqa: E402
+from server.cli import main
+from server.config import Settings
+from server.ray.app import RayOptions, build, build_app  # needs the ray extra: make test installs it
+from server.ray.metrics import merge_metrics
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 

@@ -19,18 +19,16 @@ from typing import Any
 
 import httpx
 import pytest
+import ray  # the ray extra: make test installs it (no skip without it)
+from ray import serve
 
+from server.config import Settings
+from server.ray.app import NO_AFFINITY_HEADER, REPLICA_HEADER, RayOptions, build_app
 from tests.adapters import make_dora, make_ia3, make_lora, make_prompt_learning
 from tests.e2e.test_adapter_store_api import upload
 from tests.families.bottleneck_fixtures import adapter_dir, base_copy
 from tests.server_utils import free_port, live_server
 from tests.waits import wait_for
-
-ray = pytest.importorskip("ray", reason="the ray extra is part of make test's install")  # noqa: F841
-from ray import serve  # noqa: E402
-
-from server.config import Settings  # noqa: E402
-from server.ray.app import NO_AFFINITY_HEADER, REPLICA_HEADER, RayOptions, build_app  # noqa: E402
 
 APP = "peftserve"
 PROMPT = [10, 20, 30, 40, 50, 60, 70]
