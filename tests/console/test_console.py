@@ -448,7 +448,7 @@ def test_a_job_started_in_the_page_draws_its_loss_curve(console: Console) -> Non
     with httpx.Client(base_url=console.srv.url, headers=bearer(ADMIN), timeout=30) as c:
         events = c.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()["data"]
     data = [e.get("data") or {} for e in events]
-    assert sum(1 for e, d in zip(events, data) if e["type"] == "metrics" and "train_loss" in d) == 12
+    assert sum(1 for e, d in zip(events, data, strict=True) if e["type"] == "metrics" and "train_loss" in d) == 12
     train = [d for d in data if "step" in d and "train_loss" in d]  # what the page plots
     valid = [d for d in data if "step" in d and "valid_loss" in d]
     assert len(valid) == 4, valid  # after epochs 1-3 (checkpoints) and at the end

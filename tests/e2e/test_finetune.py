@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from server.train.dataset import render_chat_ids
-from tests.adapters import greedy, peft_model
+from tests.adapters import greedy, greedy_recompute, peft_model
 from tests.server_utils import LiveServer, live_server
 from tests.tiny import make_tiny_checkpoint
 from tests.waits import wait_for
@@ -107,6 +107,43 @@ def test_openai_client_trains_a_style_and_serves_it(server: LiveServer) -> None:
         assert greedy(ref, prompt, len(toks)) == toks, q
 
 
+@pytest.mark.parametrize("kind", ["PROMPT_TUNING", "PREFIX_TUNING"])
+def test_prompt_and_prefix_tuning_jobs_train_and_serve_what_peft_computes(server: LiveServer, kind: str) -> None:
+    """A prompt- or prefix-tuning job trains PEFT's own virtual tokens over the resident base; the stored adapter
+    changes the base's greedy answers, and the server's tokens equal PeftModel's over the saved dir."""
+    c = client(server)
+    f = c.files.create(file=("pt.jsonl", dataset(8)), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(
+        model=server.state.base_name, training_file=f.id, suffix=kind.split("_")[0].lower(), seed=1,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 2}}},
+        extra_body={"peft": {"type": kind, "num_virtual_tokens": 6}})
+    assert job.model_extra["peft"] == {"type": kind, "num_virtual_tokens": 6}
+    job = wait_job(c, job.id)
+    assert job.status == "succeeded", job.error
+    losses = [e.data["train_loss"] for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data
+              if e.type == "metrics" and "train_loss" in e.data][::-1]
+    assert len(losses) == 8 and sum(losses[4:]) < sum(losses[:4]), losses  # epoch 2 below epoch 1
+    path = server.state.store.path(job.fine_tuned_model)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == kind and cfg["num_virtual_tokens"] == 6
+    tok = server.state.tokenizer
+    prompts = [render_chat_ids(tok, [{"role": "user", "content": q}], add_generation_prompt=True)
+               for q in HELD_OUT[:3]]
+
+    def tokens(model: str, prompt: list[int]) -> list[int]:
+        r = httpx.post(server.url + "/v1/completions", timeout=60, json={
+            "model": model, "prompt": prompt, "max_tokens": 8, "min_tokens": 8, "temperature": 0,
+            "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["token_ids"]
+
+    tuned = [tokens(job.fine_tuned_model, p) for p in prompts]
+    assert tuned != [tokens(server.state.base_name, p) for p in prompts]  # the virtual tokens steer the model
+    ref = peft_model(server.state.settings.model, str(path))  # PEFT's forward over the prompt each step
+    for prompt, toks in zip(prompts, tuned, strict=True):
+        assert greedy_recompute(ref, prompt, len(toks), eos=tok.eos_token_id) == toks
+
+
 def test_training_aliases_the_resident_weights(server: LiveServer) -> None:
     """The HF model a job trains is built over the serving decoder's tensors: same storage, no copy."""
     from server.train.resident import build_resident_model, resident_tensor
@@ -171,6 +208,11 @@ def test_bad_job_requests(server: LiveServer) -> None:
         ({"model": base, "training_file": good.id,
           "hyperparameters": {"n_epochs": 0}}, 400, "hyperparameters.n_epochs 0"),
         ({"model": base, "training_file": good.id, "peft": {"r": 4096}}, 400, "peft.r 4096"),
+        ({"model": base, "training_file": good.id, "peft": {"type": "PROMPT_TUNING", "num_virtual_tokens": 0}},
+         400, "peft.num_virtual_tokens 0"),
+        ({"model": base, "training_file": good.id, "peft": {"type": "PREFIX_TUNING", "r": 8}}, 400,
+         "field 'r' does not apply to type PREFIX_TUNING"),
+        ({"model": base, "training_file": good.id, "peft": {"type": "IA3"}}, 400, "peft.type 'IA3'"),
     ]
     n_jobs = len(c.fine_tuning.jobs.list(limit=100).data)
     for body, status, msg in cases:
