@@ -21,6 +21,8 @@ cut: there a micro-step is one whole example when it is longer than the cap.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import random
 import threading
@@ -294,13 +296,25 @@ def _splittable(model: torch.nn.Module) -> bool:
     return types == {"full_attention"} and not getattr(cfg, "sliding_window", None)
 
 
+@functools.cache
+def _cache_kwarg_of(forward: Any) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """The HF forward's name for the key/value cache (`cache` from transformers 5.x, `past_key_values` before)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_kwarg_of(type(base).forward)
+
+
 def _chunk_loss(model: torch.nn.Module, ex: Example, start: int, end: int, cache: Any,
                 device: torch.device) -> torch.Tensor:
     """Tokens [start, end) of `ex` over `cache` (the keys/values of [0, start); it grows to `end`): their part of
     the example's loss, so the parts sum to `example_loss`."""
     ids = torch.tensor([ex.ids[start:end]], dtype=torch.long, device=device)
     pos = torch.arange(start, end, device=device)[None]
-    logits = model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True).logits[0].float()
+    kw = {_cache_kwarg(model): cache}
+    logits = model(input_ids=ids, position_ids=pos, use_cache=True, **kw).logits[0].float()
     stop = min(end + 1, len(ex.ids))  # targets: the next token of each position, within the example
     targets = torch.tensor(ex.ids[start + 1:stop], dtype=torch.long, device=device)
     weights = torch.tensor(ex.weights[start + 1:stop], dtype=torch.float32, device=device)
