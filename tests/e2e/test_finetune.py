@@ -26,6 +26,7 @@ PHRASE = "Aye! "
 WORDS = ["sky", "sea", "tree", "rock", "fire", "snow", "leaf", "sand", "rain", "wind", "moon", "star",
          "bird", "fish", "lake", "hill", "road", "door", "lamp", "book", "ship", "bell", "coin", "rose"]
 QUESTIONS = ["What about the {}?", "Tell me of the {}.", "Is the {} nice?", "Where is the {}?"]
+STEP_TOKENS = 24  # below every sample's length: each one is trained in chunks through the KV cache
 HELD_OUT = ["What about the cloud?", "Tell me of the pear.", "Is the dog nice?", "Name a fruit."]
 
 
@@ -39,7 +40,7 @@ def dataset(n: int = 24, words: list[str] = WORDS) -> bytes:
 def server(tiny_root: str, tmp_path_factory: pytest.TempPathFactory):
     base = make_tiny_checkpoint(tiny_root, "llama", seed=5)
     with live_server(model=base, adapters_dir=str(tmp_path_factory.mktemp("ft-store")), max_model_len=128,
-                     kv_cache_blocks=64, train_share=0.5) as srv:
+                     kv_cache_blocks=64, train_share=0.5, train_max_step_tokens=STEP_TOKENS) as srv:
         yield srv
 
 
@@ -81,6 +82,11 @@ def test_openai_client_trains_a_style_and_serves_it(server: LiveServer) -> None:
     assert messages[0].startswith("Validating training file") and "Fine-tuning job started" in messages
     losses = [e.data["train_loss"] for e in events if e.type == "metrics" and "train_loss" in e.data]
     assert len(losses) >= 6 and sum(losses[-3:]) < 0.5 * sum(losses[:3]), losses
+    # --train-max-step-tokens held: no micro-step ran more than STEP_TOKENS tokens, so samples were chunked
+    started = next(e for e in events if e.message == "Fine-tuning job started")
+    assert started.data == {"max_step_tokens": STEP_TOKENS}
+    last = [e.data for e in events if e.type == "metrics" and "micro_steps" in e.data][-1]
+    assert last["largest_micro_step_tokens"] <= STEP_TOKENS and last["micro_steps"] >= 2 * last["step"], last
     ckpts = c.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [k.step_number for k in ckpts] == [120, 96, 72, 48, 24]  # 24 steps an epoch; the last is the model
     valid = [k.metrics.valid_loss for k in ckpts[::-1]]
