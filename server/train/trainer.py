@@ -91,6 +91,7 @@ class Progress:
     losses: list[float] = field(default_factory=list)  # mean train loss of each optimizer step
     train_seconds: float = 0.0  # time spent in micro-steps on the engine thread
     largest_micro_tokens: int = 0  # most tokens one micro-step ran (at most max_step_tokens when splittable)
+    longest_micro_seconds: float = 0.0  # the longest one micro-step held the engine thread
 
 
 @dataclass
@@ -204,7 +205,9 @@ class Trainer:
             out = self._batch_loss / self._batch_len
             p.losses.append(out)
             p.step += 1
-        p.train_seconds += time.monotonic() - t0
+        took = time.monotonic() - t0
+        p.train_seconds += took
+        p.longest_micro_seconds = max(p.longest_micro_seconds, took)
         return out
 
     def _run(self, unit: _Unit, *, scale: float, grad: bool) -> float:
