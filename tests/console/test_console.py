@@ -510,3 +510,67 @@ def test_axe_finds_no_wcag_a_or_aa_violations(console: Console) -> None:
             found[screen] = result
     assert found == {}, json.dumps(found, indent=1)
     watch.check()
+
+
+def test_assistants_are_created_edited_and_deleted_in_the_page(console: Console) -> None:
+    base = console.srv.state.base_name
+    page, watch = console.open(ADMIN)
+    console.screen(page, "assistants")
+    page.wait_for_selector("#as-form:not([hidden])")
+    page.fill("#as-name", "page-bot")
+    page.select_option("#as-model", base)
+    page.fill("#as-instructions", "Answer in one word.")
+    page.fill("#as-temperature", "0.3")
+    page.fill("#as-max-tokens", "7")
+    page.click("#as-save")
+    wait_text(page, "#as-msg", lambda t: t == "Saved page-bot.", "the new assistant saved")
+    row = "#as-table tbody tr:has-text('page-bot')"
+    page.wait_for_selector(row)
+    api = httpx.Client(base_url=console.srv.url, headers=bearer(ADMIN), timeout=30)
+    got = api.get("/v1/assistants/page-bot").json()
+    assert (got["model"], got["instructions"], got["temperature"], got["max_tokens"]) == (
+        base, "Answer in one word.", 0.3, 7), got
+    # it is a model id now: the playground offers it
+    console.screen(page, "playground")
+    page.wait_for_selector('#pg-model-1 option[value="page-bot"]', state="attached")
+    console.screen(page, "assistants")
+    page.wait_for_selector(row)
+    # edit: the form is filled from the row; one field changed, the rest kept
+    page.click('button[aria-label="Edit page-bot"]')
+    assert page.input_value("#as-instructions") == "Answer in one word."
+    page.fill("#as-temperature", "0.9")
+    page.click("#as-save")
+    wait_text(page, "#as-msg", lambda t: t == "Saved page-bot.", "the edit saved")
+    got = api.get("/v1/assistants/page-bot").json()
+    assert (got["temperature"], got["instructions"], got["max_tokens"]) == (0.9, "Answer in one word.", 7), got
+    # delete asks first
+    page.click('button[aria-label="Delete page-bot"]')
+    page.wait_for_selector("#confirm-dialog[open]")
+    page.click("#confirm-ok")
+    page.wait_for_selector(row, state="detached")
+    assert api.get("/v1/assistants/page-bot").status_code == 404
+    api.close()
+    watch.check()
+
+
+def test_a_running_job_is_cancelled_from_the_page(console: Console) -> None:
+    rows = "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                            {"role": "assistant", "content": f"a{i}"}]}) + "\n" for i in range(200))
+    with httpx.Client(base_url=console.srv.url, headers=bearer(ADMIN), timeout=30) as api:
+        fid = api.post("/v1/files", files={"file": ("many.jsonl", rows.encode())},
+                       data={"purpose": "fine-tune"}).json()["id"]
+        job = api.post("/v1/fine_tuning/jobs", json={
+            "model": console.base, "training_file": fid, "suffix": "stopme",
+            "hyperparameters": {"n_epochs": 50, "batch_size": 1}}).json()  # 10000 steps: it runs until cancelled
+        page, watch = console.open(ADMIN)
+        console.screen(page, "fine-tuning")
+        row = f'#ft-jobs tr[data-job="{job["id"]}"]'
+        page.wait_for_selector(f'{row} td.job-state[data-state="running"]')
+        page.click(f'button[aria-label="Cancel {job["id"]}"]')
+        page.wait_for_selector("#confirm-dialog[open]")
+        page.click("#confirm-ok")
+        page.wait_for_selector(f'{row} td.job-state[data-state="cancelled"]')
+        got = api.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+        assert got["status"] == "cancelled" and got["fine_tuned_model"] is None
+        assert page.locator(f'{row} button').count() == 1  # only the job's id link: no Cancel on a final job
+    watch.check()
