@@ -16,7 +16,8 @@ leaf tensors, backward its loss together with the gradient that later chunks sen
 keys/values, and pass the leaves' gradient on to the chunks before it. So one micro-step is a forward (and
 backward) of at most `max_step_tokens` query tokens attending over at most max_model_len positions.
 Prompt- and prefix-tuning jobs (PEFT's own forward puts the virtual tokens in front) are packed but not
-cut: there a micro-step is one whole example when it is longer than the cap.
+cut: there a micro-step is one whole example when it is longer than the cap; so is an example longer than
+the model's sliding window (Mistral-style), which the full cache used here would not reproduce.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ class Trainer:
         self.hyper = hyper
         self.max_step_tokens = max_step_tokens
         self.virtual_tokens = virtual_tokens
-        self.can_split = can_split and _splittable(model)
+        self.can_split = can_split
+        self.window = getattr(getattr(model, "config", None), "sliding_window", None)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the adapter has no trainable parameters")
@@ -156,7 +158,8 @@ class Trainer:
         cap, units, pack, size = self.max_step_tokens, [], [], 0
         for ex in batch:
             n = len(ex.ids) + self.virtual_tokens
-            if n > cap and self.can_split:
+            # a sliding window shorter than the example would need a windowed cache: such examples are not cut
+            if n > cap and self.can_split and (not self.window or self.window >= len(ex.ids)):
                 if pack:
                     units.append(_Unit("whole", pack))
                     pack, size = [], 0
@@ -290,13 +293,6 @@ class Evaluation:
     @property
     def mean(self) -> float:
         return self.total / max(1, self.count)
-
-
-def _splittable(model: torch.nn.Module) -> bool:
-    """Chunking needs a plain full-attention key/value cache (no sliding window layers)."""
-    cfg = getattr(model, "config", None)
-    types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    return types == {"full_attention"} and not getattr(cfg, "sliding_window", None)
 
 
 @functools.cache

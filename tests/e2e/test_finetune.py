@@ -327,3 +327,7 @@ def test_cli_create_follow_ls_show_events_cancel(server: LiveServer, tmp_path, c
     assert f"HTTP 409: job {job_id} has already succeeded" in capsys.readouterr().err
     missing = tmp_path / "nope.jsonl"
     assert main(["finetune", "create", "--file", str(missing), "--suffix", "x", *url]) == 2
+    # --type / --virtual-tokens reach the job's peft object (here refused by the server, naming the field)
+    assert main(["finetune", "create", "--file", str(data), "--suffix", "pt", "--type", "PROMPT_TUNING",
+                 "--virtual-tokens", "0", *url]) == 1
+    assert "peft.num_virtual_tokens 0 must be an integer in [1, " in capsys.readouterr().err
