@@ -179,6 +179,7 @@ def main() -> None:
             row = {"cap": cap, "optimizer_steps": p.step, "micro_steps": p.micro,
                    "largest_micro_step_tokens": p.largest_micro_tokens,
                    "longest_micro_step_s": round(p.longest_micro_seconds, 3),
+                   "mean_micro_step_s": round(p.train_seconds / max(1, p.micro), 3),
                    "train_tokens_per_s_in_steps": round(p.trained_tokens / max(p.train_seconds, 1e-9), 1),
                    "sample_tokens": max(len(e.ids) for e in trainer.examples)}
             stop_job(ft, jid)
@@ -211,6 +212,8 @@ def main() -> None:
     out["rounds"] = rows
     for share in shares:
         ratios = sorted(r[f"share_{share}_ratio"] for r in rows)
+        if not ratios:
+            continue
         mid = len(ratios) // 2
         out[f"share_{share}_ratio_median"] = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
     out["loadavg_end"] = open("/proc/loadavg").read().split()[:3]

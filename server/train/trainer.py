@@ -233,10 +233,15 @@ class Trainer:
                     from transformers import DynamicCache
 
                     self._cache = DynamicCache()
+                if grad:  # only the cache is wanted: no logits beyond the last position
+                    self.model(input_ids=torch.tensor([ex.ids[unit.start:unit.end]], device=self.device),
+                               position_ids=torch.arange(unit.start, unit.end, device=self.device)[None],
+                               use_cache=True, logits_to_keep=1, **{_cache_kwarg(self.model): self._cache})
+                    return 0.0
                 loss = _chunk_loss(self.model, ex, unit.start, unit.end, self._cache, self.device)
                 if unit.end == len(ex.ids):  # evaluation's last chunk: the example is done
                     self._cache = None
-            return 0.0 if grad else float(loss)
+            return float(loss)
         return self._backward_chunk(ex, unit.start, unit.end, scale)
 
     def _backward_chunk(self, ex: Example, start: int, end: int, scale: float) -> float:
