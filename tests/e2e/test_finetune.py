@@ -26,7 +26,7 @@ PHRASE = "Aye! "
 WORDS = ["sky", "sea", "tree", "rock", "fire", "snow", "leaf", "sand", "rain", "wind", "moon", "star",
          "bird", "fish", "lake", "hill", "road", "door", "lamp", "book", "ship", "bell", "coin", "rose"]
 QUESTIONS = ["What about the {}?", "Tell me of the {}.", "Is the {} nice?", "Where is the {}?"]
-STEP_TOKENS = 24  # below every sample's length: each one is trained in chunks through the KV cache
+STEP_TOKENS = 32  # below every sample's length (~45-60 tokens): each is trained in 2 chunks through the KV cache
 HELD_OUT = ["What about the cloud?", "Tell me of the pear.", "Is the dog nice?", "Name a fruit."]
 
 
