@@ -3,8 +3,8 @@
 States: validating_files → queued → running → succeeded | failed | cancelled. One worker thread runs the
 queue; a job's micro-steps (at most `--train-max-step-tokens` tokens each, validation included) run on the
 engine thread (`server.train.trainer`). The adapter is LoRA/DoRA, or PEFT's prompt or prefix tuning.
-The result, and a checkpoint at the end of every epoch but the last, go through `AdapterStore.add` (the same validation as an upload) and
-are served at once as `ft:<base>:<suffix>:<job>` (checkpoints: `...:ckpt-step-N`).
+The result, and a checkpoint at the end of every epoch but the last, go through `AdapterStore.add` (the same
+validation as an upload) and are served at once as `ft:<base>:<suffix>:<job>` (checkpoints: `...:ckpt-step-N`).
 
 Shutdown and crashes: a job running when the server stops is marked failed (code `server_shutdown`); one found
 `running` at start-up (the process was killed) is marked failed (code `server_restarted`). Its checkpoints stay
