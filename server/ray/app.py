@@ -112,19 +112,26 @@ def _settings(values: dict[str, Any], **override: Any) -> Any:
     return Settings(**{**values, **override})
 
 
-def _start_state(settings: Any) -> tuple[Any, Any]:
+def _start_state(settings: Any, fine_tuning: bool = False) -> tuple[Any, Any]:
+    """What the app's lifespan would start: the engine (and, on the writer, the fine-tuning worker)."""
     from server.api.app import create_app
     from server.api.state import build_state
 
     state = build_state(settings)
     app = create_app(state)
     state.engine.start()
+    if not fine_tuning:
+        state.finetune = None  # jobs run on the writer, where the trained adapter lands in the store
+    elif state.finetune is not None:
+        state.finetune.start()
     return state, app
 
 
 def _stop_state(state: Any) -> None:
-    from server.shutdown import shutdown_error
+    from server.shutdown import FINAL_GRACE_S, shutdown_error
 
+    if state.finetune is not None:
+        state.finetune.shutdown(timeout=FINAL_GRACE_S)
     state.engine.abort_all(shutdown_error(0))
     state.engine.stop(timeout=5)
 
@@ -148,7 +155,7 @@ class StoreWriter:
         s = _settings(settings, device="cpu", kv_cache_blocks=max(64, (settings.get("max_model_len") or 512)
                                                                    // settings.get("block_size", 16) + 2),
                       max_num_seqs=1, max_batch_tokens=max(1, settings.get("max_batch_tokens", 2048)))
-        self.state, self.app = _start_state(s)
+        self.state, self.app = _start_state(s, fine_tuning=True)
         self.reports: dict[str, tuple[float, str]] = {}
 
     def base_name(self) -> str:
@@ -391,6 +398,10 @@ class Ingress:
         mid = None
         if request.method == "POST" and p in GENERATE_PATHS:
             fwd["want"], mid = self._want(body)
+            if any(w is None for w in fwd["want"].values()):
+                # a name the catalogue lacks: an adapter a fine-tuning job (or another ingress) just stored?
+                await self._refresh()
+                fwd["want"], mid = self._want(body)
             if not self.affinity or request.headers.get(NO_AFFINITY_HEADER) == "1":
                 mid = None
         opts: dict[str, Any] = {"stream": True}
