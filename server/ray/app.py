@@ -150,11 +150,10 @@ class StoreWriter:
     """The one writer of the adapter store, and the catalogue every replica fetches from."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        # Validation needs the model's shapes, so the writer loads the base too (on CPU, a small KV cache:
-        # it serves no generation traffic).
-        s = _settings(settings, device="cpu", kv_cache_blocks=max(64, (settings.get("max_model_len") or 512)
-                                                                   // settings.get("block_size", 16) + 2),
-                      max_num_seqs=1, max_batch_tokens=max(1, settings.get("max_batch_tokens", 2048)))
+        # Validation needs the model's shapes, so the writer loads the base too, on CPU with the CPU default KV
+        # cache (room for a few max_model_len sequences, not a GPU-sized --kv-cache-blocks): it serves no
+        # generation traffic, only fine-tuning jobs.
+        s = _settings(settings, device="cpu", kv_cache_blocks=None, max_num_seqs=1)
         self.state, self.app = _start_state(s, fine_tuning=True)
         self.reports: dict[str, tuple[float, str]] = {}
 
