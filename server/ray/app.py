@@ -171,6 +171,12 @@ class StoreWriter:
             out[name] = [e.version, rec.get("sha256")] if e.stored else "static"
         return out
 
+    def assistants(self) -> dict[str, Any]:
+        """name -> the assistant's row (a replica mirrors it before it serves a request naming it)."""
+        if self.state.assistants is None:
+            return {}
+        return {a.name: asdict(a) for a in self.state.assistants.store.list()}
+
     def fetch(self, name: str, version: int) -> dict[str, Any]:
         """The files of (name, version), its sha256 and record; travels through Ray's object store."""
         from adapters_store.loader import KNOWN_FILES
@@ -278,9 +284,27 @@ class Replica:
         os.rename(tmp, final)
         return final
 
+    def _mirror_assistant(self, name: str, row: dict[str, Any] | None) -> None:
+        """Make this replica's copy of assistant `name` the writer's row (None: it no longer exists)."""
+        from adapters_store.assistants import Assistant
+
+        if self.state.assistants is None:
+            return
+        store = self.state.assistants.store
+        have = store.get(name)
+        if row is None:
+            if have is not None and have.name == name:
+                store.delete(have.id)
+            return
+        want = Assistant(**row)
+        if have != want:
+            store.mirror(want)
+
     async def http(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any] | bytes]:
         want: dict[str, Any] = req.get("want") or {}
         try:
+            for name, row in (req.get("assistants") or {}).items():
+                self._mirror_assistant(name, row)
             for name, w in want.items():
                 await self._ensure(name, w)
             model_id = serve.get_multiplexed_model_id()
@@ -342,22 +366,34 @@ class Ingress:
     async def __init__(self, replica: DeploymentHandle, writer: DeploymentHandle, affinity: bool = True) -> None:
         self.replica, self.writer, self.affinity = replica, writer, affinity
         self.base_name = await writer.base_name.remote()
-        self.catalog: dict[str, Any] = await writer.catalog.remote()
+        self.catalog: dict[str, Any] = {}
+        self.assistants: dict[str, Any] = {}  # name -> the writer's row
+        await self._refresh()
         self.retried = 0
 
     async def _refresh(self) -> None:
-        self.catalog = await self.writer.catalog.remote()
+        self.catalog, self.assistants = await asyncio.gather(self.writer.catalog.remote(),
+                                                             self.writer.assistants.remote())
 
-    def _want(self, body: bytes) -> tuple[dict[str, Any], str | None]:
-        """The adapters a generate request names (model, adapters[].name) -> what each must be."""
+    def _assistant(self, model: Any) -> tuple[dict[str, Any], Any]:
+        """For a model id that is no adapter and not the base: {model: its assistant row, or None}, and the
+        model the assistant stands for (its adapter, or the base)."""
+        if not isinstance(model, str) or not model or model == self.base_name or model in self.catalog:
+            return {}, model
+        row = self.assistants.get(model)
+        return {model: row}, (row["model"] if row is not None else model)
+
+    def _want(self, body: bytes) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
+        """The adapters a generate request names (model, adapters[].name) -> what each must be; the
+        multiplexed id; the assistant it names ({name: row or None}), which the replica mirrors first."""
         try:
             data = json.loads(body)
         except ValueError:
-            return {}, None
+            return {}, None, {}
         if not isinstance(data, dict):
-            return {}, None
+            return {}, None, {}
         names: list[str] = []
-        model = data.get("model")
+        assistant, model = self._assistant(data.get("model"))
         if isinstance(model, str) and model and model != self.base_name:
             names.append(model)
         for a in data.get("adapters") or []:
@@ -369,7 +405,7 @@ class Ingress:
             mid = f"{model}@{want[model][0]}"
         elif isinstance(model, str) and want.get(model) == "static":
             mid = model
-        return want, mid
+        return want, mid, assistant
 
     @ingress_app.get("/health")
     async def health(self) -> dict[str, str]:
@@ -396,11 +432,12 @@ class Ingress:
             return resp
         mid = None
         if request.method == "POST" and p in GENERATE_PATHS:
-            fwd["want"], mid = self._want(body)
+            fwd["want"], mid, fwd["assistants"] = self._want(body)
             if any(w is None for w in fwd["want"].values()):
-                # a name the catalogue lacks: an adapter a fine-tuning job (or another ingress) just stored?
+                # a name the catalogue lacks: an adapter a fine-tuning job (or another ingress) just stored, or
+                # an assistant created through another ingress?
                 await self._refresh()
-                fwd["want"], mid = self._want(body)
+                fwd["want"], mid, fwd["assistants"] = self._want(body)
             if not self.affinity or request.headers.get(NO_AFFINITY_HEADER) == "1":
                 mid = None
         opts: dict[str, Any] = {"stream": True}

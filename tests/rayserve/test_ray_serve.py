@@ -179,6 +179,45 @@ def test_same_answers_as_single_process(cluster: httpx.Client, reference: httpx.
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
 
 
+def _chat(c: httpx.Client, model: str, affinity: bool = True, **kw: Any) -> httpx.Response:
+    return c.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}],
+                                                "max_tokens": N, "min_tokens": N, "return_token_ids": True, **kw},
+                  headers={} if affinity else {NO_AFFINITY_HEADER: "1"})
+
+
+def test_assistants_through_the_ingress(cluster: httpx.Client, reference: httpx.Client,
+                                        adapters: dict[str, Any]) -> None:
+    """An assistant created through the ingress answers on both replicas as the single server's twin does
+    (its instructions and defaults applied: same prompt and tokens); an edit reaches every replica before
+    the PATCH returns; after a delete both replicas answer 404."""
+    for c in (cluster, reference):
+        if upload(c, "asst-lora", _files(adapters["dirs"]["lora"])).status_code != 201:
+            raise AssertionError("upload failed")
+        r = c.post("/v1/assistants", json={"name": "helper", "model": "asst-lora", "instructions": "Be brief.",
+                                           "temperature": 0})
+        assert r.status_code == 200, r.text
+    ref = _chat(reference, "helper").json()
+    plain = _chat(reference, "asst-lora", temperature=0).json()
+    assert ref["prompt_token_ids"] != plain["prompt_token_ids"], "the instructions must reach the prompt"
+    send = lambda: _chat(cluster, "helper", affinity=False)
+    got = _both_replicas(cluster, "helper", lambda r: r.json(), "the assistant answered on both", send=send)
+    for body in got.values():
+        assert body["prompt_token_ids"] == ref["prompt_token_ids"], body
+        assert body["choices"][0]["token_ids"] == ref["choices"][0]["token_ids"]
+    assert "helper" in {m["id"] for m in cluster.get("/v1/models").json()["data"]}
+    for c in (cluster, reference):
+        r = c.patch("/v1/assistants/helper", json={"instructions": "Answer in French."})
+        assert r.status_code == 200, r.text
+    ref2 = _chat(reference, "helper").json()
+    assert ref2["prompt_token_ids"] != ref["prompt_token_ids"]
+    for body in _both_replicas(cluster, "helper", lambda r: r.json(), "the edited assistant", send=send).values():
+        assert body.get("prompt_token_ids") == ref2["prompt_token_ids"], body  # never the old instructions
+    assert cluster.delete("/v1/assistants/helper").status_code == 200
+    gone = _both_replicas(cluster, "helper", lambda r: (r.status_code, r.json()["error"]["param"]),
+                          "404 after the delete", send=send)
+    assert set(gone.values()) == {(404, "model")}, gone
+
+
 def _metric(c: httpx.Client, name: str, **labels: str) -> dict[str, float]:
     """{replica: value} of the samples of `name` that carry `labels` (ingress /metrics, merged)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -252,12 +291,13 @@ def test_affinity_and_merged_metrics(cluster: httpx.Client, adapters: dict[str, 
     assert loads_after - loads_before <= 2 * spilled, (loads_before, loads_after, {n: dict(where[n]) for n in names})
 
 
-def _both_replicas(c: httpx.Client, model: str, check: Any, what: str) -> dict[str, Any]:
-    """Send default-routed requests until both replicas have answered (deadline); check every answer."""
+def _both_replicas(c: httpx.Client, model: str, check: Any, what: str, send: Any = None) -> dict[str, Any]:
+    """Send default-routed requests (`send()`, default a completion) until both replicas have answered
+    (deadline); {replica: check(its latest answer)}."""
     seen: dict[str, Any] = {}
 
     def done() -> bool:
-        r = complete(c, model, affinity=False)
+        r = send() if send is not None else complete(c, model, affinity=False)
         seen[r.headers[REPLICA_HEADER]] = check(r)
         return len(seen) >= 2
 
