@@ -8,6 +8,7 @@ response id, whether a stream was cut short) it leaves on `request.state` (serve
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -54,6 +55,10 @@ def is_upload_route(method: str, path: str) -> bool:
     if method == "POST" and path == "/v1/files":
         return True
     return method in ("POST", "PUT") and (path == "/v1/adapters" or path.startswith("/v1/adapters/"))
+
+
+class _StreamRevoked(OSError):
+    """Raised from send(): Starlette treats an OSError while streaming as the client gone."""
 
 
 class _BodyTooLarge(HTTPException):
@@ -162,15 +167,27 @@ class _Exchange:
         self.too_large = False
         self.swallow = False  # drop the app's own response: a 413 went out instead
         self.error: str | None = None
+        self.admission: Any = None  # server.tenants.service.Admission, when the server has tenants
+        self.cut = False  # a stream cut because its key was revoked
 
     async def run(self) -> None:
         mw = self.mw
-        denied = mw.auth_error(self.method, self.path, self.headers)
-        if denied is not None:
-            status, msg = denied
-            code = "invalid_api_key" if status == 401 else "admin_key_required"
-            await self._reply(status, msg, code, {"www-authenticate": "Bearer"} if status == 401 else None)
-            return
+        tenants = getattr(mw.state, "tenants", None)
+        if tenants is not None:  # tenant keys, scopes and quotas; bootstrap keys through auth_error as before
+            self.admission = await tenants.admit(
+                self.scope, self.method, self.path, _bearer(self.headers.get("authorization", "")),
+                lambda: mw.auth_error(self.method, self.path, self.headers), self.generation)
+            d = self.admission.denied
+            if d is not None:
+                await self._reply(d.status, d.message, d.code, d.headers or None)
+                return
+        else:
+            denied = mw.auth_error(self.method, self.path, self.headers)
+            if denied is not None:
+                status, msg = denied
+                code = "invalid_api_key" if status == 401 else "admin_key_required"
+                await self._reply(status, msg, code, {"www-authenticate": "Bearer"} if status == 401 else None)
+                return
         length = self._content_length()
         if length is not None and length > self.body_limit:
             await self._reply(413, self._too_large_msg(f"{length} bytes"), "request_too_large",
@@ -192,6 +209,9 @@ class _Exchange:
             await self._reply(413, self._too_large_msg(f"more than {self.body_limit} bytes"), "request_too_large",
                               {"connection": "close"}, log=False)
         except BaseException as e:
+            if self.cut and not isinstance(e, asyncio.CancelledError):  # the revoked key's stream was ended
+                self.error = "key revoked while streaming"
+                return
             self.error = repr(e)
             if not self.status:
                 self.status = 500
@@ -221,8 +241,20 @@ class _Exchange:
             await self._reply(413, self._too_large_msg(f"more than {self.body_limit} bytes"), "request_too_large",
                               {"connection": "close"}, log=False)
             self.swallow = True
+        if self.admission is not None and msg["type"] == "http.response.body" and msg.get("more_body") \
+                and not self.swallow and self.admission.revoked():
+            await self._cut_revoked()
         if not self.swallow:
             await self._forward(msg)
+
+    async def _cut_revoked(self) -> None:
+        """A stream whose key was revoked ends at its next chunk: one error event, no [DONE], and the
+        generation stops (the app sees the client gone)."""
+        err = error_body(401, f"key {self.admission.key_id} was revoked; the stream ends here", code="key_revoked")
+        await self._forward({"type": "http.response.body", "body": f"data: {json.dumps(err)}\n\n".encode(),
+                             "more_body": False})
+        self.swallow = self.cut = True
+        raise _StreamRevoked("key revoked")
 
     async def _forward(self, msg: Message) -> None:
         if msg["type"] == "http.response.start":
@@ -292,6 +324,10 @@ class _Exchange:
             record["response_id"] = ctx.response_id
         if self.error:
             record["error"] = self.error
+        if self.admission is not None:  # the key's id, never the key
+            record["key_id"] = self.admission.key_id
+            self.admission.finish(ctx.prompt_tokens if ctx is not None else None,
+                                  ctx.completion_tokens if ctx is not None else None)
         assistants.observe(state, self.scope, status, record)
         level = logging.DEBUG if self.path in QUIET_PATHS else logging.INFO
         request_log.log(level, json.dumps(record))
