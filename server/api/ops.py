@@ -57,10 +57,6 @@ def is_upload_route(method: str, path: str) -> bool:
     return method in ("POST", "PUT") and (path == "/v1/adapters" or path.startswith("/v1/adapters/"))
 
 
-class _StreamRevoked(OSError):
-    """Raised from send(): Starlette treats an OSError while streaming as the client gone."""
-
-
 class _BodyTooLarge(HTTPException):
     """Raised from receive(); FastAPI re-raises HTTPException from body parsing, the handler renders 413."""
 
@@ -169,6 +165,7 @@ class _Exchange:
         self.error: str | None = None
         self.admission: Any = None  # server.tenants.service.Admission, when the server has tenants
         self.cut = False  # a stream cut because its key was revoked
+        self._cut_event: asyncio.Event | None = None
 
     async def run(self) -> None:
         mw = self.mw
@@ -209,9 +206,6 @@ class _Exchange:
             await self._reply(413, self._too_large_msg(f"more than {self.body_limit} bytes"), "request_too_large",
                               {"connection": "close"}, log=False)
         except BaseException as e:
-            if self.cut and not isinstance(e, asyncio.CancelledError):  # the revoked key's stream was ended
-                self.error = "key revoked while streaming"
-                return
             self.error = repr(e)
             if not self.status:
                 self.status = 500
@@ -225,7 +219,7 @@ class _Exchange:
     async def receive(self) -> Message:
         if self.too_large:
             raise self._too_large_exc()
-        msg = await self._receive()
+        msg = await self._receive_or_cut()
         if msg["type"] == "http.request":
             chunk = msg.get("body", b"")
             self.body_seen += len(chunk)
@@ -233,6 +227,26 @@ class _Exchange:
                 self.too_large = True
                 raise self._too_large_exc()
         return msg
+
+    async def _receive_or_cut(self) -> Message:
+        """The client's next message; for a tenant key's request, a revocation cut also ends the wait (as a
+        disconnect, which stops a streaming response's generation)."""
+        adm = self.admission
+        if adm is None or adm.principal is None or adm.principal.bootstrap:
+            return await self._receive()
+        if self.cut:
+            return {"type": "http.disconnect"}
+        if self._cut_event is None:
+            self._cut_event = asyncio.Event()
+        recv = asyncio.ensure_future(self._receive())
+        cut = asyncio.ensure_future(self._cut_event.wait())
+        try:
+            await asyncio.wait({recv, cut}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut.cancel()
+            if not recv.done():
+                recv.cancel()
+        return recv.result() if recv.done() and not recv.cancelled() else {"type": "http.disconnect"}
 
     async def send(self, msg: Message) -> None:
         if self.too_large and not self.started:
@@ -249,12 +263,14 @@ class _Exchange:
 
     async def _cut_revoked(self) -> None:
         """A stream whose key was revoked ends at its next chunk: one error event, no [DONE], and the
-        generation stops (the app sees the client gone)."""
+        generation stops (receive() tells the app the client is gone)."""
         err = error_body(401, f"key {self.admission.key_id} was revoked; the stream ends here", code="key_revoked")
         await self._forward({"type": "http.response.body", "body": f"data: {json.dumps(err)}\n\n".encode(),
                              "more_body": False})
         self.swallow = self.cut = True
-        raise _StreamRevoked("key revoked")
+        self.error = "key revoked while streaming"
+        if self._cut_event is not None:
+            self._cut_event.set()
 
     async def _forward(self, msg: Message) -> None:
         if msg["type"] == "http.response.start":

@@ -17,26 +17,33 @@ from dataclasses import dataclass
 
 
 class TokenBucket:
+    """Levels are kept in sixtieths of a token (tokens x 60), so whole seconds of refill add whole units and a
+    wait computed from them is exact."""
+
     def __init__(self, per_minute: int, clock: Callable[[], float]) -> None:
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
+        self.capacity = per_minute
         self.clock = clock
-        self.level = self.capacity
+        self.level60 = float(per_minute * 60)
         self.at = clock()
 
     def _refill(self) -> None:
         now = self.clock()
-        self.level = min(self.capacity, self.level + (now - self.at) * self.rate)
+        self.level60 = min(self.capacity * 60.0, self.level60 + (now - self.at) * self.capacity)
         self.at = now
 
-    def wait_for(self, n: float = 1.0) -> float:
+    def wait_for(self, n: int = 1) -> float:
         """Seconds until the bucket holds `n` tokens (0: it does now)."""
         self._refill()
-        return 0.0 if self.level >= n else (n - self.level) / self.rate
+        short = n * 60 - self.level60
+        return 0.0 if short <= 0 else short / self.capacity
 
-    def take(self, n: float) -> None:
+    def take(self, n: int) -> None:
         self._refill()
-        self.level -= n
+        self.level60 -= n * 60
+
+
+def _seconds(wait: float) -> int:
+    return max(1, math.ceil(wait - 1e-9))
 
 
 @dataclass(frozen=True)
@@ -69,13 +76,13 @@ class KeyLimiter:
                 wait = self.tokens.wait_for(1)
                 if wait > 0:
                     return Refusal("tokens_per_minute", f"key {self.key_id} used its tokens_per_minute limit of "
-                                   f"{int(self.tokens.capacity)} (prompt + generated tokens); retry in "
-                                   f"{math.ceil(wait)} s", math.ceil(wait))
+                                   f"{self.tokens.capacity} (prompt + generated tokens); retry in "
+                                   f"{_seconds(wait)} s", _seconds(wait))
             if self.requests is not None:
                 wait = self.requests.wait_for(1)
                 if wait > 0:
                     return Refusal("requests_per_minute", f"key {self.key_id} used its requests_per_minute limit "
-                                   f"of {int(self.requests.capacity)}; retry in {math.ceil(wait)} s", math.ceil(wait))
+                                   f"of {self.requests.capacity}; retry in {_seconds(wait)} s", _seconds(wait))
                 self.requests.take(1)
             self.in_flight += 1
             return None

@@ -253,11 +253,13 @@ class Tenants:
 
     def _owner(self, kind: str, name: str) -> tuple[str, str | None]:
         """(tenant, key id) owning a resource; the default tenant's when it has no row."""
-        o = self.keys.owner(kind, name)
-        if o is None and kind == "adapter" and name.startswith("ft:"):
+        o = None
+        if kind == "adapter" and name.startswith("ft:"):
             m = _FT_SUFFIX.search(name)  # a fine-tuned model or checkpoint belongs to its job's owner
             if m is not None:
                 o = self.keys.owner("jobsfx", m.group(1))
+        if o is None:
+            o = self.keys.owner(kind, name)
         return o if o is not None else (DEFAULT_TENANT, None)
 
     def sees_adapter(self, p: Principal | None, name: str) -> bool:
