@@ -6,6 +6,14 @@ Without --url it starts its own server (the built-in demo model, or --model) on 
 port, uploads LoRA, prefix-tuning and prompt-tuning adapters made with `peft`, runs the load, and
 stops the server. It prints throughput, latency percentiles, error counts by status, and the KV
 cache / adapter state (from /metrics) before and after.
+
+Tenants (issue 21): `--tenants "alpha:rpm=30,bravo:tpm=2000,charlie"` gives each tenant its own key (with
+those quotas; `conc=N` and `storage=N` too) and `--clients` clients of its own. The last tenant first runs
+alone (the paired baseline), then all tenants run at once; it prints requests, 200s, 429s and p50/p99 per
+tenant, and the last tenant's p50/p99 together over alone. Refused clients pause 50 ms and send again (they do
+not wait for Retry-After: the adversarial case).
+
+    .venv/bin/python -m bench.load --tenants "alpha:rpm=20,bravo:tpm=600,charlie" --clients 2 --seconds 20
 """
 
 from __future__ import annotations
@@ -60,12 +68,12 @@ def make_adapters(model_dir: str, out: str, k: int) -> dict[str, str]:
     return dirs
 
 
-def start_server(model: str | None, adapters_dir: str) -> tuple[subprocess.Popen, str]:
+def start_server(model: str | None, adapters_dir: str, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--adapters-dir", adapters_dir,
-           "--max-model-len", "512", "--log-level", "warning"] + (["--model", model] if model else [])
+           "--max-model-len", "512", "--log-level", "warning"] + (["--model", model] if model else []) + (extra or [])
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -108,6 +116,9 @@ async def run_load(url: str, models: list[str], clients: int, seconds: float, ma
                     latencies.append(time.monotonic() - t0)
             except httpx.HTTPError as e:
                 statuses[type(e).__name__] += 1
+                continue
+            if r.status_code == 429:
+                await asyncio.sleep(0.05)
 
     t0 = time.monotonic()
     async with httpx.AsyncClient(base_url=url, timeout=120, headers=headers) as ac:
@@ -122,6 +133,68 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
+LIMIT_KEYS = {"rpm": "requests_per_minute", "tpm": "tokens_per_minute", "conc": "concurrent_requests",
+              "storage": "storage_bytes"}
+TENANT_ADMIN = "bench-admin-key"
+
+
+def parse_tenants(spec: str) -> list[tuple[str, dict[str, int]]]:
+    """"alpha:rpm=30:tpm=900,bravo" -> [("alpha", {"requests_per_minute": 30, ...}), ("bravo", {})]."""
+    out = []
+    for item in spec.split(","):
+        name, *limits = item.strip().split(":")
+        lim = {}
+        for x in limits:
+            k, _, v = x.partition("=")
+            if k not in LIMIT_KEYS or not v.isdigit():
+                raise SystemExit(f"--tenants {spec!r}: {x!r} is not one of {', '.join(f'{k}=N' for k in LIMIT_KEYS)}")
+            lim[LIMIT_KEYS[k]] = int(v)
+        out.append((name, lim))
+    return out
+
+
+def run_tenants(url: str, admin_key: str, tenants: list[tuple[str, dict[str, int]]], args: argparse.Namespace) -> dict:
+    """Keys per tenant; the last tenant alone (baseline), then every tenant at once; figures per tenant."""
+    with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {admin_key}"}) as c:
+        keys = {}
+        for name, lim in tenants:
+            r = c.post("/v1/keys", json={"tenant": name, "scopes": ["infer"], "adapters": ["*"], "limits": lim})
+            r.raise_for_status()
+            keys[name] = r.json()["key"]
+        models = [m["id"] for m in c.get("/v1/models").json()["data"]]
+
+    def load(name: str, seed: int) -> object:
+        return run_load(url, models, args.clients, args.seconds, args.max_tokens, keys[name], args.max_requests, seed)
+
+    def row(res: tuple) -> dict:
+        lat, st, tok, dt = res
+        return {"requests": sum(st.values()), "ok": st.get(200, 0), "refused_429": st.get(429, 0),
+                "other": sum(v for k, v in st.items() if k not in (200, 429)), "p50_s": pct(lat, 50),
+                "p99_s": pct(lat, 99), "generated_tok_per_s": tok / dt}
+
+    last = tenants[-1][0]
+    alone = row(asyncio.run(load(last, args.seed)))
+
+    async def together() -> list:
+        return await asyncio.gather(*(load(n, args.seed + i) for i, (n, _) in enumerate(tenants)))
+
+    rows = {n: row(r) for (n, _), r in zip(tenants, asyncio.run(together()), strict=True)}
+    print(f"loadavg: {open('/proc/loadavg').read().split()[:3]}  clients per tenant: {args.clients}, "
+          f"{args.seconds:g} s per run, max_tokens <= {args.max_tokens}")
+    print(f"{'tenant':<10} {'limits':<34} {'requests':>8} {'200':>5} {'429':>6} {'p50 ms':>8} {'p99 ms':>8}")
+    for n, lim in tenants:
+        r = rows[n]
+        lims = ",".join(f"{k}={v}" for k, v in lim.items()) or "none"
+        print(f"{n:<10} {lims:<34} {r['requests']:>8} {r['ok']:>5} {r['refused_429']:>6} {r['p50_s'] * 1000:>8.0f} "
+              f"{r['p99_s'] * 1000:>8.0f}")
+    print(f"{last + ' alone':<10} {'(paired baseline)':<34} {alone['requests']:>8} {alone['ok']:>5} "
+          f"{alone['refused_429']:>6} {alone['p50_s'] * 1000:>8.0f} {alone['p99_s'] * 1000:>8.0f}")
+    ratio50, ratio99 = rows[last]["p50_s"] / alone["p50_s"], rows[last]["p99_s"] / alone["p99_s"]
+    print(f"{last}: together / alone  p50 {ratio50:.2f}  p99 {ratio99:.2f}")
+    return {"tenants": {n: {"limits": lim, **rows[n]} for n, lim in tenants}, "alone": {last: alone},
+            "ratio_p50": ratio50, "ratio_p99": ratio99, "models": models}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="a running server (default: start one here)")
@@ -134,7 +207,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write the figures here as JSON")
+    ap.add_argument("--tenants", help="NAME[:rpm=N][:tpm=N][:conc=N],...: one key per tenant (see above)")
     args = ap.parse_args()
+    tenants = parse_tenants(args.tenants) if args.tenants else None
     if args.url and not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
         raise SystemExit("--url must be a loopback address: this tool only loads servers on this machine")
 
@@ -147,13 +222,21 @@ def main() -> int:
             from server.model.default_model import ensure_demo_model
 
             model = args.model or ensure_demo_model()
-            proc, url = start_server(model, os.path.join(tmp.name, "store"))
-            with httpx.Client(base_url=url, timeout=120) as c:
+            extra = ["--admin-key", TENANT_ADMIN] if tenants else []
+            proc, url = start_server(model, os.path.join(tmp.name, "store"), extra)
+            with httpx.Client(base_url=url, timeout=120,
+                              headers={"Authorization": f"Bearer {TENANT_ADMIN}"} if tenants else {}) as c:
                 for name, d in make_adapters(model, tmp.name, args.adapters).items():
                     files = [("files", (f, open(os.path.join(d, f), "rb").read()))
                              for f in ("adapter_config.json", "adapter_model.safetensors")]
                     r = c.post("/v1/adapters", data={"name": name}, files=files)
                     r.raise_for_status()
+        if tenants:
+            figures = run_tenants(url, args.key or TENANT_ADMIN, tenants, args)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"args": vars(args), **figures}, f, indent=2)
+            return 0
         with httpx.Client(base_url=url, timeout=60,
                           headers={"Authorization": f"Bearer {args.key}"} if args.key else {}) as c:
             models = [m["id"] for m in c.get("/v1/models").json()["data"]]

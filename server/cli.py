@@ -14,6 +14,7 @@ from server.client import add_adapter_commands
 from server.config import ArgParser, SettingsError, add_serve_args, settings_from_args
 from server.evals.cli import add_eval_command
 from server.finetune_cli import add_finetune_commands
+from server.keys_cli import add_key_commands
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_commands(sub)
     add_assistant_commands(sub)
     add_eval_command(sub)
+    add_key_commands(sub)
     return p
 
 

@@ -451,3 +451,26 @@ def test_threads_share_one_key_without_losing_counts(srv: LiveServer, admin: htt
     settled(srv, k["id"])
     with srv.client(headers=bearer(k["key"])) as c:
         assert c.get("/v1/usage").json()["data"][0]["requests"] == 20
+
+
+def test_cli_keys_create_ls_rm_and_usage(srv: LiveServer, capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main
+
+    conn = ["--url", srv.url, "--key", ADMIN]
+    assert main(["keys", "create", "foxtrot", "--name", "ci", "--scope", "infer", "--rpm", "5", *conn]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("psk_")
+    kid = key.split("_")[1]
+    assert main(["keys", "ls", *conn]) == 0
+    out = capsys.readouterr().out
+    assert kid in out and "requests_per_minute=5" in out and key not in out
+    with srv.client(headers=bearer(key)) as c:
+        assert c.get("/v1/models").status_code == 200
+    settled(srv, kid)
+    assert main(["usage", "--url", srv.url, "--key", key]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["requests"] == 1
+    assert main(["keys", "rm", kid, *conn]) == 0
+    assert main(["keys", "rm", kid, *conn]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    with srv.client(headers=bearer(key)) as c:
+        assert c.get("/v1/models").status_code == 401
