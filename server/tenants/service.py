@@ -48,6 +48,8 @@ def required_scope(method: str, path: str) -> str | None:
     """The scope a tenant key needs for this route; None: any valid key (reads are filtered per key)."""
     if path == "/v1/keys" or path.startswith("/v1/keys/") or path == "/v1/evals" or path.startswith("/v1/evals/"):
         return "admin"
+    if path == "/v1/load_lora_adapter":  # reads the operator's server-side directories
+        return "admin"
     if path in GENERATION_PATHS:
         return "infer"
     if path.startswith(("/v1/files", "/v1/fine_tuning")):
@@ -55,8 +57,7 @@ def required_scope(method: str, path: str) -> str | None:
     if method in WRITE_METHODS:
         if path == "/v1/assistants" or path.startswith("/v1/assistants/"):
             return "assistants:write"
-        if path in ("/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter") or \
-                path.startswith("/v1/adapters/"):
+        if path in ("/v1/adapters", "/v1/unload_lora_adapter") or path.startswith("/v1/adapters/"):
             return "adapters:write"
     return None
 
