@@ -8,10 +8,10 @@ stops the server. It prints throughput, latency percentiles, error counts by sta
 cache / adapter state (from /metrics) before and after.
 
 Tenants (issue 21): `--tenants "alpha:rpm=30,bravo:tpm=2000,charlie"` gives each tenant its own key (with
-those quotas; `conc=N` and `storage=N` too) and `--clients` clients of its own. The last tenant first runs
-alone (the paired baseline), then all tenants run at once; it prints requests, 200s, 429s and p50/p99 per
-tenant, and the last tenant's p50/p99 together over alone. Refused clients pause 50 ms and send again (they do
-not wait for Retry-After: the adversarial case).
+those quotas; `conc=N` and `storage=N` too) and `--clients` clients of its own, in a process of its own. The
+last tenant runs alone (the paired baseline), then all tenants at once, alternated --rounds times; it prints
+requests, 200s, 429s and p50/p99 per tenant, and the last tenant's p50/p99 together over alone. Refused
+clients pause 50 ms and send again (they do not wait for Retry-After: the adversarial case).
 
     .venv/bin/python -m bench.load --tenants "alpha:rpm=20,bravo:tpm=600,charlie" --clients 2 --seconds 20
 """
@@ -182,11 +182,22 @@ def run_tenants(url: str, admin_key: str, tenants: list[tuple[str, dict[str, int
                 "other": sum(v for k, v in st.items() if k not in (200, 429)), "p50_s": pct(lat, 50),
                 "p99_s": pct(lat, 99), "generated_tok_per_s": tok / dt}
 
-    last = tenants[-1][0]
-    alone = row(load_all([last])[0])
-    rows = {n: row(r) for (n, _), r in zip(tenants, load_all([n for n, _ in tenants]), strict=True)}
+    def pool(parts: list[tuple]) -> tuple:
+        lat = [x for p in parts for x in p[0]]
+        st: Counter = sum((p[1] for p in parts), Counter())
+        return lat, st, sum(p[2] for p in parts), sum(p[3] for p in parts)
+
+    last, names = tenants[-1][0], [n for n, _ in tenants]
+    alone_parts: list[tuple] = []
+    together_parts: list[list[tuple]] = []
+    for _ in range(args.rounds):  # alternated, so a change of the machine's load hits both phases alike
+        alone_parts.append(load_all([last])[0])
+        together_parts.append(load_all(names))
+    alone = row(pool(alone_parts))
+    rows = {n: row(pool([p[i] for p in together_parts])) for i, n in enumerate(names)}
     print(f"loadavg: {open('/proc/loadavg').read().split()[:3]}  clients per tenant: {args.clients}, "
-          f"{args.seconds:g} s per run, max_tokens <= {args.max_tokens}")
+          f"{args.rounds} rounds of {args.seconds:g} s alone + {args.seconds:g} s together, "
+          f"max_tokens <= {args.max_tokens}")
     print(f"{'tenant':<10} {'limits':<34} {'requests':>8} {'200':>5} {'429':>6} {'p50 ms':>8} {'p99 ms':>8}")
     for n, lim in tenants:
         r = rows[n]
@@ -214,6 +225,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write the figures here as JSON")
     ap.add_argument("--tenants", help="NAME[:rpm=N][:tpm=N][:conc=N],...: one key per tenant (see above)")
+    ap.add_argument("--rounds", type=int, default=3, help="--tenants: alone/together phases, alternated")
     args = ap.parse_args()
     tenants = parse_tenants(args.tenants) if args.tenants else None
     if args.url and not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):

@@ -369,12 +369,16 @@ class Tenants:
         own = self.metrics.label(p.tenant) if self.metrics is not None else p.tenant
         store = self.state.assistants.store if self.state.assistants is not None else None
         kept = []
+        seen: dict[str, bool] = {}  # one ownership lookup per adapter, not per series
         for line in text.decode().splitlines():
             if not line.startswith("#"):
                 labels = dict(_LABEL.findall(line))
                 a = labels.get("adapter")
-                if a is not None and a not in _SHARED_LABELS and not self.sees_adapter(p, _unescape(a)):
-                    continue
+                if a is not None and a not in _SHARED_LABELS:
+                    if a not in seen:
+                        seen[a] = self.sees_adapter(p, _unescape(a))
+                    if not seen[a]:
+                        continue
                 t = labels.get("tenant")
                 if t is not None and t != own:
                     continue
