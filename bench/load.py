@@ -9,8 +9,9 @@ cache / adapter state (from /metrics) before and after.
 
 Tenants (issue 21): `--tenants "alpha:rpm=30,bravo:tpm=2000,charlie"` gives each tenant its own key (with
 those quotas; `conc=N` and `storage=N` too) and `--clients` clients of its own, in a process of its own. The
-last tenant runs alone (the paired baseline), then all tenants at once, alternated --rounds times; it prints
-requests, 200s, 429s and p50/p99 per tenant, and the last tenant's p50/p99 together over alone. Refused
+last tenant runs alone (the paired baseline), then all tenants at once, then all at once on twin keys without
+quotas, alternated --rounds times; it prints requests, 200s, 429s and p50/p99 per tenant, and the last
+tenant's p50/p99 over alone, with and without the others' quotas. Refused
 clients pause 50 ms and send again (they do not wait for Retry-After: the adversarial case).
 
     .venv/bin/python -m bench.load --tenants "alpha:rpm=20,bravo:tpm=600,charlie" --clients 2 --seconds 20
@@ -159,16 +160,18 @@ def parse_tenants(spec: str) -> list[tuple[str, dict[str, int]]]:
 
 
 def run_tenants(url: str, admin_key: str, tenants: list[tuple[str, dict[str, int]]], args: argparse.Namespace) -> dict:
-    """Keys per tenant; the last tenant alone (baseline), then every tenant at once; figures per tenant."""
+    """Keys per tenant; per round: the last tenant alone (baseline), every tenant at once with its quotas, and
+    every tenant at once on a twin key without quotas (the counterfactual); figures per tenant."""
     with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {admin_key}"}) as c:
-        keys = {}
+        keys, free = {}, {}
         for name, lim in tenants:
-            r = c.post("/v1/keys", json={"tenant": name, "scopes": ["infer"], "adapters": ["*"], "limits": lim})
-            r.raise_for_status()
-            keys[name] = r.json()["key"]
+            for into, limits in ((keys, lim), (free, {})):
+                r = c.post("/v1/keys", json={"tenant": name, "scopes": ["infer"], "adapters": ["*"], "limits": limits})
+                r.raise_for_status()
+                into[name] = r.json()["key"]
         models = [m["id"] for m in c.get("/v1/models").json()["data"]]
 
-    def load_all(names: list[str]) -> list[tuple]:
+    def load_all(names: list[str], keys: dict[str, str] = keys) -> list[tuple]:
         """Each tenant's clients in a process of their own: one tenant's refused requests must not queue on the
         event loop that times another tenant's requests."""
         jobs = [(url, models, args.clients, args.seconds, args.max_tokens, keys[n], args.max_requests, args.seed + i)
@@ -190,13 +193,16 @@ def run_tenants(url: str, admin_key: str, tenants: list[tuple[str, dict[str, int
     last, names = tenants[-1][0], [n for n, _ in tenants]
     alone_parts: list[tuple] = []
     together_parts: list[list[tuple]] = []
-    for _ in range(args.rounds):  # alternated, so a change of the machine's load hits both phases alike
+    unlimited_parts: list[list[tuple]] = []
+    for _ in range(args.rounds):  # alternated, so a change of the machine's load hits every phase alike
         alone_parts.append(load_all([last])[0])
         together_parts.append(load_all(names))
+        unlimited_parts.append(load_all(names, free))
     alone = row(pool(alone_parts))
     rows = {n: row(pool([p[i] for p in together_parts])) for i, n in enumerate(names)}
+    unlimited = {n: row(pool([p[i] for p in unlimited_parts])) for i, n in enumerate(names)}
     print(f"loadavg: {open('/proc/loadavg').read().split()[:3]}  clients per tenant: {args.clients}, "
-          f"{args.rounds} rounds of {args.seconds:g} s alone + {args.seconds:g} s together, "
+          f"{args.rounds} rounds of {args.seconds:g} s alone / together / together without quotas, "
           f"max_tokens <= {args.max_tokens}")
     print(f"{'tenant':<10} {'limits':<34} {'requests':>8} {'200':>5} {'429':>6} {'p50 ms':>8} {'p99 ms':>8}")
     for n, lim in tenants:
@@ -206,10 +212,17 @@ def run_tenants(url: str, admin_key: str, tenants: list[tuple[str, dict[str, int
               f"{r['p99_s'] * 1000:>8.0f}")
     print(f"{last + ' alone':<10} {'(paired baseline)':<34} {alone['requests']:>8} {alone['ok']:>5} "
           f"{alone['refused_429']:>6} {alone['p50_s'] * 1000:>8.0f} {alone['p99_s'] * 1000:>8.0f}")
+    for n, _ in tenants:
+        r = unlimited[n]
+        print(f"{n:<10} {'(twin key, no quotas)':<34} {r['requests']:>8} {r['ok']:>5} {r['refused_429']:>6} "
+              f"{r['p50_s'] * 1000:>8.0f} {r['p99_s'] * 1000:>8.0f}")
     ratio50, ratio99 = rows[last]["p50_s"] / alone["p50_s"], rows[last]["p99_s"] / alone["p99_s"]
-    print(f"{last}: together / alone  p50 {ratio50:.2f}  p99 {ratio99:.2f}")
+    free50, free99 = unlimited[last]["p50_s"] / alone["p50_s"], unlimited[last]["p99_s"] / alone["p99_s"]
+    print(f"{last}: with quotas / alone  p50 {ratio50:.2f}  p99 {ratio99:.2f};  "
+          f"without quotas / alone  p50 {free50:.2f}  p99 {free99:.2f}")
     return {"tenants": {n: {"limits": lim, **rows[n]} for n, lim in tenants}, "alone": {last: alone},
-            "ratio_p50": ratio50, "ratio_p99": ratio99, "models": models}
+            "unlimited": unlimited, "ratio_p50": ratio50, "ratio_p99": ratio99, "unlimited_ratio_p50": free50,
+            "unlimited_ratio_p99": free99, "models": models}
 
 
 def main() -> int:
