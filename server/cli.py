@@ -15,6 +15,7 @@ from server.config import ArgParser, SettingsError, add_serve_args, settings_fro
 from server.evals.cli import add_eval_command
 from server.finetune_cli import add_finetune_commands
 from server.keys_cli import add_key_commands
+from server.ray.cli import add_ray_command
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_assistant_commands(sub)
     add_eval_command(sub)
     add_key_commands(sub)
+    add_ray_command(sub)  # peftserve ray serve: Ray Serve scale-out (server/ray)
     return p
 
 
