@@ -84,7 +84,8 @@ def _hash(secret: str, salt: bytes) -> bytes:
 
 
 class KeyStore:
-    """Keys and owners; thread-safe. Keys are mirrored in memory (revocation deletes the row and the entry)."""
+    """Keys and owners; thread-safe. Every lookup reads the row (a primary-key read), so several processes on
+    one store agree on which keys exist; parsed records are cached."""
 
     def __init__(self, index_path: str | Path) -> None:
         self._lock = threading.Lock()
@@ -114,10 +115,24 @@ class KeyStore:
             self._keys[kid] = (rec, salt, h)
         return rec, f"psk_{kid}_{secret}"
 
+    def _row(self, kid: str) -> tuple[KeyRecord, bytes, bytes] | None:
+        """The key's row, read from SQLite every time (another process, e.g. a Ray replica on the same store,
+        may have created or revoked it); the parsed record is reused while the row is unchanged."""
+        with self._lock:
+            row = self._db.execute("SELECT tenant, name, salt, hash, body, created_at FROM api_keys WHERE id = ?",
+                                   (kid,)).fetchone()
+            if row is None:
+                self._keys.pop(kid, None)
+                return None
+            tenant, name, salt, h, body, created = row
+            found = self._keys.get(kid)
+            if found is None or found[2] != h:
+                found = self._keys[kid] = (_record(kid, tenant, name, json.loads(body), created), salt, h)
+            return found
+
     def verify(self, kid: str, secret: str) -> KeyRecord | None:
         """The key's record when `secret` matches its hash (scrypt, constant-time compare), else None."""
-        with self._lock:
-            found = self._keys.get(kid)
+        found = self._row(kid)
         if found is None:
             _hash(secret, b"\0" * 16)  # the same work for an unknown id as for a wrong secret
             return None
@@ -125,24 +140,28 @@ class KeyStore:
         return rec if hmac.compare_digest(_hash(secret, salt), h) else None
 
     def get(self, kid: str) -> KeyRecord | None:
-        with self._lock:
-            found = self._keys.get(kid)
+        """The key's record, None once revoked (here or by another process on the same store)."""
+        found = self._row(kid)
         return found[0] if found is not None else None
 
     def list(self) -> list[KeyRecord]:
         with self._lock:
-            return sorted((r for r, _, _ in self._keys.values()), key=lambda r: (r.created_at, r.id))
+            ids = [r[0] for r in self._db.execute("SELECT id FROM api_keys").fetchall()]
+        recs = [r for r in (self.get(k) for k in ids) if r is not None]
+        return sorted(recs, key=lambda r: (r.created_at, r.id))
 
     def delete(self, kid: str) -> KeyRecord | None:
         """Revoke: the row and the memory entry go together; the next lookup fails."""
+        found = self._row(kid)
         with self._lock:
-            found = self._keys.pop(kid, None)
+            self._keys.pop(kid, None)
             self._db.execute("DELETE FROM api_keys WHERE id = ?", (kid,))
         return found[0] if found is not None else None
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._keys)
+            (n,) = self._db.execute("SELECT COUNT(*) FROM api_keys").fetchone()
+        return n
 
     # ---- owners ---------------------------------------------------------------------------------
     def own(self, kind: str, name: str, tenant: str, key_id: str) -> None:

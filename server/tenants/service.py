@@ -180,7 +180,10 @@ class Tenants:
         digest = hashlib.sha256(token.encode()).digest()
         known = self._verified.get(kid)
         if known is not None:  # verified once already: a fast constant-time check of the whole key
-            return self.keys.get(kid) if hmac.compare_digest(digest, known) else None
+            rec = self.keys.get(kid) if hmac.compare_digest(digest, known) else None
+            if rec is None:
+                self._verified.pop(kid, None)  # revoked, perhaps by another process on the same store
+            return rec
         rec = await asyncio.to_thread(self.keys.verify, kid, secret)  # scrypt: off the event loop
         if rec is not None and self.keys.get(kid) is not None:
             self._verified[kid] = digest

@@ -88,3 +88,13 @@ def test_scopes_per_route(method: str, path: str, scope: str | None) -> None:
 def test_tenant_label_is_bounded() -> None:
     m = TenantMetrics(CollectorRegistry(), max_labels=2)
     assert [m.label(t) for t in ("a", "b", "c", "a")] == ["a", "b", "other", "a"]
+
+
+def test_two_processes_on_one_store_agree_on_keys(tmp_path: Path) -> None:
+    """Ray replicas (or any two servers) on one store: a key made or revoked by one is seen by the other."""
+    one, two = KeyStore(tmp_path / "index.sqlite"), KeyStore(tmp_path / "index.sqlite")
+    rec, key = one.create("acme", "a", ["infer"], [], True, {})
+    kid, secret = parse_key(key)  # type: ignore[misc]
+    assert two.verify(kid, secret) == rec and len(two) == 1
+    assert two.delete(kid) == rec
+    assert one.get(kid) is None and one.verify(kid, secret) is None and len(one) == 0
