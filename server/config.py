@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     max_body_mb: int = 4
     metrics_max_adapters: int = 20
     metrics_require_key: bool = False
+    metrics_max_tenants: int = 20
     shutdown_timeout: float = 30.0
     ready_step_timeout: float = 60.0
     log_level: str = "info"
@@ -132,7 +133,7 @@ class Settings(BaseSettings):
             bad("port", self.port, "must be 1-65535")
         for name in ("max_num_seqs", "max_batch_tokens", "block_size", "max_adapters", "max_rank",
                      "max_cpu_adapters", "max_upload_mb", "max_queue", "max_tokens_limit", "max_n",
-                     "max_stop", "max_body_mb", "metrics_max_adapters", "max_compose"):
+                     "max_stop", "max_body_mb", "metrics_max_adapters", "max_compose", "metrics_max_tenants"):
             if getattr(self, name) < 1:
                 bad(name.replace("_", "-"), getattr(self, name), "must be >= 1")
         if self.max_slot_wait < 0:
@@ -232,6 +233,7 @@ HELP = {
     "max_body_mb": "largest request body of non-upload routes (413 beyond)",
     "metrics_max_adapters": "adapters with their own metrics label; the rest are folded into 'other'",
     "metrics_require_key": "require --api-key on /metrics (true/false)",
+    "metrics_max_tenants": "tenants with their own metrics label; the rest are folded into 'other'",
     "shutdown_timeout": "seconds in-flight requests may take to finish on SIGTERM",
     "ready_step_timeout": "/ready answers 503 while one engine step has run longer than this many seconds "
                           "with requests waiting (a hung device)",

@@ -27,6 +27,7 @@ class ServerState:
     composer: Any = None  # server.compose.service.Composer: per-request adapter compositions
     finetune: Any = None  # server.train.manager.FineTuning: files and fine-tuning jobs
     assistants: Any = None  # server.api.assistants.Assistants when the store is enabled
+    tenants: Any = None  # server.tenants.service.Tenants: tenant keys, quotas, ownership (with the store)
 
     @property
     def model(self) -> ModelInfo:
@@ -121,6 +122,11 @@ def build_state(settings: Settings) -> ServerState:
     state = ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name, store=store,
                         assistants=open_assistants(store.index_path), composer=composer, finetune=finetune)
     check_at_startup(state)
+    from adapters_store.keys import KeyStore
+    from server.tenants.service import Tenants
+
+    state.tenants = Tenants(KeyStore(store.index_path), max_labels=settings.metrics_max_tenants)
+    state.tenants.bind(state)
     return state
 
 
