@@ -133,6 +133,24 @@ class AssistantStore:
             self._by_name[new.name] = new
         return new
 
+    def mirror(self, a: Assistant) -> None:
+        """Hold exactly `a` (id, name, seq and body): a Ray replica's copy of the writer's row. Replaces any
+        row with its id or its name, in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM assistants WHERE id = ? OR name = ?", (a.id, a.name))
+                self._db.execute(
+                    "INSERT INTO assistants (seq, id, name, model, body, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (a.seq or None, a.id, a.name, a.model, _dump(a), a.created_at))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            for k in [k for k, v in self._by_name.items() if k == a.name or v.id == a.id]:
+                del self._by_name[k]
+            self._by_name[a.name] = a
+
     def delete(self, key: str) -> Assistant:
         """Remove the assistant `key` (name or id); KeyError if absent."""
         with self._lock:

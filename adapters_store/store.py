@@ -146,6 +146,11 @@ class AdapterStore:
             ).fetchall()
         return [self._record(r) for r in rows]
 
+    def record(self, name: str, version: int | None = None) -> AdapterRecord:
+        """The index row of `name` at `version` (latest when None); AdapterError 404 if absent."""
+        with self._lock:
+            return self._get(name, version)
+
     def path(self, name: str, version: int | None = None) -> Path:
         """Directory holding `name` at `version` (latest when None)."""
         with self._lock:

@@ -6,6 +6,15 @@ Without --url it starts its own server (the built-in demo model, or --model) on 
 port, uploads LoRA, prefix-tuning and prompt-tuning adapters made with `peft`, runs the load, and
 stops the server. It prints throughput, latency percentiles, error counts by status, and the KV
 cache / adapter state (from /metrics) before and after.
+
+Tenants (issue 21): `--tenants "alpha:rpm=30,bravo:tpm=2000,charlie"` gives each tenant its own key (with
+those quotas; `conc=N` and `storage=N` too) and `--clients` clients of its own, in a process of its own. The
+last tenant runs alone (the paired baseline), then all tenants at once, then all at once on twin keys without
+quotas, alternated --rounds times; it prints requests, 200s, 429s and p50/p99 per tenant, and the last
+tenant's p50/p99 over alone, with and without the others' quotas. Refused
+clients pause 50 ms and send again (they do not wait for Retry-After: the adversarial case).
+
+    .venv/bin/python -m bench.load --tenants "alpha:rpm=20,bravo:tpm=600,charlie" --clients 2 --seconds 20
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -60,12 +70,12 @@ def make_adapters(model_dir: str, out: str, k: int) -> dict[str, str]:
     return dirs
 
 
-def start_server(model: str | None, adapters_dir: str) -> tuple[subprocess.Popen, str]:
+def start_server(model: str | None, adapters_dir: str, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--adapters-dir", adapters_dir,
-           "--max-model-len", "512", "--log-level", "warning"] + (["--model", model] if model else [])
+           "--max-model-len", "512", "--log-level", "warning"] + (["--model", model] if model else []) + (extra or [])
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -108,6 +118,9 @@ async def run_load(url: str, models: list[str], clients: int, seconds: float, ma
                     latencies.append(time.monotonic() - t0)
             except httpx.HTTPError as e:
                 statuses[type(e).__name__] += 1
+                continue
+            if r.status_code == 429:
+                await asyncio.sleep(0.05)
 
     t0 = time.monotonic()
     async with httpx.AsyncClient(base_url=url, timeout=120, headers=headers) as ac:
@@ -115,11 +128,101 @@ async def run_load(url: str, models: list[str], clients: int, seconds: float, ma
     return latencies, statuses, tokens, time.monotonic() - t0
 
 
+def _load_in_process(*a: object) -> tuple:
+    return asyncio.run(run_load(*a))  # type: ignore[arg-type]
+
+
 def pct(xs: list[float], p: float) -> float:
     if not xs:
         return float("nan")
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+LIMIT_KEYS = {"rpm": "requests_per_minute", "tpm": "tokens_per_minute", "conc": "concurrent_requests",
+              "storage": "storage_bytes"}
+TENANT_ADMIN = "bench-admin-key"
+
+
+def parse_tenants(spec: str) -> list[tuple[str, dict[str, int]]]:
+    """"alpha:rpm=30:tpm=900,bravo" -> [("alpha", {"requests_per_minute": 30, ...}), ("bravo", {})]."""
+    out = []
+    for item in spec.split(","):
+        name, *limits = item.strip().split(":")
+        lim = {}
+        for x in limits:
+            k, _, v = x.partition("=")
+            if k not in LIMIT_KEYS or not v.isdigit():
+                raise SystemExit(f"--tenants {spec!r}: {x!r} is not one of {', '.join(f'{k}=N' for k in LIMIT_KEYS)}")
+            lim[LIMIT_KEYS[k]] = int(v)
+        out.append((name, lim))
+    return out
+
+
+def run_tenants(url: str, admin_key: str, tenants: list[tuple[str, dict[str, int]]], args: argparse.Namespace) -> dict:
+    """Keys per tenant; per round: the last tenant alone (baseline), every tenant at once with its quotas, and
+    every tenant at once on a twin key without quotas (the counterfactual); figures per tenant."""
+    with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {admin_key}"}) as c:
+        keys, free = {}, {}
+        for name, lim in tenants:
+            for into, limits in ((keys, lim), (free, {})):
+                r = c.post("/v1/keys", json={"tenant": name, "scopes": ["infer"], "adapters": ["*"], "limits": limits})
+                r.raise_for_status()
+                into[name] = r.json()["key"]
+        models = [m["id"] for m in c.get("/v1/models").json()["data"]]
+
+    def load_all(names: list[str], keys: dict[str, str] = keys) -> list[tuple]:
+        """Each tenant's clients in a process of their own: one tenant's refused requests must not queue on the
+        event loop that times another tenant's requests."""
+        jobs = [(url, models, args.clients, args.seconds, args.max_tokens, keys[n], args.max_requests, args.seed + i)
+                for i, n in enumerate(names)]
+        with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+            return pool.starmap(_load_in_process, jobs)
+
+    def row(res: tuple) -> dict:
+        lat, st, tok, dt = res
+        return {"requests": sum(st.values()), "ok": st.get(200, 0), "refused_429": st.get(429, 0),
+                "other": sum(v for k, v in st.items() if k not in (200, 429)), "p50_s": pct(lat, 50),
+                "p99_s": pct(lat, 99), "generated_tok_per_s": tok / dt}
+
+    def pool(parts: list[tuple]) -> tuple:
+        lat = [x for p in parts for x in p[0]]
+        st: Counter = sum((p[1] for p in parts), Counter())
+        return lat, st, sum(p[2] for p in parts), sum(p[3] for p in parts)
+
+    last, names = tenants[-1][0], [n for n, _ in tenants]
+    alone_parts: list[tuple] = []
+    together_parts: list[list[tuple]] = []
+    unlimited_parts: list[list[tuple]] = []
+    for _ in range(args.rounds):  # alternated, so a change of the machine's load hits every phase alike
+        alone_parts.append(load_all([last])[0])
+        together_parts.append(load_all(names))
+        unlimited_parts.append(load_all(names, free))
+    alone = row(pool(alone_parts))
+    rows = {n: row(pool([p[i] for p in together_parts])) for i, n in enumerate(names)}
+    unlimited = {n: row(pool([p[i] for p in unlimited_parts])) for i, n in enumerate(names)}
+    print(f"loadavg: {open('/proc/loadavg').read().split()[:3]}  clients per tenant: {args.clients}, "
+          f"{args.rounds} rounds of {args.seconds:g} s alone / together / together without quotas, "
+          f"max_tokens <= {args.max_tokens}")
+    print(f"{'tenant':<10} {'limits':<34} {'requests':>8} {'200':>5} {'429':>6} {'p50 ms':>8} {'p99 ms':>8}")
+    for n, lim in tenants:
+        r = rows[n]
+        lims = ",".join(f"{k}={v}" for k, v in lim.items()) or "none"
+        print(f"{n:<10} {lims:<34} {r['requests']:>8} {r['ok']:>5} {r['refused_429']:>6} {r['p50_s'] * 1000:>8.0f} "
+              f"{r['p99_s'] * 1000:>8.0f}")
+    print(f"{last + ' alone':<10} {'(paired baseline)':<34} {alone['requests']:>8} {alone['ok']:>5} "
+          f"{alone['refused_429']:>6} {alone['p50_s'] * 1000:>8.0f} {alone['p99_s'] * 1000:>8.0f}")
+    for n, _ in tenants:
+        r = unlimited[n]
+        print(f"{n:<10} {'(twin key, no quotas)':<34} {r['requests']:>8} {r['ok']:>5} {r['refused_429']:>6} "
+              f"{r['p50_s'] * 1000:>8.0f} {r['p99_s'] * 1000:>8.0f}")
+    ratio50, ratio99 = rows[last]["p50_s"] / alone["p50_s"], rows[last]["p99_s"] / alone["p99_s"]
+    free50, free99 = unlimited[last]["p50_s"] / alone["p50_s"], unlimited[last]["p99_s"] / alone["p99_s"]
+    print(f"{last}: with quotas / alone  p50 {ratio50:.2f}  p99 {ratio99:.2f};  "
+          f"without quotas / alone  p50 {free50:.2f}  p99 {free99:.2f}")
+    return {"tenants": {n: {"limits": lim, **rows[n]} for n, lim in tenants}, "alone": {last: alone},
+            "unlimited": unlimited, "ratio_p50": ratio50, "ratio_p99": ratio99, "unlimited_ratio_p50": free50,
+            "unlimited_ratio_p99": free99, "models": models}
 
 
 def main() -> int:
@@ -134,7 +237,10 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write the figures here as JSON")
+    ap.add_argument("--tenants", help="NAME[:rpm=N][:tpm=N][:conc=N],...: one key per tenant (see above)")
+    ap.add_argument("--rounds", type=int, default=3, help="--tenants: alone/together phases, alternated")
     args = ap.parse_args()
+    tenants = parse_tenants(args.tenants) if args.tenants else None
     if args.url and not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
         raise SystemExit("--url must be a loopback address: this tool only loads servers on this machine")
 
@@ -147,13 +253,21 @@ def main() -> int:
             from server.model.default_model import ensure_demo_model
 
             model = args.model or ensure_demo_model()
-            proc, url = start_server(model, os.path.join(tmp.name, "store"))
-            with httpx.Client(base_url=url, timeout=120) as c:
+            extra = ["--admin-key", TENANT_ADMIN] if tenants else []
+            proc, url = start_server(model, os.path.join(tmp.name, "store"), extra)
+            with httpx.Client(base_url=url, timeout=120,
+                              headers={"Authorization": f"Bearer {TENANT_ADMIN}"} if tenants else {}) as c:
                 for name, d in make_adapters(model, tmp.name, args.adapters).items():
                     files = [("files", (f, open(os.path.join(d, f), "rb").read()))
                              for f in ("adapter_config.json", "adapter_model.safetensors")]
                     r = c.post("/v1/adapters", data={"name": name}, files=files)
                     r.raise_for_status()
+        if tenants:
+            figures = run_tenants(url, args.key or TENANT_ADMIN, tenants, args)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"args": vars(args), **figures}, f, indent=2)
+            return 0
         with httpx.Client(base_url=url, timeout=60,
                           headers={"Authorization": f"Bearer {args.key}"} if args.key else {}) as c:
             models = [m["id"] for m in c.get("/v1/models").json()["data"]]

@@ -14,6 +14,8 @@ from server.client import add_adapter_commands
 from server.config import ArgParser, SettingsError, add_serve_args, settings_from_args
 from server.evals.cli import add_eval_command
 from server.finetune_cli import add_finetune_commands
+from server.keys_cli import add_key_commands
+from server.ray.cli import add_ray_command
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_commands(sub)
     add_assistant_commands(sub)
     add_eval_command(sub)
+    add_key_commands(sub)
+    add_ray_command(sub)  # peftserve ray serve: Ray Serve scale-out (server/ray)
     return p
 
 

@@ -68,12 +68,14 @@ class Settings(BaseSettings):
     max_body_mb: int = 4
     metrics_max_adapters: int = 20
     metrics_require_key: bool = False
+    metrics_max_tenants: int = 20
     shutdown_timeout: float = 30.0
     ready_step_timeout: float = 60.0
     log_level: str = "info"
     no_ui: bool = False
     train_share: float = 0.5  # fine-tuning: most share of the engine thread a job takes under load
     max_file_lines: int = 50000  # fine-tuning: most samples in one training file
+    train_max_step_tokens: int = 256  # fine-tuning: most tokens one micro-step runs on the engine thread
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -132,7 +134,7 @@ class Settings(BaseSettings):
             bad("port", self.port, "must be 1-65535")
         for name in ("max_num_seqs", "max_batch_tokens", "block_size", "max_adapters", "max_rank",
                      "max_cpu_adapters", "max_upload_mb", "max_queue", "max_tokens_limit", "max_n",
-                     "max_stop", "max_body_mb", "metrics_max_adapters", "max_compose"):
+                     "max_stop", "max_body_mb", "metrics_max_adapters", "max_compose", "metrics_max_tenants"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name.replace("_", "-"), getattr(self, name), "must be >= 1")
         if self.max_slot_wait < 0:
@@ -161,6 +163,8 @@ class Settings(BaseSettings):
             bad("train-share", self.train_share, "must be in (0, 1]")
         if self.max_file_lines < 1:
             bad("max-file-lines", self.max_file_lines, "must be >= 1")
+        if self.train_max_step_tokens < 2:
+            bad("train-max-step-tokens", self.train_max_step_tokens, "must be >= 2")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             bad("log-level", self.log_level, "choose debug, info, warning or error")
         for item in self.adapter:
@@ -242,6 +246,7 @@ HELP = {
     "max_body_mb": "largest request body of non-upload routes (413 beyond)",
     "metrics_max_adapters": "adapters with their own metrics label; the rest are folded into 'other'",
     "metrics_require_key": "require --api-key on /metrics (true/false)",
+    "metrics_max_tenants": "tenants with their own metrics label; the rest are folded into 'other'",
     "shutdown_timeout": "seconds in-flight requests may take to finish on SIGTERM",
     "ready_step_timeout": "/ready answers 503 while one engine step has run longer than this many seconds "
                           "with requests waiting (a hung device)",
@@ -250,6 +255,8 @@ HELP = {
     "train_share": "largest share of the engine thread a fine-tuning job takes while requests are waiting "
                    "(it takes all of an idle engine)",
     "max_file_lines": "most samples in one fine-tuning file (POST /v1/files; 400 beyond)",
+    "train_max_step_tokens": "most tokens one fine-tuning micro-step runs between two serving steps (a batch is cut "
+                             "into micro-steps with gradient accumulation; a longer sample is chunked exactly)",
 }
 
 

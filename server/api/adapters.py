@@ -24,6 +24,7 @@ from server.api.errors import APIError
 from server.api.state import ServerState
 from server.engine.registry import AdapterEntry
 from server.families import family_for
+from server.tenants import guards
 
 router = APIRouter()
 log = logging.getLogger("peftserve.adapters")
@@ -195,17 +196,50 @@ async def _delete(state: ServerState, name: str, force: bool = False) -> None:
     log.info("adapter %s deleted", name)
 
 
+def _not_found(name: str) -> APIError:
+    return APIError(404, f"adapter '{name}' does not exist", param="name", code="adapter_not_found")
+
+
+def _visible(request: Request, name: str) -> None:
+    """Another tenant's adapter is answered as one that does not exist (server/tenants)."""
+    if not guards.sees_adapter(request, name):
+        raise _not_found(name)
+
+
+async def _store_owned(request: Request, name: str, files: dict[str, bytes], replace: bool) -> dict[str, Any]:
+    """_store within the key's storage quota, then the adapter belongs to the key's tenant."""
+    with guards.storage(request, sum(len(v) for v in files.values()), replacing=name if replace else None):
+        if replace:  # a new version keeps its owner, whoever uploads it
+            return await _store(_state(request), name, files, replace=True)
+        return await _owned_first(request, name, _store(_state(request), name, files, replace=False))
+
+
+async def _owned_first(request: Request, name: str, write: Any) -> dict[str, Any]:
+    """Own the name before it is served (never visible to the default tenant in between); undo on failure."""
+    if name in _state(request).registry:  # taken: _store answers 409, the owner stays
+        write.close()
+        raise APIError(409, f"adapter {name!r} already exists; PUT /v1/adapters/{name} uploads a new version",
+                       param="name", code="invalid_adapter")
+    guards.own(request, "adapter", name)
+    try:
+        return await write
+    except BaseException:
+        if name not in _state(request).registry:  # not a concurrent create of the same name that won
+            guards.disown(request, "adapter", name)
+        raise
+
+
 @router.post("/v1/adapters", status_code=201)
 async def upload_adapter(request: Request) -> JSONResponse:
-    state = _state(request)
     name, files = await _read_upload(request)
-    return JSONResponse(await _store(state, name, files, replace=False), status_code=201)
+    guards.check_new_name(request, name, "adapter")
+    return JSONResponse(await _store_owned(request, name, files, replace=False), status_code=201)
 
 
 @router.put("/v1/adapters/{name}")
 async def replace_adapter(name: str, request: Request) -> JSONResponse:
     state = _state(request)
-    entry = state.registry.entry(name)
+    entry = state.registry.entry(name) if guards.sees_adapter(request, name) else None
     if entry is None:
         raise APIError(404, f"adapter '{name}' does not exist; POST /v1/adapters creates it", param="name",
                        code="adapter_not_found")
@@ -215,24 +249,28 @@ async def replace_adapter(name: str, request: Request) -> JSONResponse:
     form_name, files = await _read_upload(request, default_name=name)
     if form_name != name:
         raise APIError(400, f"form field name {form_name!r} does not match the URL's {name!r}", param="name")
-    return JSONResponse(await _store(state, name, files, replace=True))
+    return JSONResponse(await _store_owned(request, name, files, replace=True))
 
 
 @router.get("/v1/adapters")
 async def list_adapters(request: Request) -> dict[str, Any]:
     state = _state(request)
     names = state.registry.names() + state.registry.derived_names()
-    return {"object": "list", "data": [_record(state, n) for n in names if n in state.registry]}
+    return {"object": "list", "data": [_record(state, n) for n in names
+                                       if n in state.registry and guards.sees_adapter(request, n)]}
 
 
 @router.get("/v1/adapters/{name}")
 async def show_adapter(name: str, request: Request) -> dict[str, Any]:
+    _visible(request, name)
     return _record(_state(request), name)
 
 
 @router.delete("/v1/adapters/{name}", status_code=204)
 async def delete_adapter(name: str, request: Request, force: bool = False) -> Response:
+    _visible(request, name)
     await _delete(_state(request), name, force)
+    guards.disown(request, "adapter", name)
     return Response(status_code=204)
 
 
@@ -257,11 +295,13 @@ async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> JSONResp
     if not any(os.path.commonpath([real, d]) == d for d in allowed):
         raise APIError(403, f"lora_path {body.lora_path!r} is not under an --allowed-adapter-dir "
                             f"({', '.join(allowed)})", param="lora_path")
-    rec = await _store(state, body.lora_name, real, replace=False)
-    return JSONResponse(rec)
+    guards.check_new_name(request, body.lora_name, "adapter")
+    return JSONResponse(await _owned_first(request, body.lora_name, _store(state, body.lora_name, real, False)))
 
 
 @router.post("/v1/unload_lora_adapter")
 async def unload_lora_adapter(body: UnloadLoRARequest, request: Request) -> JSONResponse:
+    _visible(request, body.lora_name)
     await _delete(_state(request), body.lora_name)
+    guards.disown(request, "adapter", body.lora_name)
     return JSONResponse({"status": "ok", "lora_name": body.lora_name})

@@ -21,6 +21,8 @@ from server.console import router as console_router
 from server.evals.api import router as evals_router
 from server.metrics import Metrics
 from server.shutdown import FINAL_GRACE_S, shutdown_error
+from server.tenants.api import router as tenants_router
+from server.tenants.principal import principal_of
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -53,6 +55,9 @@ def create_app(state: ServerState) -> FastAPI:
     if not state.settings.no_ui:
         app.include_router(console_router)
     app.include_router(evals_router)  # POST /v1/evals (admin), GET /v1/evals/{id}
+    app.include_router(tenants_router)  # /v1/keys (admin), /v1/usage
+    if state.tenants is not None:
+        state.tenants.install_metrics(state.metrics.registry)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -78,7 +83,11 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
         """Prometheus text format; gauges are sampled from the engine now."""
-        return Response(request.app.state.peft.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        peft = request.app.state.peft
+        text = peft.metrics.render()
+        if peft.tenants is not None:  # a tenant key sees only its own tenant's and adapters' series
+            text = peft.tenants.filter_metrics(principal_of(request), text)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -23,6 +23,7 @@ from server.api.errors import APIError
 from server.api.schemas import ChatCompletionRequest, ChatMessage, SamplingFields
 from server.api.state import ServerState
 from server.metrics import AdapterLabels
+from server.tenants import guards
 
 router = APIRouter()
 log = logging.getLogger("peftserve.assistants")
@@ -235,8 +236,28 @@ def _check_model(state: ServerState, model: str) -> None:
     if state.assistants is not None and model in state.assistants.store:
         raise APIError(400, f"model {model!r} is an assistant; an assistant's model is an adapter or the base "
                             f"model '{state.base_name}'", param="model", code="invalid_value")
-    raise APIError(400, f"model {model!r} is neither the base model '{state.base_name}' nor an adapter; "
-                        "GET /v1/adapters lists the adapters", param="model", code="model_not_found")
+    raise _unknown_model(state, model)
+
+
+def _unknown_model(state: ServerState, model: str) -> APIError:
+    return APIError(400, f"model {model!r} is neither the base model '{state.base_name}' nor an adapter; "
+                         "GET /v1/adapters lists the adapters", param="model", code="model_not_found")
+
+
+def _check_model_for(request: Request, model: str) -> None:
+    """_check_model, where a model the key may not use is answered as one that does not exist."""
+    state = _state(request)
+    if not guards.may_use_model(request, model):
+        raise _unknown_model(state, model)
+    _check_model(state, model)
+
+
+def _get_visible(request: Request, key: str) -> Assistant:
+    a = _get(_state(request), key)
+    if not guards.sees_assistant(request, a):
+        raise APIError(404, f"assistant '{key}' does not exist; GET /v1/assistants lists them",
+                       param="assistant_id", code="assistant_not_found")
+    return a
 
 
 def _check_body(state: ServerState, f: AssistantFields, sent: set[str]) -> dict[str, Any]:
@@ -299,8 +320,9 @@ async def create_assistant(body: AssistantFields, request: Request) -> dict[str,
         if getattr(body, f) is None:
             raise APIError(400, f"{f} is required", param=f)
     assert body.name is not None and body.model is not None
+    guards.check_new_name(request, body.name, "assistant")
     _check_name(state, body.name)
-    _check_model(state, body.model)
+    _check_model_for(request, body.model)
     fields = _check_body(state, body, set(body.model_fields_set))
     # no await from the checks to the insert: no adapter can take the name or vanish in between
     try:
@@ -308,6 +330,7 @@ async def create_assistant(body: AssistantFields, request: Request) -> dict[str,
     except AssistantExists:
         raise APIError(409, f"an assistant named {body.name!r} already exists", param="name",
                        code="name_taken") from None
+    guards.own(request, "assistant", a.id)
     log.info("assistant %s (%s) created on %s", a.name, a.id, a.model)
     return a.to_dict()
 
@@ -316,7 +339,7 @@ async def create_assistant(body: AssistantFields, request: Request) -> dict[str,
 async def list_assistants(request: Request, limit: Annotated[int, Query(ge=1, le=100)] = 20,
                           order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
                           after: str | None = None, before: str | None = None) -> dict[str, Any]:
-    rows = _store(_state(request)).list()
+    rows = [a for a in _store(_state(request)).list() if guards.sees_assistant(request, a)]
     if order == "desc":
         rows.reverse()
     for param, cursor in (("after", after), ("before", before)):
@@ -336,22 +359,23 @@ async def list_assistants(request: Request, limit: Annotated[int, Query(ge=1, le
 
 @router.get("/v1/assistants/{assistant_id}")
 async def show_assistant(assistant_id: str, request: Request) -> dict[str, Any]:
-    return _get(_state(request), assistant_id).to_dict()
+    return _get_visible(request, assistant_id).to_dict()
 
 
 async def _modify(assistant_id: str, body: AssistantFields, request: Request) -> dict[str, Any]:
     state = _state(request)
-    a = _get(state, assistant_id)
+    a = _get_visible(request, assistant_id)
     sent = set(body.model_fields_set)
     for f in ("name", "model"):
         if f in sent and getattr(body, f) is None:
             raise APIError(400, f"{f} cannot be null", param=f)
     if "name" in sent and body.name != a.name:
         assert body.name is not None
+        guards.check_new_name(request, body.name, "assistant")
         _check_name(state, body.name, current=a)
     if "model" in sent:
         assert body.model is not None
-        _check_model(state, body.model)
+        _check_model_for(request, body.model)
     changes = _check_body(state, body, sent)
     if "metadata" in changes and changes["metadata"] is None:
         changes["metadata"] = {}
@@ -384,12 +408,13 @@ async def patch_assistant(assistant_id: str, body: AssistantFields, request: Req
 @router.delete("/v1/assistants/{assistant_id}")
 async def delete_assistant(assistant_id: str, request: Request) -> dict[str, Any]:
     state = _state(request)
-    a = _get(state, assistant_id)
+    a = _get_visible(request, assistant_id)
     try:
         _store(state).delete(a.id)
     except KeyError:
         raise APIError(404, f"assistant '{assistant_id}' does not exist", param="assistant_id",
                        code="assistant_not_found") from None
+    guards.disown(request, "assistant", a.id)
     log.info("assistant %s (%s) deleted", a.name, a.id)
     return {"id": a.id, "object": "assistant.deleted", "deleted": True, "name": a.name}
 

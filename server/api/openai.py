@@ -25,6 +25,7 @@ from server.engine.prompt_logprobs import PromptLogprob
 from server.engine.registry import AdapterHandle
 from server.engine.sampler import SampleResult
 from server.engine.sequence import SamplingParams
+from server.tenants import guards
 
 router = APIRouter()
 
@@ -46,9 +47,24 @@ async def resolve_model(state: ServerState, model: str | None) -> AdapterHandle 
         raise APIError(503, f"adapter '{model}' could not be loaded: {e}", param="model",
                        code="adapter_load_failed") from e
     if handle is None:
-        raise APIError(404, f"The model '{model}' does not exist. GET /v1/models lists the base model "
-                            "and every adapter.", param="model", code="model_not_found")
+        raise model_not_found(model)
     return handle
+
+
+def model_not_found(model: str | None) -> APIError:
+    return APIError(404, f"The model '{model}' does not exist. GET /v1/models lists the base model "
+                         "and every adapter.", param="model", code="model_not_found")
+
+
+def guard_model(request: Request, body: Any) -> None:
+    """Before anything reads the model (an assistant's defaults, a composition): what the key may not use
+    is answered exactly as a name that does not exist (server/tenants)."""
+    for i, item in enumerate(getattr(body, "adapters", None) or []):
+        if not guards.sees_adapter(request, item.name):
+            raise APIError(404, f"adapters[{i}].name: adapter {item.name!r} does not exist",
+                           param=f"adapters[{i}].name", code="model_not_found")
+    if body.adapters is None and not guards.may_use_model(request, body.model):
+        raise model_not_found(body.model)
 
 
 def release_model(state: ServerState, handle: AdapterHandle | None) -> None:
@@ -301,7 +317,7 @@ async def list_models(request: Request) -> dict[str, Any]:
         data.append({"id": name, "object": "model", "created": state.created, "owned_by": "peftserve",
                      "root": name, "parent": state.base_name, "adapter_type": e.kind, "version": e.version})
     data += assistants.models(state)
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [d for d in data if guards.may_use_model(request, d["id"])]}
 
 
 def _encode_prompt(state: ServerState, prompt: Any) -> list[int]:
@@ -432,6 +448,7 @@ def vllm_prompt_logprobs(tok: Any, scored: list[PromptLogprob | None], top_n: in
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state = get_state(request)
+    guard_model(request, body)
     body = assistants.apply(state, body, request)  # an assistant's defaults (its instructions: chat only)
     prompt_ids = _encode_prompt(state, body.prompt)
     echo, top_n = body.echo, body.logprobs or 0
@@ -496,6 +513,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                                "logprobs": None},
         )
 
+    guard_model(request, body)
     body = assistants.apply(get_state(request), body, request)  # instructions first, defaults where unset
     prompt_ids = render_chat(get_state(request), body)
     fmt = tool_format(tool_mode(body), fmt)  # tool_calls in choices and stream deltas

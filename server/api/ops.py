@@ -8,6 +8,7 @@ response id, whether a stream was cut short) it leaves on `request.state` (serve
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -162,15 +163,28 @@ class _Exchange:
         self.too_large = False
         self.swallow = False  # drop the app's own response: a 413 went out instead
         self.error: str | None = None
+        self.admission: Any = None  # server.tenants.service.Admission, when the server has tenants
+        self.cut = False  # a stream cut because its key was revoked
+        self._cut_event: asyncio.Event | None = None
 
     async def run(self) -> None:
         mw = self.mw
-        denied = mw.auth_error(self.method, self.path, self.headers)
-        if denied is not None:
-            status, msg = denied
-            code = "invalid_api_key" if status == 401 else "admin_key_required"
-            await self._reply(status, msg, code, {"www-authenticate": "Bearer"} if status == 401 else None)
-            return
+        tenants = getattr(mw.state, "tenants", None)
+        if tenants is not None:  # tenant keys, scopes and quotas; bootstrap keys through auth_error as before
+            self.admission = await tenants.admit(
+                self.scope, self.method, self.path, _bearer(self.headers.get("authorization", "")),
+                lambda: mw.auth_error(self.method, self.path, self.headers), self.generation)
+            d = self.admission.denied
+            if d is not None:
+                await self._reply(d.status, d.message, d.code, d.headers or None)
+                return
+        else:
+            denied = mw.auth_error(self.method, self.path, self.headers)
+            if denied is not None:
+                status, msg = denied
+                code = "invalid_api_key" if status == 401 else "admin_key_required"
+                await self._reply(status, msg, code, {"www-authenticate": "Bearer"} if status == 401 else None)
+                return
         length = self._content_length()
         if length is not None and length > self.body_limit:
             await self._reply(413, self._too_large_msg(f"{length} bytes"), "request_too_large",
@@ -205,7 +219,7 @@ class _Exchange:
     async def receive(self) -> Message:
         if self.too_large:
             raise self._too_large_exc()
-        msg = await self._receive()
+        msg = await self._receive_or_cut()
         if msg["type"] == "http.request":
             chunk = msg.get("body", b"")
             self.body_seen += len(chunk)
@@ -214,6 +228,26 @@ class _Exchange:
                 raise self._too_large_exc()
         return msg
 
+    async def _receive_or_cut(self) -> Message:
+        """The client's next message; for a tenant key's request, a revocation cut also ends the wait (as a
+        disconnect, which stops a streaming response's generation)."""
+        adm = self.admission
+        if adm is None or adm.principal is None or adm.principal.bootstrap:
+            return await self._receive()
+        if self.cut:
+            return {"type": "http.disconnect"}
+        if self._cut_event is None:
+            self._cut_event = asyncio.Event()
+        recv = asyncio.ensure_future(self._receive())
+        cut = asyncio.ensure_future(self._cut_event.wait())
+        try:
+            await asyncio.wait({recv, cut}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut.cancel()
+            if not recv.done():
+                recv.cancel()
+        return recv.result() if recv.done() and not recv.cancelled() else {"type": "http.disconnect"}
+
     async def send(self, msg: Message) -> None:
         if self.too_large and not self.started:
             # The app caught our exception and answered something else (e.g. "malformed multipart"): the
@@ -221,8 +255,22 @@ class _Exchange:
             await self._reply(413, self._too_large_msg(f"more than {self.body_limit} bytes"), "request_too_large",
                               {"connection": "close"}, log=False)
             self.swallow = True
+        if self.admission is not None and msg["type"] == "http.response.body" and msg.get("more_body") \
+                and not self.swallow and self.admission.revoked():
+            await self._cut_revoked()
         if not self.swallow:
             await self._forward(msg)
+
+    async def _cut_revoked(self) -> None:
+        """A stream whose key was revoked ends at its next chunk: one error event, no [DONE], and the
+        generation stops (receive() tells the app the client is gone)."""
+        err = error_body(401, f"key {self.admission.key_id} was revoked; the stream ends here", code="key_revoked")
+        await self._forward({"type": "http.response.body", "body": f"data: {json.dumps(err)}\n\n".encode(),
+                             "more_body": False})
+        self.swallow = self.cut = True
+        self.error = "key revoked while streaming"
+        if self._cut_event is not None:
+            self._cut_event.set()
 
     async def _forward(self, msg: Message) -> None:
         if msg["type"] == "http.response.start":
@@ -292,6 +340,10 @@ class _Exchange:
             record["response_id"] = ctx.response_id
         if self.error:
             record["error"] = self.error
+        if self.admission is not None:  # the key's id, never the key
+            record["key_id"] = self.admission.key_id
+            self.admission.finish(ctx.prompt_tokens if ctx is not None else None,
+                                  ctx.completion_tokens if ctx is not None else None)
         assistants.observe(state, self.scope, status, record)
         level = logging.DEBUG if self.path in QUIET_PATHS else logging.INFO
         request_log.log(level, json.dumps(record))

@@ -27,6 +27,7 @@ class ServerState:
     composer: Any = None  # server.compose.service.Composer: per-request adapter compositions
     finetune: Any = None  # server.train.manager.FineTuning: files and fine-tuning jobs
     assistants: Any = None  # server.api.assistants.Assistants when the store is enabled
+    tenants: Any = None  # server.tenants.service.Tenants: tenant keys, quotas, ownership (with the store)
 
     @property
     def model(self) -> ModelInfo:
@@ -113,7 +114,8 @@ def build_state(settings: Settings) -> ServerState:
 
     finetune = FineTuning(store=store, registry=registry, engine=engine, base_name=base_name,
                           train_share=settings.train_share, max_file_lines=settings.max_file_lines,
-                          max_model_len=m.max_model_len, max_rank=max_rank)
+                          max_model_len=m.max_model_len, max_rank=max_rank,
+                          max_step_tokens=settings.train_max_step_tokens)
     from server.api.assistants import check_at_startup, open_assistants
     from server.compose.service import Composer
 
@@ -121,6 +123,11 @@ def build_state(settings: Settings) -> ServerState:
     state = ServerState(settings=settings, engine=engine, registry=registry, base_name=base_name, store=store,
                         assistants=open_assistants(store.index_path), composer=composer, finetune=finetune)
     check_at_startup(state)
+    from adapters_store.keys import KeyStore
+    from server.tenants.service import Tenants
+
+    state.tenants = Tenants(KeyStore(store.index_path), max_labels=settings.metrics_max_tenants)
+    state.tenants.bind(state)
     return state
 
 
