@@ -495,7 +495,7 @@ def build_app(settings: Any, options: RayOptions | None = None) -> Any:
         values["device"] = "cuda"
     elif values.get("device", "auto") == "auto":
         values["device"] = "cpu"
-    max_models = opts.max_models_per_replica or 2 * values.get("max_adapters", 8)
+    max_models = opts.max_models_per_replica or 2 * (values.get("max_adapters") or 8)  # None: no cap (--adapter-memory)
     writer_actor: dict[str, Any] = {"num_cpus": opts.writer_cpus}
     if opts.writer_resource:
         writer_actor["resources"] = {opts.writer_resource: 0.01}
