@@ -124,7 +124,8 @@ def lora_expand_triton(
     tiles = meta.tile_table(ranks, block_m, 0)
     _expand_kernel[(tiles.shape[0], triton.cdiv(n, block_n))](
         h, b, y, meta.token_indices, tiles, scales, pages,
-        n, h.stride(0), b.stride(0), b.stride(1), b.stride(2), y.stride(0), pages.stride(0), page_rank, pages,  # ranks_ptr unread unless FIXED
+        n, h.stride(0), b.stride(0), b.stride(1), b.stride(2), y.stride(0), pages.stride(0), page_rank,
+        pages,  # ranks_ptr: unread unless FIXED
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
         PRECISION="ieee" if b.dtype == torch.float32 else "tf32",
         num_warps=num_warps,

@@ -171,7 +171,8 @@ def lora_shrink_triton(
     dst = torch.zeros_like(out, dtype=torch.float32) if atomic and out.dtype != torch.float32 else out
     _shrink_kernel[(n_tiles, split_k)](
         x, a, dst, meta.token_indices, tiles, pages,
-        k, x.stride(0), a.stride(0), a.stride(1), dst.stride(0), pages.stride(0), page_rank, k_per_split, pages, 1,  # ranks_ptr unread unless FIXED
+        k, x.stride(0), a.stride(0), a.stride(1), dst.stride(0), pages.stride(0), page_rank, k_per_split,
+        pages, 1,  # ranks_ptr, n_rank_blocks: unread unless FIXED
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, ATOMIC=atomic,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps,

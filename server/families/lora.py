@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from adapters_store.errors import AdapterError
-from kernels import StackCache, lora_apply
+from kernels import FixedLoRAMeta, StackCache, lora_apply
 from server.families.base import (
     Adapter,
     AdapterFamily,
@@ -381,7 +381,14 @@ def lora_weights(
 
 
 class LoRASlots(DeviceForm):
-    """A[slot, r_max, in], B[slot, out, r_max], rank[slot] (int32) and scale[slot] (fp32) per module."""
+    """A[slot, r_max, in], B[slot, out, r_max], rank[slot] (int32) and scale[slot] (fp32) per module.
+
+    Graph-capturable: over a step's fixed-shape metadata (`kernels.capturable.FixedLoRAMeta`) every module
+    with weights runs the fixed launches, which read ranks from `ranks_dev` on the device; `graph_version`
+    changes whenever a module is allocated (a captured decode graph then misses it and is re-captured).
+    """
+
+    graph_capturable = True
 
     def __init__(self, info: BaseModelInfo, max_adapters: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -395,6 +402,8 @@ class LoRASlots(DeviceForm):
         self.ranks: dict[tuple[int, str], torch.Tensor] = {}
         self.scales: dict[tuple[int, str], torch.Tensor] = {}
         self._host_ranks: dict[tuple[int, str], list[int]] = {}
+        self.ranks_dev: dict[tuple[int, str], torch.Tensor] = {}  # the same ranks on the device (fixed path)
+        self.graph_version = 0
         # CPU only: weights of the step's adapters stacked for one bmm per module (kernels/cpu_backend.py),
         # at most 256 MiB in all; emptied whenever any slot changes.
         self.stack_cache: StackCache | None = StackCache() if device.type == "cpu" else None
@@ -413,6 +422,9 @@ class LoRASlots(DeviceForm):
         self.ranks[key] = torch.zeros(s, dtype=torch.int32)
         self.scales[key] = torch.zeros(s, dtype=torch.float32, device=self.device)
         self._host_ranks[key] = [0] * s
+        self.ranks_dev[key] = (self.ranks[key] if self.device.type == "cpu"
+                               else torch.zeros(s, dtype=torch.int32, device=self.device))
+        self.graph_version += 1
 
     def _check(self, slot: int, weights: LoRAWeights) -> None:
         if not 0 <= slot < self.max_adapters:
@@ -440,6 +452,11 @@ class LoRASlots(DeviceForm):
 
     def project_output(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor, batch: StepBatch) -> None:
         """y += the step's LoRA deltas of one projection (y may be a column slice of a fused output)."""
+        if isinstance(batch.segments, FixedLoRAMeta):  # a decode graph step: no host decision on the step's slots
+            key = (layer, name)
+            if key in self.a:
+                lora_apply(x, y, self.a[key], self.b[key], self.ranks_dev[key], self.scales[key], batch.segments)
+            return
         m = self.module(layer, name, batch.active_slots)
         if m is not None:
             lora_apply(x, y, *m, batch.segments, cache=self.cache_for(layer, name))
@@ -459,6 +476,8 @@ class LoRASlots(DeviceForm):
             self.a[key][slot, :r].copy_(a)
             self.b[key][slot, :, :r].copy_(b)
             self.ranks[key][slot] = r
+            if self.ranks_dev[key] is not self.ranks[key]:
+                self.ranks_dev[key][slot] = r
             self.scales[key][slot] = float(scaling)
             self._host_ranks[key][slot] = r
 
@@ -474,6 +493,8 @@ class LoRASlots(DeviceForm):
                 self.a[key][slot].zero_()
                 self.b[key][slot].zero_()
                 self.ranks[key][slot] = 0
+                if self.ranks_dev[key] is not self.ranks[key]:
+                    self.ranks_dev[key][slot] = 0
                 self.scales[key][slot] = 0.0
                 host[slot] = 0
 

@@ -1,0 +1,171 @@
+"""Decode steps with LoRA rows through the decode-graph path (`server/model/cuda_graphs.py`), proven on CPU.
+
+torch on the CPU cannot capture a CUDA graph, so the runner's `graph_template` runs each eligible decode
+step through the padded bucket template a graph would capture: every index tensor and the fixed-shape
+LoRA metadata (`kernels/capturable.py`) are views of the preallocated step buffers, and the LoRA kernels
+are the fixed-shape Triton launches (interpreter). Held to the twin runner (torch attention, CPU LoRA
+backend): greedy tokens over mixed adapters of different ranks and target modules must be the same.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import FixedLoRAMeta, LoRAMeta
+from kernels.capturable import fixed_tiles, max_fixed_tiles
+from server.families import LORA, AdapterSpec
+from server.families.lora import LoraAdapter, LoraModuleWeights
+from server.model.runner import ModelRunner, SeqChunk
+from tests.kernels.test_paged_lora import needs_interp
+from tests.model.helpers import random_prompts, shuffled_tables
+from tests.tiny import make_tiny_checkpoint
+
+pytestmark = needs_interp
+
+BS = 4
+SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
+          "gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64)}
+# slot -> (rank, target modules): different ranks and module sets, so per-module ranks differ by slot
+ADAPTERS = {0: (4, ("q_proj", "v_proj", "down_proj")), 1: (8, ("k_proj", "o_proj", "gate_proj", "up_proj")),
+            2: (2, tuple(SHAPES))}
+LATE = (6, ("q_proj", "up_proj"))  # loaded into slot 3 mid-run
+SEQ_SLOTS = [-1, 0, 1, 2, 0, 1]  # base, three adapters, repeats
+
+
+def _adapter(rank: int, targets: tuple[str, ...], num_layers: int, seed: int) -> LoraAdapter:
+    g = torch.Generator().manual_seed(seed)
+    modules = {(layer, n): LoraModuleWeights(torch.randn(rank, SHAPES[n][0], generator=g) * 0.3,
+                                             torch.randn(SHAPES[n][1], rank, generator=g) * 0.3, 1.5)
+               for layer in range(num_layers) for n in targets}
+    return LoraAdapter(family=LORA, spec=AdapterSpec("LORA", None), modules=modules)
+
+
+def _runner(path: str, **kw) -> ModelRunner:
+    r = ModelRunner(path, block_size=BS, num_blocks=64, max_adapters=4, max_rank=8, max_num_seqs=8,
+                    max_batch_tokens=64, **kw)
+    for slot, (rank, targets) in ADAPTERS.items():
+        r.load_adapter(slot, _adapter(rank, targets, r.spec.num_layers, seed=slot))
+    return r
+
+
+def _greedy(r: ModelRunner, steps: int, late_at: int, seq_slots: list[int] = SEQ_SLOTS) -> list[list[int]]:
+    """Prefill all sequences in one step, then `steps` greedy decode steps of all; slot 3 gets an adapter
+    before decode step `late_at` and the last sequence switches to it."""
+    prompts = random_prompts([5, 3, 6, 4, 5, 2], seed=11)
+    tables = shuffled_tables(len(prompts), 5, 60, seed=1)
+    slots = list(seq_slots)
+    logits = r.execute([SeqChunk(i, p, 0, tables[i], True, adapter_slot=slots[i]) for i, p in enumerate(prompts)])
+    toks = [[int(t)] for t in logits.argmax(-1)]
+    lens = [len(p) for p in prompts]
+    for step in range(steps):
+        if step == late_at:
+            r.load_adapter(3, _adapter(*LATE, r.spec.num_layers, seed=9))
+            slots[-1] = 3
+        chunks = [SeqChunk(i, [toks[i][-1]], lens[i], tables[i], True, adapter_slot=slots[i])
+                  for i in range(len(prompts))]
+        logits = r.execute(chunks)
+        for i, t in enumerate(logits.argmax(-1).tolist()):
+            toks[i].append(t)
+            lens[i] += 1
+    return toks
+
+
+@pytest.fixture(scope="module")
+def ckpt(ckpt_dir: str) -> str:
+    return make_tiny_checkpoint(ckpt_dir, "llama", seed=3)
+
+
+def test_graph_template_lora_decode_gives_the_twins_tokens(ckpt: str) -> None:
+    twin = _runner(ckpt, attention_backend="torch")
+    graphed = _runner(ckpt, attention_backend="triton", graph_template=True)
+    base = _runner(ckpt, attention_backend="torch")
+    for s in range(4):
+        base.clear_slot(s)
+    want = _greedy(twin, 6, late_at=3)
+    got = _greedy(graphed, 6, late_at=3)
+    plain = _greedy(base, 6, late_at=99, seq_slots=[-1] * 6)
+    # every adapter changes its sequences' tokens (else the match below proves nothing about LoRA)
+    assert all(want[i] != plain[i] for i in range(1, 6)), (want, plain)
+    assert want[0] == plain[0]
+    assert got == want
+    g = graphed.graphs
+    assert g is not None and g.lora_replays == 6 and g.replays == 6  # every decode step took the LoRA template
+    assert graphed.buffers.grows == 0
+
+
+def test_template_inputs_live_in_the_buffers_and_hold_the_step(ckpt: str) -> None:
+    """What a graph would capture: the fixed LoRA metadata of every step is the same buffer views (no per-step
+    allocation of metadata), holding the step's tiles followed by empty tiles up to the bucket's count."""
+    r = _runner(ckpt, attention_backend="triton", graph_template=True)
+    owned = r.buffers.storages()
+    seen: list = []
+    forward = r.graphs.forward
+
+    def record(batch):  # observes the template the graph path runs, then runs it
+        seen.append((batch, batch.lora_fixed.tiles.clone() if batch.lora_fixed is not None else None,
+                     batch.lora_fixed.token_indices.clone() if batch.lora_fixed is not None else None))
+        return forward(batch)
+
+    r.graphs.forward = record
+    built: list = []
+    execute_build = __import__("server.model.runner", fromlist=["build_step"]).build_step
+
+    def spy(*a, **kw):  # the step's own (host) segments, to check the buffers against
+        b = execute_build(*a, **kw)
+        built.append(b)
+        return b
+
+    import server.model.runner as runner_mod
+    runner_mod.build_step, old = spy, runner_mod.build_step
+    try:
+        _greedy(r, 4, late_at=2)
+    finally:
+        runner_mod.build_step = old
+    assert len(seen) == 4
+    ptrs = set()
+    for (batch, tiles, idx), step in zip(seen, built[1:], strict=True):
+        fm = batch.segments
+        assert isinstance(fm, FixedLoRAMeta) and fm is batch.lora_fixed
+        assert fm.tiles.untyped_storage().data_ptr() in owned and fm.token_indices.untyped_storage().data_ptr() in owned
+        ptrs.add((fm.tiles.data_ptr(), fm.token_indices.data_ptr(), fm.tiles.shape))
+        meta: LoRAMeta = step.segments
+        real = fixed_tiles(meta)
+        assert fm.tiles.shape[0] == max_fixed_tiles(8, 4)  # 6 sequences pad to the bucket of 8
+        assert tiles[:len(real)].tolist() == [list(t) for t in real]
+        assert tiles[len(real):].abs().sum() == 0  # padding tiles: m_len 0
+        assert idx[:len(meta.token_indices)].tolist() == meta.token_indices.tolist()
+        # rows 6 and 7 of the bucket are padding: in no tile
+        assert all(int(idx[t[0] + j]) < 6 for t in real for j in range(t[1]))
+    assert len(ptrs) == 1  # the same addresses every step, as a replayed graph needs
+    assert r.buffers.storages() == owned and r.buffers.grows == 0
+
+
+def test_mixed_families_and_prefill_steps_stay_eager(ckpt: str) -> None:
+    """Steps with a multi-token chunk are not graph steps (no fixed metadata is built for them)."""
+    r = _runner(ckpt, attention_backend="triton", graph_template=True)
+    prompts = random_prompts([5, 2], seed=3)
+    tables = shuffled_tables(2, 3, 60, seed=2)
+    r.execute([SeqChunk(0, prompts[0], 0, tables[0], True, adapter_slot=0),
+               SeqChunk(1, prompts[1], 0, tables[1], True, adapter_slot=1)])
+    assert r.graphs.replays == 0
+    r.execute([SeqChunk(0, [1], 5, tables[0], True, adapter_slot=0), SeqChunk(1, [2, 3], 2, tables[1], True)])
+    assert r.graphs.replays == 0
+    r.execute([SeqChunk(0, [1], 6, tables[0], True, adapter_slot=0), SeqChunk(1, [2], 4, tables[1], True)])
+    assert r.graphs.replays == 1 and r.graphs.lora_replays == 1
+
+
+def test_graph_template_needs_the_triton_backend(ckpt: str) -> None:
+    with pytest.raises(ValueError, match="graph_template needs attention_backend 'triton'"):
+        ModelRunner(ckpt, block_size=BS, num_blocks=16, attention_backend="torch", graph_template=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_lora_decode_equals_eager_on_gpu(ckpt: str) -> None:
+    """Captured LoRA decode graphs (real capture) give the eager runner's tokens, re-capturing after slot 3's
+    adapter allocates new modules."""
+    kw = dict(device="cuda", dtype="float32", attention_backend="triton")
+    graphed, eager = _runner(ckpt, **kw), _runner(ckpt, enforce_eager=True, **kw)
+    assert _greedy(graphed, 6, late_at=3) == _greedy(eager, 6, late_at=3)
+    assert graphed.graphs.lora_replays == 6 and graphed.graphs.captures >= 2
