@@ -11,7 +11,6 @@ from kernels import FixedLoRAMeta, LoRAMeta, lora_apply
 from kernels.capturable import fixed_tiles, lora_expand_fixed, lora_shrink_fixed, max_fixed_tiles
 from tests.kernels.test_paged_lora import NUM_PAGES, PAGES, RANKS, TOL, _inputs, _naive, _paged, needs_interp
 
-pytestmark = needs_interp
 
 
 def _fixed(slots: list[int], n_tiles: int) -> FixedLoRAMeta:
@@ -30,6 +29,7 @@ DECODE = [0, 1, 1, -1, 2, 3, 2, 0, -1, 4, 3, 3, 1]  # interleaved slots, base ro
 LONG = [2] * 19 + [-1] * 3 + [0] * 5  # a segment longer than one 16-row tile
 
 
+@needs_interp
 @pytest.mark.parametrize("split_k", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("slots", [DECODE, LONG], ids=["decode", "long"])
@@ -53,6 +53,7 @@ def test_fixed_apply_matches_dense_loop(slots: list[int], dtype: torch.dtype, sp
         assert torch.equal(h[t, r:], torch.zeros_like(h[t, r:]))
 
 
+@needs_interp
 def test_one_table_serves_modules_of_different_ranks() -> None:
     """The tile table does not depend on ranks: the same fixed meta run over a module where the slots have
     other ranks (and slot 1 has none) gives that module's answer, through the dispatching lora_apply."""
@@ -72,6 +73,7 @@ def test_one_table_serves_modules_of_different_ranks() -> None:
         torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)
 
 
+@needs_interp
 def test_unpaged_layout_and_all_padding() -> None:
     """pages=None (stacked [S, R_max, K]) works, and a table of only padding tiles changes nothing."""
     g = torch.Generator().manual_seed(2)
@@ -90,6 +92,7 @@ def test_unpaged_layout_and_all_padding() -> None:
     assert torch.equal(lora_apply(x, y0.clone(), a, b, ranks, scales, empty), y0)
 
 
+@needs_interp
 def test_fixed_launch_refuses_host_ranks_on_another_device_and_bad_tiles() -> None:
     a, b = torch.zeros(2, 4, 8), torch.zeros(2, 6, 4)
     x, y = torch.zeros(3, 8), torch.zeros(3, 6)
@@ -112,3 +115,19 @@ def test_max_fixed_tiles_bounds_every_step() -> None:
         s = int(torch.randint(1, 9, (1,), generator=g))
         slots = torch.randint(-1, s, (t,), generator=g).tolist()
         assert len(fixed_tiles(LoRAMeta.from_token_slots(slots))) <= max_fixed_tiles(t, s)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fixed_apply_on_gpu(dtype: torch.dtype) -> None:
+    """Real Triton: the fixed launches (split-K chosen from the SM count) against the float64 loop."""
+    p = _paged(RANKS, PAGES, NUM_PAGES, dtype)
+    x, y0 = _inputs(DECODE, dtype)
+    meta = _fixed(DECODE, max_fixed_tiles(len(DECODE), len(RANKS)))
+    want = _naive(x, y0, p, DECODE)
+    cuda = {k: v.to("cuda") for k, v in p.items() if isinstance(v, torch.Tensor)}
+    fm = FixedLoRAMeta(token_indices=meta.token_indices.cuda(), tiles=meta.tiles.cuda(), num_tokens=len(DECODE))
+    y = lora_apply(x.cuda(), y0.cuda(), cuda["a"], cuda["b"], cuda["ranks"], cuda["scales"], fm, pages=cuda["pages"])
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double().cpu(), want, atol=3e-2, rtol=3e-2)
