@@ -12,7 +12,6 @@ from kernels.capturable import fixed_tiles, lora_expand_fixed, lora_shrink_fixed
 from tests.kernels.test_paged_lora import NUM_PAGES, PAGES, RANKS, TOL, _inputs, _naive, _paged, needs_interp
 
 
-
 def _fixed(slots: list[int], n_tiles: int) -> FixedLoRAMeta:
     """The step's real tiles, then padding tiles (m_len 0) up to n_tiles; the padding names slot 0 and row 0
     so a kernel that ignored m_len would visibly write row 0."""
