@@ -120,8 +120,26 @@ def lora_kernels(build: Any) -> int:
 
 
 def extra_kernels(build: Any) -> int:
-    """Kernels added after the first GPU-path issue (fused q/k/v shrink), when their module exists."""
-    return 0
+    """The fused q/k/v (gate/up) launches of `kernels/fused_lora.py` (per-module pointers picked by program id)."""
+    from kernels import fused_lora as fused
+
+    n = 0
+    for dt in ("bf16", "fp16"):
+        p = "*" + dt
+        for atomic in (False, True):
+            consts = dict(NUM_MODULES=3, BLOCK_M=16, BLOCK_R=16, BLOCK_K=128, ATOMIC=atomic, PRECISION="tf32")
+            ptrs = dict(x_ptr=p, tok_ptr="*i64", tiles_ptr="*i32", h_ptr="*fp32",
+                        **{f"a{i}_ptr": p for i in range(3)}, **{f"p{i}_ptr": "*i32" for i in range(3)},
+                        **{f"r{i}_ptr": "*i32" for i in range(3)})
+            build(fused._fused_shrink_kernel, _types(fused._fused_shrink_kernel, ptrs, consts), consts, 4)
+            n += 1
+        consts = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=16, PRECISION="tf32")
+        ptrs = dict(h_ptr="*fp32", tok_ptr="*i64", tiles_ptr="*i32", **{f"b{i}_ptr": p for i in range(3)},
+                    **{f"y{i}_ptr": p for i in range(3)}, **{f"p{i}_ptr": "*i32" for i in range(3)},
+                    **{f"r{i}_ptr": "*i32" for i in range(3)}, **{f"c{i}_ptr": "*fp32" for i in range(3)})
+        build(fused._fused_expand_kernel, _types(fused._fused_expand_kernel, ptrs, consts), consts, 4)
+        n += 1
+    return n
 
 
 if __name__ == "__main__":
