@@ -168,7 +168,8 @@ def _fused_expand_kernel(
     tl.store(yp, (yv + scale * acc).to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
-Module = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # a, b, ranks, scales, pages
+# (a pool, b pool, device ranks, scales, page table or None)
+Module = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
 
 def _pad3(values: list) -> list:

@@ -25,6 +25,7 @@ import torch
 
 from adapters_store.errors import AdapterError
 from kernels import FixedLoRAMeta, StackCache, lora_apply
+from kernels.fused_lora import lora_apply_fused
 from server.families.base import (
     Adapter,
     AdapterFamily,
@@ -460,6 +461,19 @@ class LoRASlots(DeviceForm):
         m = self.module(layer, name, batch.active_slots)
         if m is not None:
             lora_apply(x, y, *m, batch.segments, cache=self.cache_for(layer, name))
+
+    def project_outputs(self, layer: int, names: tuple[str, ...], x: torch.Tensor, ys: tuple[torch.Tensor, ...],
+                        batch: StepBatch) -> None:
+        """Projections sharing x (q/k/v, gate/up): over fixed-shape metadata (a decode graph step) one fused
+        launch pair for all of them that have weights (`kernels/fused_lora.py`); otherwise one by one."""
+        meta = batch.segments
+        if not isinstance(meta, FixedLoRAMeta):
+            super().project_outputs(layer, names, x, ys, batch)
+            return
+        keys = [((layer, n), y) for n, y in zip(names, ys, strict=True) if (layer, n) in self.a]
+        if keys:
+            lora_apply_fused(x, [y for _, y in keys], [(self.a[k], self.b[k], self.ranks_dev[k], self.scales[k], None)
+                                                       for k, _ in keys], meta)
 
     def load_slot(self, slot: int, weights: LoRAWeights) -> None:
         """Install an adapter in a slot; modules absent from `weights` get rank 0 there.
