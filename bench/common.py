@@ -47,16 +47,16 @@ def random_prompts(n: int, length: int, vocab: int = 256, seed: int = 0) -> list
     return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
 
 
-def make_engine(model_dir: str, *, max_num_seqs: int, max_model_len: int, max_adapters: int = 8,
+def make_engine(model_dir: str, *, max_num_seqs: int, max_model_len: int, max_adapters: int | None = 8,
                 max_rank: int = 64, max_batch_tokens: int = 2048, num_blocks: int | None = None,
-                prefix_caching: bool = True) -> AsyncEngine:
+                prefix_caching: bool = True, adapter_memory: int | str | None = None) -> AsyncEngine:
     """Our engine as the server builds it: on CPU the worker thread owns every torch thread (server.threads);
     the calling thread is left single-threaded, so run torch baselines in another process."""
     cuda = torch.cuda.is_available()
     threads = None if cuda else claim_for_engine()
     runner = ModelRunner(model_dir, device="cuda" if cuda else "cpu", dtype="auto",
                          max_model_len=max_model_len, max_adapters=max_adapters, max_rank=max_rank,
-                         num_blocks=num_blocks)
+                         num_blocks=num_blocks, adapter_memory=adapter_memory)
     return AsyncEngine(runner, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, torch_threads=threads,
                        prefix_caching=prefix_caching)
 

@@ -14,6 +14,12 @@ Workloads, all greedy with a fixed output length, all prompts submitted at once:
   feed-forward), K DoRA adapters (rank 16, all 7 projections), K AdapterHub bottleneck adapters (SeqBn,
   reduction_factor 16), and the all-families mix (base, LoRA, prefix, prompt, IA3, DoRA, bottleneck: kind i % 7).
 
+`--residency` runs the many-adapters benchmark instead (issue 18): a closed loop of 32 concurrent requests
+over K = 8, 32, 64, 128 distinct LoRA adapters (rank 16; `--mixed-ranks`: r=8 and r=64 alternating) with
+`--adapter-memory` sized for 64 rank-16 adapters, tokens/s and TTFT p50/p99 against K = 8 timed alternately
+on a reference engine that never loads; K = 128 also against K = 64 (what fits) on that engine; and
+`--max-adapters 8` at K = 32 against the 8-sequence bound (8 concurrent requests, K = 8, no loads).
+
 "ideal(mem)" is the memory-bound ideal of a decode step: base bytes (weights + KV read) over base plus
 the adapters' extra bytes (distinct LoRA A/B, prefix / virtual-token KV). "ideal(flop)" is the same
 ratio for FLOPs, which is closer to what bounds a 2-core CPU in fp32 at this batch size.
@@ -293,6 +299,145 @@ def _loadavg() -> str | None:
         return None
 
 
+# ---- residency: many adapters over a byte budget (--residency) ----------------------------------------------
+def closed_loop(engine: Any, prompts: list[list[int]], output_len: int, handles: list[Any], concurrency: int
+                ) -> dict[str, Any]:
+    """`concurrency` clients, each submitting its share of the requests one after another (greedy, fixed
+    length): tokens/s, TTFT percentiles, and the engine's adapter loads/evictions/prefetches during the run."""
+    import asyncio
+    import time
+
+    from server.engine.sequence import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    ttft: list[float] = []
+    tokens = 0
+
+    async def client(jobs: list[tuple[list[int], Any]]) -> None:
+        nonlocal tokens
+        for p, h in jobs:
+            t0, first = time.perf_counter(), None
+            async for d in engine.generate(p, params, h):
+                if first is None and d.token_ids:
+                    first = time.perf_counter() - t0
+                tokens += len(d.token_ids)
+            ttft.append(first if first is not None else float("nan"))
+
+    jobs = list(zip(prompts, handles, strict=True))
+    engine.start()
+    sm = engine.slots
+    before = (sm.loads, sm.evictions, sm.prefetches)
+
+    async def main() -> None:
+        await asyncio.gather(*(client(jobs[c::concurrency]) for c in range(concurrency)))
+
+    t0 = time.perf_counter()
+    asyncio.run(main())
+    dt = time.perf_counter() - t0
+    ttft.sort()
+
+    def pct(q: float) -> float:
+        return ttft[min(len(ttft) - 1, int(q * len(ttft)))]
+
+    return {"tok_per_s": tokens / dt, "seconds": dt, "ttft_p50": pct(0.5), "ttft_p99": pct(0.99),
+            "loads": sm.loads - before[0], "evictions": sm.evictions - before[1],
+            "prefetches": sm.prefetches - before[2], "resident": sm.num_resident, "pages_used": sm.pages_used}
+
+
+def residency(args: argparse.Namespace) -> None:
+    """The many-adapters table (see the module docstring)."""
+    import random
+
+    from adapters_store.loader import load_adapter
+    from server.engine.registry import AdapterRegistry
+    from server.model.adapter_pages import page_bytes
+    from server.model.loader import load_spec, resolve_dtype
+
+    load_start = _loadavg()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ks = sorted({int(k) for k in args.ks.split(",") if k.strip()})
+    model_dir = args.model or bench_model(args.hidden, args.layers, args.heads, args.kv_heads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    spec = load_spec(model_dir)[0]
+    info = spec.base_info()
+    dtype = resolve_dtype("auto", device, spec.torch_dtype)
+    memory = args.fit * 2 * page_bytes(info, dtype)  # `--fit` rank-16 adapters: 2 pages of 8 rank rows each
+    c, n_req = args.num_requests, args.total_requests
+    max_len = args.prompt_len + args.output_len + 8
+    if args.mixed_ranks:
+        r8, r64 = make_lora_adapters(model_dir, max(ks) // 2, 8), make_lora_adapters(model_dir, max(ks) // 2, 64)
+        dirs = [d for pair in zip(r8, r64, strict=True) for d in pair]
+        label = "r8/r64"
+    else:
+        dirs = make_lora_adapters(model_dir, max(ks), args.rank)
+        label = f"r{args.rank}"
+    registry = AdapterRegistry(max_cpu=len(dirs) + 1)
+    handles = [registry.put(f"lora{i}", load_adapter(d, info, max_rank=args.max_rank)) for i, d in enumerate(dirs)]
+    rng = random.Random(0)
+    prompts = random_prompts(n_req, args.prompt_len)
+
+    def order(k: int) -> list[Any]:
+        out: list[Any] = []
+        while len(out) < n_req:
+            cycle = list(range(k))
+            rng.shuffle(cycle)
+            out += cycle
+        return [handles[i] for i in out[:n_req]]
+
+    def engine(**kw: Any) -> Any:
+        kw.setdefault("max_num_seqs", c)
+        return make_engine(model_dir, max_model_len=max_len, max_rank=args.max_rank,
+                           max_batch_tokens=max(2048, c), **kw)
+
+    print(f"device={device} threads={torch.get_num_threads()} model={model_dir} adapters={label} "
+          f"memory={memory} bytes ({args.fit} rank-16 adapters) concurrency={c} requests/row={n_req} "
+          f"prompt={args.prompt_len} output={args.output_len} repeat={args.repeat} load={load_start}")
+    ref = engine(max_adapters=None, adapter_memory=memory)  # K = 8 and K = fit: resident after warm-up
+    main_eng = engine(max_adapters=None, adapter_memory=memory)
+    capped = engine(max_adapters=8, adapter_memory=memory)
+    bound8 = engine(max_adapters=None, adapter_memory=memory, max_num_seqs=8)
+    fit = min(args.fit, max(ks))
+
+    def timed(eng: Any, k: int) -> dict[str, Any]:
+        return closed_loop(eng, prompts, args.output_len, order(k), c)
+
+    for eng, k in ((ref, 8), (ref, fit), (bound8, 8)):
+        timed(eng, k)  # warm-up: loads what the reference engines keep resident
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, eng: Any, k: int, ref_eng: Any, ref_k: int, ref_name: str) -> None:
+        runs, pairs = [], []
+        timed(eng, k)  # warm-up (for K <= fit: every adapter resident afterwards)
+        for _ in range(max(1, args.repeat)):
+            runs.append(timed(eng, k))
+            pairs.append(timed(ref_eng, ref_k))
+        res = max(runs, key=lambda r: r["tok_per_s"])
+        pr = max(pairs, key=lambda r: r["tok_per_s"])
+        out = {"name": name, "k": k, **res, "ref": ref_name, "ref_tok_per_s": pr["tok_per_s"],
+               "ref_ttft_p99": pr["ttft_p99"], "ref_loads": pr["loads"],
+               "tput_ratio": res["tok_per_s"] / pr["tok_per_s"], "ttft_p99_ratio": res["ttft_p99"] / pr["ttft_p99"]}
+        rows.append(out)
+        print(f"  {name:<34} {res['tok_per_s']:8.1f} tok/s  TTFT p50 {res['ttft_p50']:6.2f}s p99 "
+              f"{res['ttft_p99']:6.2f}s  /{ref_name} {out['tput_ratio']:.2f} (p99 x{out['ttft_p99_ratio']:.2f})  "
+              f"loads {res['loads']} evictions {res['evictions']} prefetched {res['prefetches']} "
+              f"resident {res['resident']} (ref loads {pr['loads']})", flush=True)
+
+    for k in ks:
+        row(f"{label} K={k}", main_eng, k, ref, 8, "K=8")
+    if max(ks) > fit:
+        row(f"{label} K={max(ks)} vs resident", main_eng, max(ks), ref, fit, f"K={fit} resident")
+    k_cap = min(32, max(ks))
+    row(f"{label} --max-adapters 8, K={k_cap}", capped, k_cap, bound8, 8, "8-seq bound")
+    for e in (ref, main_eng, capped, bound8):
+        e.stop()
+    print(f"load average: start {load_start}, end {_loadavg()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "args": vars(args), "memory": memory, "rows": rows,
+                       "loadavg_start": load_start, "loadavg_end": _loadavg()}, f, indent=2)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(ap)
@@ -314,7 +459,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, K = 1, 2: a smoke run")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--residency", action="store_true", help="the many-adapters benchmark (module docstring)")
+    ap.add_argument("--mixed-ranks", action="store_true", help="--residency: adapters alternate rank 8 and 64")
+    ap.add_argument("--fit", type=int, default=64, help="--residency: --adapter-memory holds this many rank-16")
+    ap.add_argument("--total-requests", type=int, default=128, help="--residency: requests per timed run")
     args = ap.parse_args(argv)
+    if args.residency:
+        if args.ks == "1,8,32":
+            args.ks = "8,32,64,128"
+        residency(args)
+        return
     load_start = _loadavg()
     if args.quick:
         args.hidden, args.layers, args.heads, args.kv_heads = 64, 2, 4, 2

@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     kv_cache_fraction: float = 0.5
     block_size: int = 16
     no_prefix_caching: bool = False
-    max_adapters: int = 8
+    max_adapters: int | None = None  # optional cap on resident adapters (residency is --adapter-memory)
+    adapter_memory: str | None = None  # LoRA page pool: bytes (512MiB) or a fraction of free device memory
     max_slot_wait: int = 32
     max_rank: int = 64
     attention_backend: str = "auto"  # auto | triton | torch
@@ -132,10 +133,18 @@ class Settings(BaseSettings):
         for name in ("max_num_seqs", "max_batch_tokens", "block_size", "max_adapters", "max_rank",
                      "max_cpu_adapters", "max_upload_mb", "max_queue", "max_tokens_limit", "max_n",
                      "max_stop", "max_body_mb", "metrics_max_adapters", "max_compose"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name.replace("_", "-"), getattr(self, name), "must be >= 1")
         if self.max_slot_wait < 0:
             bad("max-slot-wait", self.max_slot_wait, "must be >= 0")
+        if self.adapter_memory is not None:
+            from server.model.adapter_pages import parse_memory
+
+            try:
+                parse_memory(self.adapter_memory)
+            except ValueError:
+                bad("adapter-memory", self.adapter_memory, "bytes such as 512MiB or 2GB, or a fraction of free "
+                    "device memory in (0, 1] such as 0.1")
         if self.max_model_len is not None and self.max_model_len < 2:
             bad("max-model-len", self.max_model_len, "must be >= 2")
         if self.kv_cache_blocks is not None and self.kv_cache_blocks < 1:
@@ -206,7 +215,11 @@ HELP = {
     "block_size": "tokens per KV block",
     "no_prefix_caching": "turn off automatic prefix caching (reuse of full KV blocks across requests on the "
                          "same adapter version) (true/false)",
-    "max_adapters": "adapters resident on the device at once (slots)",
+    "max_adapters": "optional cap on adapters resident on the device at once (default: as many as "
+                    "--adapter-memory holds, at most 128)",
+    "adapter_memory": "device memory for LoRA/DoRA adapter weights, in pages of 8 rank rows (a rank-16 adapter "
+                      "takes 2): bytes (512MiB, 2GB) or a fraction of free device memory (0.1); default: what 8 "
+                      "adapters of --max-rank take",
     "max_slot_wait": "engine steps a request may wait for an adapter slot before the scheduler drains one for "
                      "it (no new requests join that slot until it has it); 0 drains at once",
     "max_rank": "largest LoRA rank accepted",

@@ -71,6 +71,7 @@ def build_state(settings: Settings) -> ServerState:
         max_batch_tokens=max(settings.max_batch_tokens, settings.max_num_seqs),
         attention_backend=settings.attention_backend,
         enforce_eager=settings.enforce_eager,
+        adapter_memory=settings.adapter_memory,
     )
     m = runner.info
     # The one check that a request which fits --max-model-len fits the cache alone (+1 block: a prefix-tuning

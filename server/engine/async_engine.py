@@ -72,7 +72,9 @@ class Runner(Protocol):
     tokenizer: Any
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor: ...
-    def load_adapter(self, slot: int, adapter: Any, kv_slots: list[int] | None = None) -> None: ...
+    def load_adapter(self, slot: int, adapter: Any, kv_slots: list[int] | None = None,
+                     pages: list[int] | None = None) -> None: ...
+    def clear_slot(self, slot: int) -> None: ...
 
 
 @dataclass
@@ -180,7 +182,7 @@ class AsyncEngine:
         self.max_model_len = self.info.max_model_len
         self.max_num_seqs = max_num_seqs
         self.allocator = BlockAllocator(self.info.num_blocks, self.info.block_size)
-        self.slots = SlotManager(self.info.max_adapters)
+        self.slots = SlotManager(self.info.max_adapters, self.info.adapter_pages or None)
         self.scheduler = Scheduler(self.allocator, max_num_seqs=max_num_seqs,
                                    max_batch_tokens=max_batch_tokens, slots=self.slots,
                                    prefix_caching=prefix_caching, max_slot_wait=max_slot_wait)
@@ -290,6 +292,7 @@ class AsyncEngine:
             seq.adapter_key = adapter.key
             seq.num_virtual = adapter.adapter.virtual_tokens
             seq.num_prefix = adapter.adapter.prefix_tokens
+            seq.adapter_pages = -(-adapter.adapter.page_rank // self.info.adapter_page_rank)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.min_tokens)
         req = Request(seq, detok, asyncio.Queue(), loop, make_generator(params.seed))
         if params.guide is not None:
@@ -413,6 +416,8 @@ class AsyncEngine:
     def _execute(self, out: SchedulerOutput) -> torch.Tensor | None:
         """Load the step's new adapters and run the forward pass; None when the step failed."""
         try:
+            for slot in out.cleared:  # evicted for their pages: nothing may read them now
+                self.runner.clear_slot(slot)
             for slot, seq in out.loads:
                 t_load = time.monotonic()
                 self._load_slot(slot, seq.adapter)
@@ -510,7 +515,8 @@ class AsyncEngine:
         bs = self.allocator.block_size
         blocks = self.scheduler.prefix_blocks(slot)
         kv_slots = [b * bs + o for b in blocks for o in range(bs)][:adapter.adapter.prefix_tokens]
-        self.runner.load_adapter(slot, adapter.adapter, kv_slots)
+        pages = self.slots.pages_of(slot) if self.slots.num_pages is not None else None
+        self.runner.load_adapter(slot, adapter.adapter, kv_slots, pages=pages)
 
     @staticmethod
     def _model_chunk(c: ScheduledChunk, logits_from: int | None = None) -> SeqChunk:

@@ -6,16 +6,23 @@ When KV blocks run out the newest running sequence is preempted (blocks freed, r
 never dropped. With prefix caching on, a joining sequence starts from the longest run of cached full
 blocks of its tokens (prefix_cache.py), and full blocks are registered as soon as their KV is computed.
 
-Adapter slots and fairness. A waiting request whose adapter has no free or idle slot is skipped, so later
+Adapter slots and fairness. Residency is pages of a memory budget plus a slot (slots.py). A waiting request
+whose adapter has no room (a slot and its pages, free or held by idle adapters) is skipped, so later
 requests (base, or on resident adapters) are not held behind it. Skipping alone can starve it: a stream of
 requests on resident adapters keeps every slot referenced. So once a request has waited `max_slot_wait`
 steps for a slot it is *starved*: the scheduler picks a busy slot to drain (the one with the fewest
-references) and admits no new sequence onto that slot until the starved request has it. Each distinct
-starved adapter drains its own slot (up to all slots; beyond that, in arrival order). Base requests are
+references; more of them if their pages are needed) and admits no new sequence onto those slots, and no
+load or idle-adapter pickup by anyone else, until the starved request has its room. Each distinct
+starved adapter drains its own slots (up to all slots; beyond that, in arrival order). Base requests are
 never held. The running sequences on a drained slot only shrink, oldest first, so a starved request
 waits at most `max_slot_wait` + D steps, where D = max_model_len + ceil(max_num_seqs·max_model_len /
 max_batch_tokens) bounds the steps those sequences need to finish (each step either advances every
 running sequence or spends the whole token budget) — barring KV preemption, which only frees slots.
+
+Prefetch: after admission, the adapters of the next `prefetch` waiting requests are loaded into free pages
+(or pages of idle adapters no waiting request needs), so the step that admits them loads nothing.
+Cold bursts: a request whose first uncached block a running sequence computes this step (the same system
+prompt arriving many times at once) waits for it and takes it from the cache (`deferred`).
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     loads: list[tuple[int, Sequence]] = field(default_factory=list)  # (slot, seq): load seq.adapter there
     preempted: list[Sequence] = field(default_factory=list)
+    cleared: list[int] = field(default_factory=list)  # slots emptied by evictions: clear them before the loads
+    prefetched: int = 0  # of `loads`, those for waiting requests not admitted yet (taken ahead of need)
     rejected: list[Sequence] = field(default_factory=list)  # could never fit the KV cache; finished
 
     @property
@@ -59,6 +68,7 @@ class Scheduler:
         slots: SlotManager | None = None,
         prefix_caching: bool = True,
         max_slot_wait: int = 32,
+        prefetch: int = 2,
     ) -> None:
         if max_batch_tokens < max_num_seqs:
             raise ValueError(f"max_batch_tokens={max_batch_tokens} must be >= max_num_seqs={max_num_seqs}")
@@ -77,6 +87,10 @@ class Scheduler:
         self.max_slot_wait = max_slot_wait
         self.step = 0  # schedule() calls so far
         self.draining: dict[int, Sequence] = {}  # slot -> the starved sequence it is being drained for
+        if prefetch < 0:
+            raise ValueError(f"prefetch={prefetch} must be >= 0")
+        self.prefetch = prefetch  # adapters of waiting requests loaded ahead of need per step, at most
+        self.deferred = 0  # admissions deferred so that a block another sequence is computing is computed once
 
     # ---- membership -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -169,6 +183,7 @@ class Scheduler:
             return out
         skipped: list[Sequence] = []
         self._update_drains()
+        pending = self._pending_blocks() if self.prefix_cache is not None else {}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.adapter_key is not None and self.slots is not None and not self._may_take_slot(seq):
@@ -188,6 +203,10 @@ class Scheduler:
             # a prompt being scored needs the logits of every prompt position: it takes no cached KV
             scoring = seq.params.prompt_logprobs is not None
             hits = self.prefix_cache.match(seq) if self.prefix_cache is not None and not scoring else []
+            if pending and not scoring and self._computing_next(seq, hits, pending):
+                self.deferred += 1  # a running sequence computes its next block now: take it from the cache next
+                skipped.append(self.waiting.popleft())
+                continue
             idle_hits = sum(1 for b in hits if self.allocator.refs(b) == 0)  # leave the allocatable pool
             if not self.allocator.can_allocate(total_blocks - len(hits) + idle_hits + prefix_blocks):
                 break
@@ -201,7 +220,9 @@ class Scheduler:
                 seq.admit_step = self.step
             seq.slot_blocked_since = -1
             if seq.adapter_key is not None and self.slots is not None:
-                slot, _evicted, needs_load = self.slots.acquire(seq.adapter_key)
+                got = self.slots.acquire(seq.adapter_key, seq.adapter_pages)
+                assert got is not None  # _may_take_slot checked it
+                slot, _evicted, needs_load = got
                 seq.slot = slot
                 self.draining = {s: q for s, q in self.draining.items() if q is not seq}
                 if needs_load:
@@ -212,40 +233,114 @@ class Scheduler:
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed, n, seq.num_computed + n == seq.num_tokens))
             budget -= n
+            if pending is not None and self.prefix_cache is not None:
+                self._add_pending(seq, pending)
         self.waiting.extendleft(reversed(skipped))
+        if self.slots is not None:
+            self._prefetch(out)
+            out.cleared = self.slots.take_cleared()
         return out
+
+    # ---- cold bursts: a block is computed once ----------------------------------------------------
+    def _pending_blocks(self) -> dict[bytes, Sequence]:
+        """Keys of the full blocks running sequences are about to compute (registered once computed)."""
+        pending: dict[bytes, Sequence] = {}
+        for seq in self.running:
+            self._add_pending(seq, pending)
+        return pending
+
+    def _add_pending(self, seq: Sequence, pending: dict[bytes, Sequence]) -> None:
+        assert self.prefix_cache is not None
+        if seq.params.prompt_logprobs is not None:
+            return
+        bs = self.allocator.block_size
+        first, last = seq.num_computed // bs, (seq.num_tokens - 1) // bs
+        if last > first:
+            for key in self.prefix_cache.keys(seq, last)[first:]:
+                pending.setdefault(key, seq)
+
+    def _computing_next(self, seq: Sequence, hits: list[int], pending: dict[bytes, Sequence]) -> bool:
+        """Whether the first block of `seq` that the cache lacks is being computed by a running sequence this
+        step: then `seq` waits a step and takes it from the cache instead of computing it again. The owner
+        computes at least one of its blocks each step it runs (it is ahead of `seq` in the running list),
+        so a deferred sequence waits at most ceil(prompt / max_batch_tokens) + 1 steps per shared prefix."""
+        assert self.prefix_cache is not None
+        cap = (seq.num_tokens - 1) // self.allocator.block_size
+        if len(hits) >= cap:
+            return False
+        owner = pending.get(self.prefix_cache.keys(seq, len(hits) + 1)[-1])
+        return owner is not None and owner is not seq and owner.status is SeqStatus.RUNNING
+
+    # ---- prefetch: load the next adapters ahead of need ------------------------------------------
+    def _prefetch(self, out: SchedulerOutput) -> None:
+        """Make the adapters of the next waiting requests resident now (free pages, or idle adapters no
+        waiting request needs), so they are not loaded on the step that admits them. Never while a starved
+        request is owed room (that would take it), never evicting an adapter a waiting request needs."""
+        assert self.slots is not None
+        if self.prefetch == 0 or self.draining or not self.waiting:
+            return
+        wanted = {q.adapter_key for q in self.waiting if q.adapter_key is not None}
+        done = 0
+        for seq in self.waiting:
+            if done >= self.prefetch:
+                break
+            key = seq.adapter_key
+            if key is None or seq.num_prefix or self.slots.slot_of(key) is not None:
+                continue
+            got = self.slots.acquire(key, seq.adapter_pages, protect=wanted)
+            if got is None:
+                break  # no room without evicting what the queue needs
+            slot = got[0]
+            self.slots.release(slot)  # resident and idle (most recently used) until its request is admitted
+            out.loads.append((slot, seq))
+            out.prefetched += 1
+            self.slots.prefetches += 1
+            done += 1
 
     # ---- slot fairness (see the module docstring) -----------------------------------------------
     def _may_take_slot(self, seq: Sequence) -> bool:
-        """Whether `seq` may take a slot reference now: one is acquirable and not held for a starved request."""
+        """Whether `seq` may take a slot reference now: one is acquirable and not held for a starved request.
+
+        While a starved request is owed room (`draining` is not empty), nobody else loads an adapter or takes
+        an idle one: the free and idle pages and slots only grow until the starved request has them."""
         assert self.slots is not None
-        if not self.slots.can_acquire(seq.adapter_key):
-            return False
-        slot = self.slots.slot_of(seq.adapter_key)
-        if slot is not None:  # resident: only a slot being drained for another sequence is closed to it
-            owner = self.draining.get(slot)
-            return owner is None or owner is seq or owner.adapter_key == seq.adapter_key
-        # a load takes a free or idle slot: a starved request has first claim on those (queue order does it)
-        return True
+        key = seq.adapter_key
+        owners = {q.adapter_key for q in self.draining.values()}
+        if self.draining and key not in owners:
+            slot = self.slots.slot_of(key)
+            return slot is not None and slot not in self.draining and self.slots.refs(slot) > 0
+        return self.slots.can_acquire(key, seq.adapter_pages)
 
     def _update_drains(self) -> None:
-        """Drop drains whose request left; give each newly starved adapter a busy slot to drain."""
+        """Drop drains whose request left; give each newly starved adapter busy slots to drain, enough that
+        their pages with the free and idle ones hold it."""
         if self.slots is None:
             return
+        sm = self.slots
         waiting = set(map(id, self.waiting))
         self.draining = {s: q for s, q in self.draining.items() if id(q) in waiting}
-        claimed = {q.adapter_key for q in self.draining.values()}
+        claimed: dict = {}
+        for s, q in self.draining.items():
+            claimed.setdefault(q.adapter_key, []).append(s)
         for seq in self.waiting:
+            key = seq.adapter_key
             if (seq.slot_blocked_since < 0 or self.step - seq.slot_blocked_since < self.max_slot_wait
-                    or seq.adapter_key in claimed):
+                    or key is None or sm.slot_of(key) is not None):
                 continue
-            busy = [s for s in range(self.slots.num_slots)
-                    if s not in self.draining and self.slots.refs(s) > 0]
-            if not busy:
-                break  # every slot is already draining: later starved adapters wait their turn
-            slot = min(busy, key=lambda s: (self.slots.refs(s), s))
-            self.draining[slot] = seq
-            claimed.add(seq.adapter_key)
+            mine = claimed.setdefault(key, [])
+            pages = sm.pages_free + sm.idle_pages() + sum(len(sm.pages_of(s)) for s in mine)
+            has_slot = sm.slot_available or bool(mine)
+            while not (has_slot and (sm.num_pages is None or pages >= seq.adapter_pages)):
+                busy = [s for s in range(sm.num_slots) if s not in self.draining and sm.refs(s) > 0]
+                if not busy:
+                    break  # every busy slot is already draining: this adapter waits its turn
+                slot = min(busy, key=lambda s: (sm.refs(s), s))
+                self.draining[slot] = seq
+                mine.append(slot)
+                pages += len(sm.pages_of(slot))
+                has_slot = True
+            if not mine:
+                claimed.pop(key)
 
     def _reuse(self, seq: Sequence, hits: list[int]) -> None:
         """Start a joining sequence on its cached blocks: referenced, counted as computed."""

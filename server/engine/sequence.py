@@ -53,6 +53,7 @@ class Sequence:
     adapter_key: Any = None  # hashable id of the adapter version for slot accounting (None = base)
     num_virtual: int = 0  # prompt-tuning virtual tokens placed ahead of the prompt (count in the KV)
     num_prefix: int = 0  # prefix-tuning KV prefix length (shared blocks, not in this sequence's own KV)
+    adapter_pages: int = 0  # LoRA pool pages its adapter takes when loaded (server/engine/slots.py)
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)

@@ -1,25 +1,37 @@
-"""Device adapter slots: which adapter version sits in which slot, who uses it, LRU among idle ones.
+"""Device adapter residency: which adapter version sits in which slot and on which pages, who uses it, LRU
+among idle ones.
 
-Pure Python. A slot in use by a running sequence is never reassigned.
+Pure Python. Residency is a memory budget: LoRA-like adapters (`Adapter.page_rank`) hold pages of one
+device pool (`server/model/adapter_pages.py`), as many as their own rank needs (ceil(r / page_rank)); the
+slot is only their row in the per-slot tables (rank, scale, page table), and `num_slots` is the optional
+`--max-adapters` cap. Adapters of other families take a slot and no pages. A slot in use by a running
+sequence is never reassigned, and its pages never move.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 
 
 class SlotManager:
-    def __init__(self, num_slots: int) -> None:
+    def __init__(self, num_slots: int, num_pages: int | None = None) -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 1")
+        if num_pages is not None and num_pages < 0:
+            raise ValueError(f"num_pages={num_pages} must be >= 0")
         self.num_slots = num_slots
+        self.num_pages = num_pages  # None: pages never limit residency (a pool of unbounded size)
         self._key: list[Hashable | None] = [None] * num_slots
         self._refs = [0] * num_slots
+        self._pages: list[list[int]] = [[] for _ in range(num_slots)]
         self._slot_of: dict[Hashable, int] = {}
         self._idle: OrderedDict[int, None] = OrderedDict()  # resident, unused slots; oldest first
+        self._free_pages: set[int] = set(range(num_pages or 0))
+        self._cleared: list[int] = []  # slots emptied by an eviction, to be cleared on the device
         self.loads = 0
         self.evictions = 0
+        self.prefetches = 0
 
     def slot_of(self, key: Hashable) -> int | None:
         return self._slot_of.get(key)
@@ -30,6 +42,10 @@ class SlotManager:
     def key_at(self, slot: int) -> Hashable | None:
         return self._key[slot]
 
+    def pages_of(self, slot: int) -> list[int]:
+        """The pool pages of the adapter in `slot` (its rank rows, in order)."""
+        return list(self._pages[slot])
+
     @property
     def num_in_use(self) -> int:
         return sum(1 for r in self._refs if r > 0)
@@ -38,31 +54,101 @@ class SlotManager:
     def num_resident(self) -> int:
         return len(self._slot_of)
 
-    def can_acquire(self, key: Hashable) -> bool:
-        return key in self._slot_of or None in self._key or bool(self._idle)
+    @property
+    def pages_free(self) -> int:
+        return len(self._free_pages)
 
-    def acquire(self, key: Hashable) -> tuple[int, Hashable | None, bool] | None:
-        """Take a reference on `key`'s slot. Returns (slot, evicted_key, needs_load), or None if all busy."""
+    @property
+    def pages_used(self) -> int:
+        return sum(len(p) for p in self._pages)
+
+    @property
+    def slot_available(self) -> bool:
+        """A slot is free or held by an idle adapter."""
+        return None in self._key or bool(self._idle)
+
+    def idle_pages(self, exclude: Collection[Hashable] = ()) -> int:
+        return sum(len(self._pages[s]) for s in self._idle if self._key[s] not in exclude)
+
+    def take_cleared(self) -> list[int]:
+        """Slots emptied by evictions since the last call (the engine clears them before the next step)."""
+        out, self._cleared = self._cleared, []
+        return out
+
+    def _fits(self, pages: int, protect: Collection[Hashable]) -> list[int] | None:
+        """The idle slots (oldest first) to evict so that a slot and `pages` pages are free, or None."""
+        need_slot = None not in self._key
+        have = len(self._free_pages) if self.num_pages is not None else pages
+        chosen: list[int] = []
+        for s in self._idle:
+            if not need_slot and have >= pages:
+                break
+            if self._key[s] in protect:
+                continue
+            chosen.append(s)
+            have += len(self._pages[s])
+            need_slot = False
+        if need_slot or have < pages:
+            return None
+        return chosen
+
+    def can_acquire(self, key: Hashable, pages: int = 0, protect: Collection[Hashable] = ()) -> bool:
+        return key in self._slot_of or self._fits(pages, protect) is not None
+
+    def acquire(self, key: Hashable, pages: int = 0, protect: Collection[Hashable] = ()
+                ) -> tuple[int, Hashable | None, bool] | None:
+        """Take a reference on `key`'s slot, loading it onto `pages` free pages if not resident (evicting idle
+        adapters, least recently used first, never one in `protect`). Returns (slot, evicted_key,
+        needs_load), or None if even evicting every idle adapter would not make room. evicted_key is the
+        adapter that had the returned slot (others evicted for their pages are in `take_cleared`)."""
         slot = self._slot_of.get(key)
         if slot is not None:
             self._refs[slot] += 1
             self._idle.pop(slot, None)
             return slot, None, False
-        evicted = None
-        if None in self._key:
-            slot = self._key.index(None)
-        elif self._idle:
-            slot, _ = self._idle.popitem(last=False)
-            evicted = self._key[slot]
-            del self._slot_of[evicted]
-            self.evictions += 1
-        else:
+        victims = self._fits(pages, protect)
+        if victims is None:
             return None
+        free = [i for i, k in enumerate(self._key) if k is None]
+        evicted_by_slot = {v: self._evict(v) for v in victims}
+        slot = free[0] if free else victims[0]  # a free slot first; else the least recently used idle one
+        evicted = evicted_by_slot.get(slot)
+        if evicted is not None:
+            self._cleared.remove(slot)  # reused at once: the load replaces it
         self._key[slot] = key
         self._slot_of[key] = slot
         self._refs[slot] = 1
+        self._pages[slot] = self._take_pages(pages)
         self.loads += 1
         return slot, evicted, True
+
+    def _evict(self, slot: int) -> Hashable:
+        key = self._key[slot]
+        del self._slot_of[key]
+        self._key[slot] = None
+        self._idle.pop(slot, None)
+        self._free_pages.update(self._pages[slot])
+        self._pages[slot] = []
+        self._cleared.append(slot)
+        self.evictions += 1
+        return key
+
+    def _take_pages(self, n: int) -> list[int]:
+        """n free pages: the first run of n consecutive ones (kernels on CPU then read one block), else the
+        lowest n."""
+        if n == 0 or self.num_pages is None:
+            return []
+        free = sorted(self._free_pages)
+        run = 1
+        for i in range(len(free)):
+            run = run + 1 if i and free[i] == free[i - 1] + 1 else 1
+            if run == n:
+                got = free[i - n + 1:i + 1]
+                break
+        else:
+            got = free[:n]
+        self._free_pages.difference_update(got)
+        return got
 
     def release(self, slot: int) -> None:
         if self._refs[slot] <= 0:
@@ -72,11 +158,27 @@ class SlotManager:
             self._idle[slot] = None
 
     def discard(self, key: Hashable) -> int | None:
-        """Forget an idle adapter (deleted or replaced). Returns the freed slot, or None."""
+        """Forget an idle adapter (deleted or replaced): its slot and pages are free. Returns the slot, or None."""
         slot = self._slot_of.get(key)
         if slot is None or self._refs[slot] > 0:
             return None
         del self._slot_of[key]
         self._key[slot] = None
         self._idle.pop(slot, None)
+        self._free_pages.update(self._pages[slot])
+        self._pages[slot] = []
         return slot
+
+    def check(self) -> None:
+        """Invariants (tests): free + used pages = the pool, no page held twice, refs and idle agree."""
+        held = [p for ps in self._pages for p in ps]
+        assert len(held) == len(set(held)), "a page is held by two slots"
+        assert not set(held) & self._free_pages, "a held page is also free"
+        if self.num_pages is not None:
+            assert len(held) + len(self._free_pages) == self.num_pages, "free + used pages != pool"
+        for s in range(self.num_slots):
+            if self._key[s] is None:
+                assert self._refs[s] == 0 and s not in self._idle and not self._pages[s]
+            else:
+                assert self._slot_of[self._key[s]] == s
+                assert (s in self._idle) == (self._refs[s] == 0)

@@ -97,6 +97,12 @@ class Adapter:
         """Read-only KV positions shared by every sequence on this adapter (written at load)."""
         return 0
 
+    @property
+    def page_rank(self) -> int:
+        """Rank rows this adapter takes in the device's LoRA page pool (`server/model/adapter_pages.py`);
+        0: none (its family keeps per-slot tables)."""
+        return 0
+
 
 class DeviceForm(StepHooks):
     """Every device slot of one family. Slots are loaded and cleared on the engine's worker thread."""

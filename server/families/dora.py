@@ -106,7 +106,7 @@ class DoraSlots(LoRASlots):
     tables is the identity (`kernels.row_scale`: base rows pick it); so is a slot's row while it is empty."""
 
     def __init__(self, ctx: DeviceContext) -> None:
-        super().__init__(ctx.shapes, ctx.max_adapters, ctx.max_rank, ctx.dtype, ctx.device)
+        super().__init__(ctx.shapes, ctx.max_adapters, ctx.max_rank, ctx.dtype, ctx.device, pool=ctx.lora_pages)
         self.base_weight = ctx.base_weight
         self.base_bias = ctx.base_bias
         self.mul: dict[tuple[int, str], torch.Tensor] = {}

@@ -5,13 +5,12 @@ so an adapter resolves to exactly the modules, ranks and scalings PeftModel woul
 `base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_A.weight` [r, in] and `.lora_B.weight`
 [out, r] per targeted module.
 
-Device form (`LoRASlots`): stacked A/B buffers per (layer, module), one row per slot, allocated on first
-use, so a server whose adapters touch only q/v pays nothing for the MLP. Once allocated, one module costs
-max_adapters * max_rank * (in + out) elements of the model dtype; every module of every layer of a
-Llama-2-7B at 4 slots x rank 64 in fp16 would be ~1.3 GB. A slot's rank is 0 for every module its adapter
-doesn't target, which the kernels skip at no cost. Layout contract with the kernel backends
-(`kernels/`): on CUDA B is [S, N, R] row-major (Triton); on CPU it is stored [S, R, N] and viewed as
-[S, N, R], the layout the CPU backend (`kernels/cpu_backend.py`) reads contiguous Bᵀ slices from.
+Device form (`LoRASlots`): A/B live in pages of the runner's pool (`server/model/adapter_pages.py`,
+`--adapter-memory`), each adapter on ceil(r / page_rank) pages of its own rank, read by the kernels through
+the pool's page table; per module a slot has only a rank and a scale. A module's pool pages are allocated on
+first use, so a server whose adapters touch only q/v pays nothing for the MLP. A slot's rank is 0 for every
+module its adapter doesn't target, which the kernels skip at no cost. Layout contract with the kernel
+backends (`kernels/`): A pool [P, PR, K]; B stored [P, PR, N] and viewed [P, N, PR].
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from server.families.base import (
     int_field,
     number_field,
 )
+from server.model.adapter_pages import PAGE_RANK, LoRAPagePool
 from server.model.batch import StepBatch
 from server.model.shapes import LORA_MODULES, BaseModelInfo
 
@@ -105,6 +105,10 @@ class LoraAdapter(Adapter):
     def weights(self) -> LoRAWeights:
         return {k: (w.a, w.b, w.scaling) for k, w in self.modules.items()}
 
+    @property
+    def page_rank(self) -> int:
+        return max((w.a.shape[0] for w in self.modules.values()), default=0)
+
 
 class LoRA(AdapterFamily):
     name = Family.LORA
@@ -122,7 +126,7 @@ class LoRA(AdapterFamily):
         return LoraAdapter(family=self, spec=spec, modules=lora_weights(spec, tensors, base))
 
     def device_form(self, ctx: DeviceContext) -> LoRASlots:
-        return LoRASlots(ctx.shapes, ctx.max_adapters, ctx.max_rank, ctx.dtype, ctx.device)
+        return LoRASlots(ctx.shapes, ctx.max_adapters, ctx.max_rank, ctx.dtype, ctx.device, pool=ctx.lora_pages)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -382,24 +386,33 @@ def lora_weights(
 
 
 class LoRASlots(DeviceForm):
-    """A[slot, r_max, in], B[slot, out, r_max], rank[slot] (int32) and scale[slot] (fp32) per module.
+    """Per module: rank[slot] (int32, host) and scale[slot] (fp32); A/B live in pages of a pool
+    (`server/model/adapter_pages.py`) that the kernels read through the pool's page table.
+
+    With `pool` (the runner's, shared with DoRA) the engine assigns each slot its pages before `load`; without
+    one (tests) a private pool gives slot s the fixed pages [s * MP, (s + 1) * MP).
 
     Graph-capturable: over a step's fixed-shape metadata (`kernels.capturable.FixedLoRAMeta`) every module
-    with weights runs the fixed launches, which read ranks from `ranks_dev` on the device; `graph_version`
-    changes whenever a module is allocated (a captured decode graph then misses it and is re-captured).
+    with weights runs the fixed launches, which read ranks from `ranks_dev` and A/B through the pool's page
+    table, both on the device; `graph_version` changes whenever a module is allocated (a captured decode graph
+    then misses it and is re-captured).
     """
 
     graph_capturable = True
 
     def __init__(self, info: BaseModelInfo, max_adapters: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, pool: LoRAPagePool | None = None) -> None:
         self.info = info
         self.max_adapters = max_adapters
         self.max_rank = max_rank
         self.dtype = dtype
         self.device = device
-        self.a: dict[tuple[int, str], torch.Tensor] = {}
-        self.b: dict[tuple[int, str], torch.Tensor] = {}
+        if pool is None:
+            mp = -(-max_rank // PAGE_RANK)
+            pool = LoRAPagePool(info, max_adapters, max_adapters * mp, max_rank, dtype, device)
+            for s in range(max_adapters):
+                pool.set_pages(s, list(range(s * mp, (s + 1) * mp)))
+        self.pool = pool
         self.ranks: dict[tuple[int, str], torch.Tensor] = {}
         self.scales: dict[tuple[int, str], torch.Tensor] = {}
         self._host_ranks: dict[tuple[int, str], list[int]] = {}
@@ -410,15 +423,8 @@ class LoRASlots(DeviceForm):
         self.stack_cache: StackCache | None = StackCache() if device.type == "cpu" else None
 
     def _allocate(self, key: tuple[int, str]) -> None:
-        k_in, n_out = self.info.module_shape(key[1])
-        s, r = self.max_adapters, self.max_rank
-        self.a[key] = torch.zeros(s, r, k_in, dtype=self.dtype, device=self.device)
-        if self.device.type == "cpu":
-            # Same [S, N, R] shape, stored as [S, R, N]: B[slot, :, :r].T is then one contiguous block, which
-            # the CPU backend's addmm reads ~30% faster than the strided slice. Triton (CUDA) keeps row-major B.
-            self.b[key] = torch.zeros(s, r, n_out, dtype=self.dtype, device=self.device).transpose(1, 2)
-        else:
-            self.b[key] = torch.zeros(s, n_out, r, dtype=self.dtype, device=self.device)
+        s = self.max_adapters
+        self.pool.module(key)
         # ranks are only read on the host (kernel tile lists): keep them there, no device sync per module
         self.ranks[key] = torch.zeros(s, dtype=torch.int32)
         self.scales[key] = torch.zeros(s, dtype=torch.float32, device=self.device)
@@ -430,6 +436,7 @@ class LoRASlots(DeviceForm):
     def _check(self, slot: int, weights: LoRAWeights) -> None:
         if not 0 <= slot < self.max_adapters:
             raise ValueError(f"LoRA slot {slot} not in [0, {self.max_adapters})")
+        have = len(self.pool.host_pages[slot]) * self.pool.page_rank
         for (layer, name), (a, b, _) in weights.items():
             where = f"layer {layer} {name}"
             if not 0 <= layer < self.info.num_layers:
@@ -440,6 +447,9 @@ class LoRASlots(DeviceForm):
             r = a.shape[0]
             if r > self.max_rank:
                 raise ValueError(f"{where}: rank {r} exceeds --max-rank {self.max_rank}")
+            if r > have:
+                raise ValueError(f"{where}: rank {r} needs {-(-r // self.pool.page_rank)} pages, slot {slot} "
+                                 f"has {len(self.pool.host_pages[slot])}")
             if tuple(a.shape) != (r, k_in) or tuple(b.shape) != (n_out, r):
                 raise ValueError(f"{where}: expected A [r, {k_in}] and B [{n_out}, r], "
                                  f"got A {tuple(a.shape)} and B {tuple(b.shape)}")
@@ -455,12 +465,13 @@ class LoRASlots(DeviceForm):
         """y += the step's LoRA deltas of one projection (y may be a column slice of a fused output)."""
         if isinstance(batch.segments, FixedLoRAMeta):  # a decode graph step: no host decision on the step's slots
             key = (layer, name)
-            if key in self.a:
-                lora_apply(x, y, self.a[key], self.b[key], self.ranks_dev[key], self.scales[key], batch.segments)
+            if key in self.ranks:
+                a, b = self.pool.module(key)
+                lora_apply(x, y, a, b, self.ranks_dev[key], self.scales[key], batch.segments, pages=self.pool.pages)
             return
         m = self.module(layer, name, batch.active_slots)
         if m is not None:
-            lora_apply(x, y, *m, batch.segments, cache=self.cache_for(layer, name))
+            lora_apply(x, y, *m, batch.segments, cache=self.cache_for(layer, name), pages=self.pool.pages)
 
     def project_outputs(self, layer: int, names: tuple[str, ...], x: torch.Tensor, ys: tuple[torch.Tensor, ...],
                         batch: StepBatch) -> None:
@@ -470,13 +481,14 @@ class LoRASlots(DeviceForm):
         if not isinstance(meta, FixedLoRAMeta):
             super().project_outputs(layer, names, x, ys, batch)
             return
-        keys = [((layer, n), y) for n, y in zip(names, ys, strict=True) if (layer, n) in self.a]
+        keys = [((layer, n), y) for n, y in zip(names, ys, strict=True) if (layer, n) in self.ranks]
         if keys:
-            lora_apply_fused(x, [y for _, y in keys], [(self.a[k], self.b[k], self.ranks_dev[k], self.scales[k], None)
-                                                       for k, _ in keys], meta)
+            mods = [(*self.pool.module(k), self.ranks_dev[k], self.scales[k], self.pool.pages) for k, _ in keys]
+            lora_apply_fused(x, [y for _, y in keys], mods, meta)
 
     def load_slot(self, slot: int, weights: LoRAWeights) -> None:
-        """Install an adapter in a slot; modules absent from `weights` get rank 0 there.
+        """Install an adapter in a slot (on the pages the pool's table gives it); modules absent from
+        `weights` get rank 0 there.
 
         Everything is checked before anything is written, so a bad adapter leaves the slot as it was.
         """
@@ -484,11 +496,10 @@ class LoRASlots(DeviceForm):
         self.clear_slot(slot)
         self._drop_stacks()
         for key, (a, b, scaling) in weights.items():
-            if key not in self.a:
+            if key not in self.ranks:
                 self._allocate(key)
             r = a.shape[0]
-            self.a[key][slot, :r].copy_(a)
-            self.b[key][slot, :, :r].copy_(b)
+            self.pool.write(slot, key, a, b)
             self.ranks[key][slot] = r
             if self.ranks_dev[key] is not self.ranks[key]:
                 self.ranks_dev[key][slot] = r
@@ -500,12 +511,10 @@ class LoRASlots(DeviceForm):
             self.stack_cache.clear()
 
     def clear_slot(self, slot: int) -> None:
-        """Make a slot contribute nothing (rank 0 everywhere, buffers zeroed)."""
+        """Make a slot contribute nothing (rank 0 everywhere: its pages are never read again until reloaded)."""
         self._drop_stacks()
         for key, host in self._host_ranks.items():
             if host[slot]:
-                self.a[key][slot].zero_()
-                self.b[key][slot].zero_()
                 self.ranks[key][slot] = 0
                 if self.ranks_dev[key] is not self.ranks[key]:
                     self.ranks_dev[key][slot] = 0
@@ -514,12 +523,14 @@ class LoRASlots(DeviceForm):
 
     def module(self, layer: int, name: str, active_slots: tuple[int, ...]
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(A, B, ranks, scales) of a module, or None when no active slot has rank > 0 there (skip it)."""
+        """(A pool, B pool, ranks, scales) of a module, or None when no active slot has rank > 0 there (skip it).
+        The pools are read through `self.pool.pages`."""
         key = (layer, name)
         host = self._host_ranks.get(key)
         if host is None or not any(host[s] for s in active_slots):
             return None
-        return self.a[key], self.b[key], self.ranks[key], self.scales[key]
+        a, b = self.pool.module(key)
+        return a, b, self.ranks[key], self.scales[key]
 
     def cache_for(self, layer: int, name: str) -> tuple[StackCache, tuple[int, str]] | None:
         """(stacked-weight cache, module key) for lora_apply on CPU; None on CUDA."""

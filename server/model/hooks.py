@@ -99,6 +99,8 @@ class DeviceContext:
     base_weight: Callable[[int, str], torch.Tensor]
     # the projection's frozen bias [out] (a view), or None where it has none (DoRA rescales the output without it)
     base_bias: Callable[[int, str], torch.Tensor | None] | None = None
+    # the runner's LoRA page pool (server/model/adapter_pages.py), shared by LoRA and DoRA; None: a private one
+    lora_pages: Any = None
 
 
 class ResidentForm(Protocol):

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from kernels import FixedLoRAMeta
+from server.model.adapter_pages import LoRAPagePool, budget_pages, parse_memory
 from server.model.batch import SeqChunk, build_step
 from server.model.cuda_graphs import DecodeGraphs
 from server.model.decoder import Decoder
@@ -21,6 +22,8 @@ from server.model.step_buffers import StepBuffers
 __all__ = ["ModelInfo", "ModelRunner", "SeqChunk", "resolve_attention_backend"]
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
+DEFAULT_ADAPTERS = 8  # without --adapter-memory, the pool holds what this many max-rank slots held
+MAX_SLOTS = 128  # without --max-adapters: the per-slot tables' rows (other families size theirs by it too)
 
 
 def resolve_attention_backend(backend: str, device: torch.device) -> str:
@@ -50,6 +53,8 @@ class ModelInfo:
     eos_token_ids: frozenset[int]
     device: str
     dtype: str  # "float32", "bfloat16", ...
+    adapter_pages: int = 0  # pages of the LoRA page pool (--adapter-memory); 0: none
+    adapter_page_rank: int = 8  # rank rows per page: an adapter of rank r takes ceil(r / this) pages
 
 
 class ModelRunner:
@@ -58,10 +63,14 @@ class ModelRunner:
 
     def __init__(self, model_dir: str, *, device: str = "cpu", dtype: str = "auto", block_size: int = 16,
                  num_blocks: int | None = None, kv_cache_fraction: float = 0.5,
-                 max_model_len: int | None = None, max_adapters: int = 4, max_rank: int = 64,
+                 max_model_len: int | None = None, max_adapters: int | None = 4, max_rank: int = 64,
                  max_num_seqs: int = 64, max_batch_tokens: int = 2048, attention_backend: str = "auto",
-                 enforce_eager: bool = False, graph_template: bool = False) -> None:
-        """`graph_template`: run graph-eligible decode steps through the decode graphs' padded template
+                 enforce_eager: bool = False, adapter_memory: int | float | str | None = None,
+                 graph_template: bool = False) -> None:
+        """`adapter_memory`: the LoRA page pool's budget (bytes, or a fraction of free device memory; None:
+        what `max_adapters` (default 8) adapters of `max_rank` held before paging). `max_adapters`: an
+        optional cap on resident adapters (None: as many as the pages hold, at most 256).
+        `graph_template`: run graph-eligible decode steps through the decode graphs' padded template
         eagerly (no capture; any device, Triton attention backend): how the CPU tests prove the capture path's
         inputs, including fixed-shape LoRA metadata, under Triton's interpreter."""
         spec, hf_config = load_spec(model_dir)
@@ -74,7 +83,7 @@ class ModelRunner:
         elif max_model_len > spec.max_position_embeddings and spec.rope["rope_type"] != "dynamic":
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
                              f"{spec.max_position_embeddings}")
-        if block_size < 1 or max_adapters < 1 or max_rank < 1:
+        if block_size < 1 or (max_adapters is not None and max_adapters < 1) or max_rank < 1:
             raise ValueError("block_size, max_adapters and max_rank must be >= 1")
         self.tokenizer = load_tokenizer(model_dir)
         eos = eos_token_ids(model_dir, hf_config, self.tokenizer)
@@ -98,11 +107,19 @@ class ModelRunner:
             # +1 block: a prefix-tuning prefix that is not a multiple of the block size
             self.buffers = StepBuffers(max(max_batch_tokens, max_num_seqs), max_num_seqs,
                                        -(-max_model_len // block_size) + 1, self.device)
+            memory = parse_memory(adapter_memory) if adapter_memory is not None else None
+            num_pages = budget_pages(memory, spec.base_info(), self.dtype, self.device, max_rank,
+                                     max_adapters or DEFAULT_ADAPTERS)
+            if max_adapters is None:
+                max_adapters = max(1, min(num_pages, MAX_SLOTS))
+            self.lora_pages = LoRAPagePool(spec.base_info(), max_adapters, num_pages, max_rank, self.dtype,
+                                           self.device)
         self.info = ModelInfo(
             name=os.path.basename(os.path.normpath(model_dir)), shapes=spec.base_info(),
             vocab_size=spec.vocab_size, max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
             max_adapters=max_adapters, max_rank=max_rank, eos_token_ids=frozenset(eos), device=str(self.device),
-            dtype=str(self.dtype).removeprefix("torch."),
+            dtype=str(self.dtype).removeprefix("torch."), adapter_pages=num_pages,
+            adapter_page_rank=self.lora_pages.page_rank,
         )
         # Adapter families' device forms, created on a family's first load (keyed by family object).
         self._forms: dict[FamilyLike, ResidentForm] = {}
@@ -188,23 +205,31 @@ class ModelRunner:
             info = self.info
             ctx = DeviceContext(shapes=info.shapes, max_adapters=info.max_adapters, max_rank=info.max_rank,
                                 dtype=self.dtype, device=self.device, kv_cache=self.kv_cache,
-                                base_weight=self.decoder.base_weight, base_bias=self.decoder.base_bias)
+                                base_weight=self.decoder.base_weight, base_bias=self.decoder.base_bias,
+                                lora_pages=self.lora_pages)
             with torch.inference_mode():
                 form = self._forms[family] = family.device_form(ctx)
             if has_hooks(form):  # type: ignore[arg-type]
                 self._row_forms.add(id(form))
         return form
 
-    def load_adapter(self, slot: int, adapter: AdapterLike, kv_slots: list[int] | None = None) -> None:
+    def load_adapter(self, slot: int, adapter: AdapterLike, kv_slots: list[int] | None = None,
+                     pages: list[int] | None = None) -> None:
         """Put `adapter` (a `server.families.Adapter`) in device `slot`, replacing whatever held it.
 
         `kv_slots`: the flat KV-cache slots reserved for its `prefix_tokens` (empty when it has none).
+        `pages`: the LoRA pool pages it gets (the engine's SlotManager chose them); None: slot s's fixed pages
+        [s * MP, (s + 1) * MP), for callers without a page manager (tests, one-adapter tools).
         """
         if not 0 <= slot < self.info.max_adapters:
             raise ValueError(f"adapter slot {slot} not in [0, {self.info.max_adapters})")
         form = self.device_form(adapter.family)
+        if pages is None:
+            mp = self.lora_pages.max_pages
+            pages = list(range(slot * mp, (slot + 1) * mp)) if (slot + 1) * mp <= self.info.adapter_pages else []
         with torch.inference_mode():
             self.clear_slot(slot)
+            self.lora_pages.set_pages(slot, pages)
             form.load(slot, adapter, list(kv_slots or []))
         self._owner[slot] = form
 

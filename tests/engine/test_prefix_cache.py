@@ -14,9 +14,11 @@ from server.engine.sequence import SamplingParams, SeqStatus, Sequence
 from server.engine.slots import SlotManager
 
 
-def seq(prompt: list[int], max_tokens: int = 4, key=None, *, virtual: int = 0, prefix: int = 0) -> Sequence:
+def seq(prompt: list[int], max_tokens: int = 4, key=None, *, virtual: int = 0, prefix: int = 0,
+        pages: int = 0) -> Sequence:
     s = Sequence(request_id=f"r{random.random()}", prompt_ids=list(prompt),
-                 params=SamplingParams(max_tokens=max_tokens), num_virtual=virtual, num_prefix=prefix)
+                 params=SamplingParams(max_tokens=max_tokens), num_virtual=virtual, num_prefix=prefix,
+                 adapter_pages=pages)
     s.adapter_key = key
     return s
 
@@ -229,11 +231,12 @@ def test_fuzz_caching_preemption_aborts_and_adapter_churn(seed):
     rng = random.Random(seed)
     bs = 4
     alloc = BlockAllocator(16, bs)
-    slots = SlotManager(3)
+    slots = SlotManager(4, num_pages=6)  # adapter pages: lora-a 1, lora-b 3, lora-c 2, lora-d 4 (14 > 6)
+    pages = {"lora-a": 1, "lora-b": 3, "lora-c": 2, "lora-d": 4}
     sched = Scheduler(alloc, max_num_seqs=6, max_batch_tokens=24, slots=slots)
     kv = FakeKV(bs)
     heads = [[rng.randrange(1, 50) for _ in range(rng.randint(4, 14))] for _ in range(3)]
-    version = {name: 1 for name in ("lora-a", "lora-b", "prefix", "prompt")}
+    version = {name: 1 for name in ("lora-a", "lora-b", "lora-c", "lora-d", "prefix", "prompt")}
     uid = iter(range(1000, 10**6))
     current = {name: (name, 1, next(uid)) for name in version}
     live: list[Sequence] = []
@@ -241,10 +244,10 @@ def test_fuzz_caching_preemption_aborts_and_adapter_churn(seed):
 
     def new_seq() -> Sequence:
         prompt = rng.choice(heads) + [rng.randrange(1, 50) for _ in range(rng.randint(0, 6))]
-        kind = rng.choice(["base", "lora-a", "lora-b", "prefix", "prompt"])
+        kind = rng.choice(["base", "lora-a", "lora-b", "lora-c", "lora-d", "prefix", "prompt"])
         key = None if kind == "base" else current[kind]
         return seq(prompt, rng.randint(1, 10), key, virtual=3 if kind == "prompt" else 0,
-                   prefix=5 if kind == "prefix" else 0)
+                   prefix=5 if kind == "prefix" else 0, pages=pages.get(kind, 0))
 
     for _ in range(120):
         if rng.random() < 0.6:
@@ -257,6 +260,7 @@ def test_fuzz_caching_preemption_aborts_and_adapter_churn(seed):
             current[name] = (name, version[name], next(uid))
         out = sched.schedule()
         preempted += len(out.preempted)
+        _check_pages(sched, out)
         for c in out.chunks:
             assert c.seq.status is SeqStatus.RUNNING and c.start == c.seq.num_computed
             assert len(c.seq.block_table) * bs >= c.start + c.num_tokens
@@ -278,10 +282,31 @@ def test_fuzz_caching_preemption_aborts_and_adapter_churn(seed):
             break
     drain(sched, kv)
     _check_refcounts(sched)
+    slots.check()
+    assert slots.pages_free + slots.idle_pages() == slots.num_pages  # nothing in use: every page is reclaimable
+    assert slots.evictions > 0 and slots.prefetches > 0  # pages were short; adapters were loaded ahead of need
     assert alloc.num_used == 0 and slots.num_in_use == 0 and not sched.slot_blocks
     assert alloc.num_free == alloc.num_blocks
     assert sched.prefix_cache.hit_tokens > 0  # caching was exercised, not just harmless
     assert preempted > 0 and alloc.evictions > 0  # the pool was short: preemption and LRU eviction both ran
+
+
+def _check_pages(sched: Scheduler, out) -> None:
+    """Adapter pages: free + used = the pool, no page held twice, every running adapter sequence sits in the
+    slot of its own adapter version holding the pages its rank needs, and a slot emptied for its pages is
+    used by no running sequence."""
+    sm = sched.slots
+    sm.check()
+    refs = {}
+    for s in sched.running:
+        if s.adapter_key is not None:
+            assert sm.key_at(s.slot) == s.adapter_key and len(sm.pages_of(s.slot)) == s.adapter_pages
+            refs[s.slot] = refs.get(s.slot, 0) + 1
+    assert all(sm.refs(slot) == n for slot, n in refs.items())
+    assert sm.num_in_use == len(refs)
+    loaded = {slot for slot, _ in out.loads}
+    for slot in out.cleared:
+        assert slot in loaded or sm.key_at(slot) is None or slot not in refs
 
 
 def _check_refcounts(sched: Scheduler) -> None:

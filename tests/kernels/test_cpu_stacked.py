@@ -66,13 +66,16 @@ def test_slot_reload_empties_the_stack_cache():
     x, y = torch.randn(4, 16), torch.zeros(4, 16)
     meta = LoRAMeta.from_token_slots([0, 0, 1, 1])
     a, b, rk, sc = slots.module(0, "q_proj", (0, 1))
-    lora_apply(x, y, a, b, rk, sc, meta, cache=slots.cache_for(0, "q_proj"))
+    pages = slots.pool.pages
+    lora_apply(x, y, a, b, rk, sc, meta, cache=slots.cache_for(0, "q_proj"), pages=pages)
     assert slots.stack_cache.used > 0
     w2 = {(0, "q_proj"): (torch.randn(2, 16), torch.randn(16, 2), 3.0)}
     slots.load_slot(1, w2)
     assert slots.stack_cache.used == 0  # new weights in slot 1: stale stacks dropped
-    y2 = lora_apply(x, torch.zeros(4, 16), a, b, rk, sc, meta, cache=slots.cache_for(0, "q_proj"))
-    ref = lora_apply(x, torch.zeros(4, 16), a, b, rk, sc, meta)
+    y2 = lora_apply(x, torch.zeros(4, 16), a, b, rk, sc, meta, cache=slots.cache_for(0, "q_proj"), pages=pages)
+    ref = lora_apply(x, torch.zeros(4, 16), a, b, rk, sc, meta, pages=pages)
+    want = x[2:] @ w2[(0, "q_proj")][0].T @ w2[(0, "q_proj")][1].T * 3.0
+    torch.testing.assert_close(ref[2:], want)
     torch.testing.assert_close(y2, ref)
 
 
