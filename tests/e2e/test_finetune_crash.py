@@ -9,22 +9,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 
-from tests.server_utils import live_server
+from tests.server_utils import live_server, spawn_server
 from tests.tiny import make_tiny_checkpoint
 from tests.waits import wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data() -> bytes:
@@ -36,21 +26,9 @@ def _data() -> bytes:
 def test_sigkill_during_a_job_leaves_a_consistent_store(tiny_root: str, tmp_path) -> None:
     base = make_tiny_checkpoint(tiny_root, "llama", seed=5)
     store = str(tmp_path / "store")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--model", base, "--adapters-dir", store,
-                             "--port", str(port), "--max-model-len", "128", "--kv-cache-blocks", "32",
-                             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = spawn_server("--model", base, "--adapters-dir", store, "--max-model-len", "128",
+                             "--kv-cache-blocks", "32", "--log-level", "warning")
     try:
-        deadline = time.monotonic() + 240  # a cold start on a busy 2-core box
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not become ready"
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
         c = httpx.Client(base_url=url, timeout=60)
         fid = c.post("/v1/files", files={"file": ("d.jsonl", _data())}, data={"purpose": "fine-tune"}).json()["id"]
         base_id = c.get("/v1/models").json()["data"][0]["id"]

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 
 from tests.adapters import make_lora
-from tests.server_utils import live_server
+from tests.server_utils import live_server, spawn_server
 from tests.tiny import make_tiny_checkpoint
 from tests.waits import wait_for
 
@@ -24,12 +21,6 @@ def _files(d: str) -> list:
     return [("files", (n, open(os.path.join(d, n), "rb").read())) for n in (CFG, WTS)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigkill_during_uploads_leaves_store_intact(tiny_root, tmp_path):
     base = make_tiny_checkpoint(tiny_root, "llama", seed=11)
     d = make_lora(base, os.path.join(tiny_root, "kill-lora"), r=8, targets=["q_proj", "v_proj", "up_proj"], seed=4)
@@ -37,20 +28,8 @@ def test_sigkill_during_uploads_leaves_store_intact(tiny_root, tmp_path):
     store = str(tmp_path / "store")
     stored_ok: set[str] = set()
     for round_ in range(3):
-        port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--model", base, "--adapters-dir", store,
-                                 "--port", str(port), "--max-model-len", "128", "--kv-cache-blocks", "32",
-                                 "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240  # a cold start on a busy 2-core box
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not become ready"
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        proc, url = spawn_server("--model", base, "--adapters-dir", store, "--max-model-len", "128",
+                                 "--kv-cache-blocks", "32", "--log-level", "warning")
 
         def pump(k: int, url: str = url, round_: int = round_) -> None:
             with httpx.Client(base_url=url, timeout=30) as c:

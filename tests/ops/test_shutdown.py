@@ -3,43 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
-import time
 
 import httpx
 
+from tests.server_utils import spawn_server
 from tests.tiny import make_tiny_checkpoint
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: str, max_model_len: int, kv_blocks: int, shutdown_timeout: int) -> tuple[subprocess.Popen, str]:
-    """`peftserve serve` as a subprocess, ready to answer."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--model", model, "--port", str(port), "--max-model-len",
-         str(max_model_len), "--kv-cache-blocks", str(kv_blocks), "--shutdown-timeout", str(shutdown_timeout),
-         "--log-level", "warning"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_ready(proc, url)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return proc, url
+    """`peftserve serve` as a subprocess, ready to answer; its log readable from proc.stdout."""
+    return spawn_server("--model", model, "--max-model-len", str(max_model_len), "--kv-cache-blocks",
+                        str(kv_blocks), "--shutdown-timeout", str(shutdown_timeout), "--log-level", "warning",
+                        output=subprocess.PIPE)
 
 
 def start_streams(url: str, max_tokens: int, n: int = 2) -> tuple[list[threading.Thread], list[list[str]]]:
@@ -109,16 +87,3 @@ def test_sigterm_deadline_ends_long_streams_with_an_error_and_exits_0(tiny_root:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def wait_ready(proc: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 240  # a cold start (torch, transformers, the model) on a busy 2-core box
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not become ready"
-        time.sleep(0.1)
