@@ -155,6 +155,35 @@ def test_mixed_families_and_prefill_steps_stay_eager(ckpt: str) -> None:
     assert r.graphs.replays == 1 and r.graphs.lora_replays == 1
 
 
+def test_dora_rows_keep_decode_steps_eager(ckpt: str) -> None:
+    """DoRA's slots extend LoRA's but are not capturable (its row scale reads host segments): a decode step with
+    a DoRA row runs eagerly and gives the twin's logits; the same step without it takes the LoRA template."""
+    from server.families import DORA
+    from server.families.dora import DoraAdapter
+
+    def dora(r: ModelRunner) -> DoraAdapter:
+        lora = _adapter(4, ("q_proj", "up_proj"), r.spec.num_layers, seed=5)
+        g = torch.Generator().manual_seed(6)
+        mags = {k: torch.rand(SHAPES[k[1]][1], generator=g) + 0.5 for k in lora.modules}
+        return DoraAdapter(family=DORA, spec=lora.spec, modules=lora.modules, magnitudes=mags)
+
+    twin, graphed = _runner(ckpt, attention_backend="torch"), _runner(ckpt, attention_backend="triton",
+                                                                       graph_template=True)
+    for r in (twin, graphed):
+        r.load_adapter(3, dora(r))
+    prompts = random_prompts([4, 3], seed=8)
+    tables = shuffled_tables(2, 3, 60, seed=4)
+    slots = [0, 3]
+    step = [SeqChunk(i, p, 0, tables[i], True, adapter_slot=slots[i]) for i, p in enumerate(prompts)]
+    torch.testing.assert_close(graphed.execute(step), twin.execute(step), atol=1e-4, rtol=1e-4)
+    dec = [SeqChunk(i, [7], len(p), tables[i], True, adapter_slot=slots[i]) for i, p in enumerate(prompts)]
+    torch.testing.assert_close(graphed.execute(dec), twin.execute(dec), atol=1e-4, rtol=1e-4)
+    assert graphed.graphs.replays == 0  # the DoRA row kept the step eager
+    dec = [SeqChunk(0, [8], 5, tables[0], True, adapter_slot=0)]
+    torch.testing.assert_close(graphed.execute(dec), twin.execute(dec), atol=1e-4, rtol=1e-4)
+    assert graphed.graphs.lora_replays == 1
+
+
 def test_graph_template_needs_the_triton_backend(ckpt: str) -> None:
     with pytest.raises(ValueError, match="graph_template needs attention_backend 'triton'"):
         ModelRunner(ckpt, block_size=BS, num_blocks=16, attention_backend="torch", graph_template=True)
