@@ -141,6 +141,29 @@ def test_template_inputs_live_in_the_buffers_and_hold_the_step(ckpt: str) -> Non
     assert r.buffers.storages() == owned and r.buffers.grows == 0
 
 
+def test_smaller_step_pads_stale_tiles_to_the_bucket(ckpt: str) -> None:
+    """A 4-adapter decode step leaves 4 real tiles in the buffer; a following 3-row step (bucket 4) must see
+    tile 3 emptied, not the stale tile of the step before, and still give the twin's logits."""
+    r = _runner(ckpt, attention_backend="triton", graph_template=True)
+    twin = _runner(ckpt, attention_backend="torch")
+    for x in (r, twin):
+        x.load_adapter(3, _adapter(*LATE, x.spec.num_layers, seed=9))
+    seen: list = []
+    forward = r.graphs.forward
+    r.graphs.forward = lambda b: (seen.append(b.segments.tiles.clone()), forward(b))[1]
+    prompts = random_prompts([3, 4, 2, 5], seed=5)
+    tables = shuffled_tables(4, 3, 60, seed=6)
+    pre = [SeqChunk(i, p, 0, tables[i], True, adapter_slot=i) for i, p in enumerate(prompts)]
+    dec4 = [SeqChunk(i, [9], len(p), tables[i], True, adapter_slot=i) for i, p in enumerate(prompts)]
+    dec3 = [SeqChunk(i, [11], len(p) + 1, tables[i], True, adapter_slot=i) for i, p in enumerate(prompts[:3])]
+    for step in (pre, dec4, dec3):
+        torch.testing.assert_close(r.execute(step), twin.execute(step), atol=1e-4, rtol=1e-4)
+    assert len(seen) == 2
+    assert int(seen[0][3, 1]) == 1  # the 4-adapter step's 4th tile is real
+    assert seen[1].shape[0] == max_fixed_tiles(4, 4) == 4
+    assert seen[1][3].abs().sum() == 0  # emptied for the 3-row step
+
+
 def test_mixed_families_and_prefill_steps_stay_eager(ckpt: str) -> None:
     """Steps with a multi-token chunk are not graph steps (no fixed metadata is built for them)."""
     r = _runner(ckpt, attention_backend="triton", graph_template=True)
