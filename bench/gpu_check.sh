@@ -10,8 +10,9 @@
 #      steps replay their own graphs: batch-1 ITL eager vs graphs for base and for mixed)
 #   5. summary.md (a short table with the targets) + summary.json
 # Installs nothing: uses ./.venv if it has CUDA torch + triton, else python3.
-# Everything lands in $OUT (default ./gpu_out) as at most 7 files (the device tool returns 8):
-#   gpu_check.log, bench_kernels.json, bench_attention.json, gpu_e2e.json, summary.json, summary.md
+# Everything lands in $OUT (default ./gpu_out) as at most 8 files (what the device tool returns):
+#   gpu_check.log, bench_kernels.json, bench_fused.json, bench_attention.json, gpu_e2e.json, summary.json,
+#   summary.md (bench_bottleneck.json too on the GPU: 8 files)
 #
 # Usage: bench/gpu_check.sh             on the GPU machine
 #        bench/gpu_check.sh --dry-run   the whole script on CPU with tiny shapes (Triton interpreter)
@@ -56,6 +57,8 @@ if [[ $DRY -eq 1 ]]; then
   step "pytest paged attention (interpreter subset)" 300 "$PY" -m pytest -q -p no:cacheprovider \
     tests/kernels/test_paged_attention.py -k "split_kv or workspace or (decode_grid and float32-kv2xg4xd16-wNone)"
   step "bench_kernels --quick" 300 "$PY" -m bench.bench_kernels --quick --iters 2 --out "$OUT/bench_kernels.json"
+  step "bench_fused --dry-run" 300 "$PY" -m bench.bench_fused --dry-run --tokens 1 4 --adapters 1 4 \
+    --out "$OUT/bench_fused.json"
   step "bench_attention --dry-run" 300 "$PY" -m bench.bench_attention --dry-run --out "$OUT/bench_attention.json"
   step "pytest capturable LoRA (fixed-shape launches, graph template)" 600 "$PY" -m pytest -q -p no:cacheprovider \
     tests/kernels/test_capturable_lora.py tests/model/test_lora_graphs.py -k "decode or twins"
@@ -81,6 +84,8 @@ else
   step "gpu_e2e" 180 "$PY" -m bench.gpu_e2e --out "$OUT/gpu_e2e.json"
   step "bench_kernels (bf16)" 90 "$PY" -m bench.bench_kernels --dtype bfloat16 --ranks r8 r16 r64 mixed \
     --iters 30 --out "$OUT/bench_kernels.json"
+  step "bench_fused (bf16: q/k/v eager, fixed, fused; fixed and fused from CUDA graphs)" 45 "$PY" -m bench.bench_fused \
+    --out "$OUT/bench_fused.json"
   step "bench_attention (bf16)" 60 "$PY" -m bench.bench_attention --out "$OUT/bench_attention.json"
   # fp16 cases only: fp32 "ieee" dots take minutes to compile and the interpreter covers fp32 on CPU
   step "pytest paged attention grid (real Triton, fp16)" 90 "$PY" -m pytest tests/kernels/test_paged_attention.py \
