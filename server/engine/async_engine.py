@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,10 +29,11 @@ from server.engine.prompt_logprobs import PromptLogprob, PromptScorer
 from server.engine.registry import AdapterHandle
 from server.engine.sampler import SampleResult, make_generator, sample
 from server.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.sequence import SamplingParams, SeqStatus, Sequence
 from server.engine.slots import SlotManager
 from server.model.batch import SeqChunk
 from server.model.runner import ModelInfo
+from server.threads import single_threaded
 
 log = logging.getLogger("peftserve.engine")
 BURST_WINDOW_S = 0.003
@@ -185,7 +187,11 @@ class AsyncEngine:
         self.slots = SlotManager(self.info.max_adapters, self.info.adapter_pages or None)
         self.scheduler = Scheduler(self.allocator, max_num_seqs=max_num_seqs,
                                    max_batch_tokens=max_batch_tokens, slots=self.slots,
-                                   prefix_caching=prefix_caching, max_slot_wait=max_slot_wait)
+                                   prefix_caching=prefix_caching, max_slot_wait=max_slot_wait,
+                                   stage_loads=callable(getattr(runner, "stage_adapter", None)))
+        # Paged adapters load here, while steps run (the scheduler holds only their requests meanwhile).
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="peftserve-adapter-load")
+        self.staging = 0  # loads in flight on the loader thread
         self._eos = self.info.eos_token_ids
         self._inbox: queue.SimpleQueue[InboxMessage] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -211,6 +217,7 @@ class AsyncEngine:
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
         self._wake.set()
+        self._loader.shutdown(wait=False, cancel_futures=True)
         if self._thread is not None:
             self._thread.join(timeout)
             if not self._thread.is_alive():
@@ -391,7 +398,17 @@ class AsyncEngine:
         self.step_started_at = t0 = time.monotonic()
         try:
             out = self._schedule()
+            self._start_stages(out)
             if not out.chunks:
+                try:
+                    self._apply_loads(out)
+                except Exception:  # noqa: BLE001 - nobody runs on these slots yet: forget them
+                    log.exception("adapter load failed")
+                    for _slot, seq in out.loads:
+                        self.slots.discard(seq.adapter_key)
+                if self.staging:  # every waiting request waits for a load: sleep until one lands
+                    self._wake.wait(0.05)
+                    self._wake.clear()
                 return
             logits = self._execute(out)
             if logits is not None:
@@ -416,13 +433,7 @@ class AsyncEngine:
     def _execute(self, out: SchedulerOutput) -> torch.Tensor | None:
         """Load the step's new adapters and run the forward pass; None when the step failed."""
         try:
-            for slot in out.cleared:  # evicted for their pages: nothing may read them now
-                self.runner.clear_slot(slot)
-            for slot, seq in out.loads:
-                t_load = time.monotonic()
-                self._load_slot(slot, seq.adapter)
-                for ob in self.observers:
-                    ob.on_adapter_load(seq.adapter.name, slot, time.monotonic() - t_load)
+            self._apply_loads(out)
             if self.fault_injector is not None:
                 self.fault_injector(out.chunks)
             logits = self.runner.execute([self._model_chunk(c, self._logits_from(c)) for c in out.chunks])
@@ -431,6 +442,54 @@ class AsyncEngine:
             return None
         self.failed_steps = 0
         return logits
+
+    def _apply_loads(self, out: SchedulerOutput) -> None:
+        """The step's synchronous adapter loads (families without pages), on this thread."""
+        for slot, seq in out.loads:
+            t_load = time.monotonic()
+            self._load_slot(slot, seq.adapter)
+            for ob in self.observers:
+                ob.on_adapter_load(seq.adapter.name, slot, time.monotonic() - t_load)
+        out.loads = []
+
+    def _start_stages(self, out: SchedulerOutput) -> None:
+        """Clear slots evicted for their pages, then hand the step's paged loads to the loader thread: they
+        write only pages no active slot reads, and become usable between two steps (`_staged`)."""
+        for slot in out.cleared:
+            self.runner.clear_slot(slot)
+        out.cleared = []
+        for slot, seq in out.stages:
+            handle: AdapterHandle = seq.adapter
+            pages = self.slots.pages_of(slot)
+            self.runner.device_form(handle.adapter.family)  # created on this thread, used by the loader
+            t0 = time.monotonic()
+            self.staging += 1
+            fut = self._loader.submit(self._stage_job, handle.adapter, pages)
+            fut.add_done_callback(lambda f, slot=slot, handle=handle, pages=pages, t0=t0: self.call_in_worker(
+                lambda: self._staged(slot, handle, pages, f, t0)))
+        out.stages = []
+
+    def _stage_job(self, adapter: Any, pages: list[int]) -> Any:
+        single_threaded()
+        return self.runner.stage_adapter(adapter, pages)
+
+    def _staged(self, slot: int, handle: AdapterHandle, pages: list[int], fut: Future, t0: float) -> None:
+        """A loader-thread load finished (between steps): activate it, or fail the requests waiting for it."""
+        self.staging -= 1
+        try:
+            self.runner.activate_adapter(slot, handle.adapter, fut.result(), pages)
+        except Exception as e:  # noqa: BLE001 - fail that adapter's waiting requests, keep serving the rest
+            log.exception("adapter %s failed to load", handle.name)
+            key = self.slots.load_failed(slot)
+            self.runner.clear_slot(slot)
+            for req in list(self._requests.values()):
+                if req.seq.adapter_key == key and req.seq.status is SeqStatus.WAITING:
+                    self._retire(req, "error")
+                    self._emit(req, Delta([], "", error=StepError(f"adapter {handle.name!r} failed to load: {e}")))
+            return
+        self.slots.loaded(slot)
+        for ob in self.observers:
+            ob.on_adapter_load(handle.name, slot, time.monotonic() - t0)
 
     def _step_failed(self, out: SchedulerOutput, e: Exception) -> None:
         """Failure policy: fail the step's requests; a dead device or repeated failures stop the engine."""

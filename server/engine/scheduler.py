@@ -48,6 +48,8 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     loads: list[tuple[int, Sequence]] = field(default_factory=list)  # (slot, seq): load seq.adapter there
+    # (slot, seq): load seq.adapter there on a loader thread, while steps run (`SlotManager.is_loading`)
+    stages: list[tuple[int, Sequence]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     cleared: list[int] = field(default_factory=list)  # slots emptied by evictions: clear them before the loads
     prefetched: int = 0  # of `loads`, those for waiting requests not admitted yet (taken ahead of need)
@@ -69,6 +71,7 @@ class Scheduler:
         prefix_caching: bool = True,
         max_slot_wait: int = 32,
         prefetch: int = 2,
+        stage_loads: bool = False,
     ) -> None:
         if max_batch_tokens < max_num_seqs:
             raise ValueError(f"max_batch_tokens={max_batch_tokens} must be >= max_num_seqs={max_num_seqs}")
@@ -90,6 +93,9 @@ class Scheduler:
         if prefetch < 0:
             raise ValueError(f"prefetch={prefetch} must be >= 0")
         self.prefetch = prefetch  # adapters of waiting requests loaded ahead of need per step, at most
+        # paged adapters (pages > 0, no shared KV prefix) load on a loader thread: their requests wait, the
+        # step goes on (base requests and resident adapters are never held by a load)
+        self.stage_loads = stage_loads
         self.deferred = 0  # admissions deferred so that a block another sequence is computing is computed once
 
     # ---- membership -------------------------------------------------------------------------
@@ -186,9 +192,18 @@ class Scheduler:
         pending = self._pending_blocks() if self.prefix_cache is not None else {}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.adapter_key is not None and self.slots is not None and self.slots.is_loading(seq.adapter_key):
+                skipped.append(self.waiting.popleft())  # its adapter is being loaded: next step(s)
+                continue
             if seq.adapter_key is not None and self.slots is not None and not self._may_take_slot(seq):
                 if seq.slot_blocked_since < 0:
                     seq.slot_blocked_since = self.step
+                skipped.append(self.waiting.popleft())
+                continue
+            if self._stageable(seq) and self.slots.slot_of(seq.adapter_key) is None:
+                got = self.slots.acquire(seq.adapter_key, seq.adapter_pages, stage=True)
+                assert got is not None  # _may_take_slot checked it
+                out.stages.append((got[0], seq))
                 skipped.append(self.waiting.popleft())
                 continue
             total_blocks = self.allocator.blocks_for(seq.num_tokens)
@@ -271,6 +286,10 @@ class Scheduler:
         owner = pending.get(self.prefix_cache.keys(seq, len(hits) + 1)[-1])
         return owner is not None and owner is not seq and owner.status is SeqStatus.RUNNING
 
+    def _stageable(self, seq: Sequence) -> bool:
+        return (self.stage_loads and self.slots is not None and seq.adapter_key is not None
+                and seq.adapter_pages > 0 and not seq.num_prefix)
+
     # ---- prefetch: load the next adapters ahead of need ------------------------------------------
     def _prefetch(self, out: SchedulerOutput) -> None:
         """Make the adapters of the next waiting requests resident now (free pages, or idle adapters no
@@ -287,12 +306,16 @@ class Scheduler:
             key = seq.adapter_key
             if key is None or seq.num_prefix or self.slots.slot_of(key) is not None:
                 continue
-            got = self.slots.acquire(key, seq.adapter_pages, protect=wanted)
+            stage = self._stageable(seq)
+            got = self.slots.acquire(key, seq.adapter_pages, protect=wanted, stage=stage)
             if got is None:
                 break  # no room without evicting what the queue needs
             slot = got[0]
-            self.slots.release(slot)  # resident and idle (most recently used) until its request is admitted
-            out.loads.append((slot, seq))
+            if stage:
+                out.stages.append((slot, seq))
+            else:
+                self.slots.release(slot)  # resident and idle (most recently used) until its request is admitted
+                out.loads.append((slot, seq))
             out.prefetched += 1
             self.slots.prefetches += 1
             done += 1

@@ -29,6 +29,7 @@ class SlotManager:
         self._idle: OrderedDict[int, None] = OrderedDict()  # resident, unused slots; oldest first
         self._free_pages: set[int] = set(range(num_pages or 0))
         self._cleared: list[int] = []  # slots emptied by an eviction, to be cleared on the device
+        self._loading: set[int] = set()  # slots whose weights a loader thread is writing (not evictable, not usable)
         self.loads = 0
         self.evictions = 0
         self.prefetches = 0
@@ -95,12 +96,37 @@ class SlotManager:
     def can_acquire(self, key: Hashable, pages: int = 0, protect: Collection[Hashable] = ()) -> bool:
         return key in self._slot_of or self._fits(pages, protect) is not None
 
-    def acquire(self, key: Hashable, pages: int = 0, protect: Collection[Hashable] = ()
+    def is_loading(self, key: Hashable) -> bool:
+        slot = self._slot_of.get(key)
+        return slot is not None and slot in self._loading
+
+    def loaded(self, slot: int) -> None:
+        """A staged load finished: the adapter is usable, idle (most recently used) until referenced."""
+        self._loading.discard(slot)
+        if self._refs[slot] == 0 and self._key[slot] is not None:
+            self._idle[slot] = None
+
+    def load_failed(self, slot: int) -> Hashable | None:
+        """A staged load failed: free its slot and pages. Returns the adapter key."""
+        self._loading.discard(slot)
+        key = self._key[slot]
+        if key is not None:
+            del self._slot_of[key]
+            self._key[slot] = None
+            self._free_pages.update(self._pages[slot])
+            self._pages[slot] = []
+            self._idle.pop(slot, None)
+        return key
+
+    def acquire(self, key: Hashable, pages: int = 0, protect: Collection[Hashable] = (), *, stage: bool = False
                 ) -> tuple[int, Hashable | None, bool] | None:
         """Take a reference on `key`'s slot, loading it onto `pages` free pages if not resident (evicting idle
         adapters, least recently used first, never one in `protect`). Returns (slot, evicted_key,
         needs_load), or None if even evicting every idle adapter would not make room. evicted_key is the
-        adapter that had the returned slot (others evicted for their pages are in `take_cleared`)."""
+        adapter that had the returned slot (others evicted for their pages are in `take_cleared`).
+
+        `stage`: a load goes to a loader thread; no reference is taken, and the slot is neither evictable nor
+        usable (`is_loading`) until `loaded(slot)`."""
         slot = self._slot_of.get(key)
         if slot is not None:
             self._refs[slot] += 1
@@ -117,7 +143,9 @@ class SlotManager:
             self._cleared.remove(slot)  # reused at once: the load replaces it
         self._key[slot] = key
         self._slot_of[key] = slot
-        self._refs[slot] = 1
+        self._refs[slot] = 0 if stage else 1
+        if stage:
+            self._loading.add(slot)
         self._pages[slot] = self._take_pages(pages)
         self.loads += 1
         return slot, evicted, True
@@ -160,7 +188,7 @@ class SlotManager:
     def discard(self, key: Hashable) -> int | None:
         """Forget an idle adapter (deleted or replaced): its slot and pages are free. Returns the slot, or None."""
         slot = self._slot_of.get(key)
-        if slot is None or self._refs[slot] > 0:
+        if slot is None or self._refs[slot] > 0 or slot in self._loading:
             return None
         del self._slot_of[key]
         self._key[slot] = None
@@ -181,4 +209,4 @@ class SlotManager:
                 assert self._refs[s] == 0 and s not in self._idle and not self._pages[s]
             else:
                 assert self._slot_of[self._key[s]] == s
-                assert (s in self._idle) == (self._refs[s] == 0)
+                assert (s in self._idle) == (self._refs[s] == 0 and s not in self._loading)

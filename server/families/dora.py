@@ -117,6 +117,11 @@ class DoraSlots(LoRASlots):
         self.bits: dict[tuple[int, str], int] = {}  # bit s: slot s has a magnitude here
 
     def load(self, slot: int, adapter: Adapter, kv_slots: list[int]) -> None:
+        self.activate(slot, adapter, self.stage(adapter, self.pool.host_pages[slot]))
+
+    def stage(self, adapter: Adapter, pages: list[int]) -> Any:
+        """Fold the magnitudes (g = m / ||W + s BA||, g * B) and write A and g * B into `pages`; a loader thread
+        may run this while a step runs (it only reads the base weights)."""
         assert isinstance(adapter, DoraAdapter)
         folded: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
         tables: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -127,7 +132,11 @@ class DoraSlots(LoRASlots):
                                    adapter.magnitudes[key].to(weight.device))
             folded[key] = (mod.a, gb, mod.scaling)
             tables[key] = (g, add)
-        self.load_slot(slot, folded)  # checks, clears the slot, then writes A and g * B
+        return self.stage_weights(folded, pages), tables  # checks, then writes A and g * B
+
+    def activate(self, slot: int, adapter: Adapter, staged: Any) -> None:
+        folded, tables = staged
+        self.activate_weights(slot, folded)  # clears the slot, then ranks and scales
         for key, (g, add) in tables.items():
             if key not in self.mul:
                 n = g.numel()

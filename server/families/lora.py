@@ -433,10 +433,8 @@ class LoRASlots(DeviceForm):
                                else torch.zeros(s, dtype=torch.int32, device=self.device))
         self.graph_version += 1
 
-    def _check(self, slot: int, weights: LoRAWeights) -> None:
-        if not 0 <= slot < self.max_adapters:
-            raise ValueError(f"LoRA slot {slot} not in [0, {self.max_adapters})")
-        have = len(self.pool.host_pages[slot]) * self.pool.page_rank
+    def _check(self, pages: list[int], weights: LoRAWeights) -> None:
+        have = len(pages) * self.pool.page_rank
         for (layer, name), (a, b, _) in weights.items():
             where = f"layer {layer} {name}"
             if not 0 <= layer < self.info.num_layers:
@@ -448,8 +446,8 @@ class LoRASlots(DeviceForm):
             if r > self.max_rank:
                 raise ValueError(f"{where}: rank {r} exceeds --max-rank {self.max_rank}")
             if r > have:
-                raise ValueError(f"{where}: rank {r} needs {-(-r // self.pool.page_rank)} pages, slot {slot} "
-                                 f"has {len(self.pool.host_pages[slot])}")
+                raise ValueError(f"{where}: rank {r} needs {-(-r // self.pool.page_rank)} pages, it got "
+                                 f"{len(pages)}")
             if tuple(a.shape) != (r, k_in) or tuple(b.shape) != (n_out, r):
                 raise ValueError(f"{where}: expected A [r, {k_in}] and B [{n_out}, r], "
                                  f"got A {tuple(a.shape)} and B {tuple(b.shape)}")
@@ -486,20 +484,40 @@ class LoRASlots(DeviceForm):
             mods = [(*self.pool.module(k), self.ranks_dev[k], self.scales[k], self.pool.pages) for k, _ in keys]
             lora_apply_fused(x, [y for _, y in keys], mods, meta)
 
+    def stage(self, adapter: Adapter, pages: list[int]) -> Any:
+        """Write the adapter's A/B into `pages` (a loader thread may call this while a step runs: nothing
+        reads those pages until `activate`). Returns what `activate` needs."""
+        assert isinstance(adapter, LoraAdapter)
+        return self.stage_weights(adapter.weights(), pages)
+
+    def activate(self, slot: int, adapter: Adapter, staged: Any) -> None:
+        """Make a staged adapter serve `slot` (the pool's page table row is already set): ranks and scales."""
+        self.activate_weights(slot, staged)
+
+    def stage_weights(self, weights: LoRAWeights, pages: list[int]) -> LoRAWeights:
+        self._check(pages, weights)
+        for key, (a, b, _) in weights.items():
+            self.pool.write(pages, key, a, b)
+        return weights
+
     def load_slot(self, slot: int, weights: LoRAWeights) -> None:
         """Install an adapter in a slot (on the pages the pool's table gives it); modules absent from
         `weights` get rank 0 there.
 
         Everything is checked before anything is written, so a bad adapter leaves the slot as it was.
         """
-        self._check(slot, weights)
+        if not 0 <= slot < self.max_adapters:
+            raise ValueError(f"LoRA slot {slot} not in [0, {self.max_adapters})")
+        self.clear_slot(slot)
+        self.activate_weights(slot, self.stage_weights(weights, self.pool.host_pages[slot]))
+
+    def activate_weights(self, slot: int, weights: LoRAWeights) -> None:
         self.clear_slot(slot)
         self._drop_stacks()
-        for key, (a, b, scaling) in weights.items():
+        for key, (a, _b, scaling) in weights.items():
             if key not in self.ranks:
                 self._allocate(key)
             r = a.shape[0]
-            self.pool.write(slot, key, a, b)
             self.ranks[key][slot] = r
             if self.ranks_dev[key] is not self.ranks[key]:
                 self.ranks_dev[key][slot] = r

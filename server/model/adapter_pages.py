@@ -126,19 +126,18 @@ class LoRAPagePool:
         row = pages + [0] * (self.max_pages - len(pages))
         self.pages[slot].copy_(torch.tensor(row, dtype=torch.int32))
 
-    def rows(self, slot: int, r: int) -> slice | torch.Tensor:
-        """Rows of the flat pools [P * PR, ...] that hold the slot's first r rank rows."""
+    def rows(self, pages: list[int], r: int) -> slice | torch.Tensor:
+        """Rows of the flat pools [P * PR, ...] that hold the first r rank rows on `pages`."""
         from kernels.pages import slot_rows
 
-        have = len(self.host_pages[slot]) * self.page_rank
-        if r > have:
-            raise ValueError(f"rank {r} does not fit slot {slot}'s {len(self.host_pages[slot])} pages "
-                             f"of {self.page_rank} rows")
-        return slot_rows(self.host_pages[slot], self.page_rank, r)
+        if r > len(pages) * self.page_rank:
+            raise ValueError(f"rank {r} does not fit {len(pages)} pages of {self.page_rank} rows")
+        return slot_rows(pages, self.page_rank, r)
 
-    def write(self, slot: int, key: tuple[int, str], a: torch.Tensor, b: torch.Tensor) -> None:
-        """Copy A [r, K] and B [N, r] into the slot's pages of module `key`."""
+    def write(self, pages: list[int], key: tuple[int, str], a: torch.Tensor, b: torch.Tensor) -> None:
+        """Copy A [r, K] and B [N, r] into `pages` of module `key` (pages no active slot reads: a loader
+        thread may do this while a step runs)."""
         pa, pb = self.module(key)
-        rows = self.rows(slot, a.shape[0])
+        rows = self.rows(pages, a.shape[0])
         pa.view(-1, pa.shape[2])[rows] = a.to(self.dtype)
         pb.transpose(1, 2).reshape(-1, pb.shape[1])[rows] = b.T.to(self.dtype)

@@ -166,6 +166,8 @@ class DecodeGraphs:
             self.forward(t)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the engine's adapter loader thread may write pages (and allocate a module's pool) while
+        # this worker thread captures; its calls are not part of the graph and must not invalidate the capture
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = self.forward(t)
         return graph, out

@@ -233,6 +233,23 @@ class ModelRunner:
             form.load(slot, adapter, list(kv_slots or []))
         self._owner[slot] = form
 
+    def stage_adapter(self, adapter: AdapterLike, pages: list[int]) -> Any:
+        """Write a paged adapter's weights into `pages` (a loader thread calls this while steps run; nothing
+        reads those pages until `activate_adapter`). Its family's device form must exist (`device_form`,
+        called on the engine's thread first) and have `stage`."""
+        form = self._forms[adapter.family]
+        with torch.inference_mode():
+            return form.stage(adapter, pages)  # type: ignore[attr-defined]
+
+    def activate_adapter(self, slot: int, adapter: AdapterLike, staged: Any, pages: list[int]) -> None:
+        """Make a staged adapter serve `slot` (between steps, on the engine's thread)."""
+        form = self.device_form(adapter.family)
+        with torch.inference_mode():
+            self.clear_slot(slot)
+            self.lora_pages.set_pages(slot, pages)
+            form.activate(slot, adapter, staged)  # type: ignore[attr-defined]
+        self._owner[slot] = form
+
     def clear_slot(self, slot: int) -> None:
         """Empty a device slot: requests using it would now get the base model."""
         form = self._owner[slot]

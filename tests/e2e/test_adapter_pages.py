@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from server.model.adapter_pages import page_bytes
 from server.model.loader import load_spec
 from tests.e2e.test_lora_serving import N_TOKENS, build, fire, references
 from tests.server_utils import live_server
+from tests.waits import async_wait_for
 
 # pages per adapter of tests/e2e/test_lora_serving.LORAS at 8 rank rows a page (largest rank over modules)
 PAGES = {"qv-r4": 1, "all-r8": 1, "mlp-r16": 2, "rslora-r32": 4, "pattern-r8": 3, "regex-r64": 8}
@@ -77,3 +79,54 @@ def test_mixed_ranks_over_a_short_pool_match_peft(built):
         got_lp = choice["logprobs"]["token_logprobs"]
         assert max(abs(a - b) for a, b in zip(got_lp, want_lp, strict=True)) < 2e-3, name
     assert N_TOKENS == len(want)
+
+
+def test_device_load_runs_while_steps_go_on(built):
+    """A paged adapter's CPU -> device load runs on the loader thread: a base stream keeps decoding while the
+    load is held, the request on that adapter waits for it, then gets PEFT's answer."""
+    base, adapters, prompts, ref = built
+    with live_server(**_settings(base, adapters)) as srv:
+        runner = srv.state.engine.runner
+        real_stage = runner.stage_adapter
+        loading, release = threading.Event(), threading.Event()
+
+        def slow_stage(adapter, pages):  # the real load, held until decoding was seen to go on without it
+            loading.set()
+            assert release.wait(120), "the test never released the load"
+            return real_stage(adapter, pages)
+
+        runner.stage_adapter = slow_stage
+
+        async def scenario():
+            async with srv.async_client() as ac:
+                tokens: list[int] = []
+
+                async def base_stream() -> None:
+                    async with ac.stream("POST", "/v1/completions", json={
+                            "prompt": [1, 2, 3], "max_tokens": 100, "min_tokens": 100, "temperature": 0,
+                            "stream": True}) as s:
+                        async for line in s.aiter_lines():
+                            if line.startswith("data: {"):
+                                tokens.append(1)
+
+                stream = asyncio.create_task(base_stream())
+                try:
+                    await async_wait_for(lambda: len(tokens) >= 3, "the base stream to start")
+                    req = asyncio.create_task(ac.post("/v1/completions", json={
+                        "model": "mlp-r16", "prompt": prompts[0], "max_tokens": N_TOKENS,
+                        "min_tokens": N_TOKENS, "temperature": 0, "return_token_ids": True}))
+                    await async_wait_for(loading.is_set, "the adapter's device load to start")
+                    at_load = len(tokens)
+                    assert at_load < 50  # the stream is mid-way: the steps below run during the load
+                    await async_wait_for(lambda: len(tokens) >= at_load + 10,
+                                         "the base stream to decode 10 tokens while the device load is held")
+                    assert not req.done() and srv.state.engine.staging == 1
+                finally:
+                    release.set()
+                r = await req
+                await stream
+                return r, len(tokens)
+
+        r, n = asyncio.run(scenario())
+    assert r.status_code == 200 and n == 100
+    assert r.json()["choices"][0]["token_ids"] == ref[("mlp-r16", 0)][0]
