@@ -73,6 +73,31 @@ def test_one_table_serves_modules_of_different_ranks() -> None:
 
 
 @needs_interp
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_fixed_ranks_past_one_rank_block(split_k: int) -> None:
+    """Ranks above the 16-wide rank block (20, 36, 17) take several rank-block programs per tile."""
+    ranks = [20, 36, 5, 17]
+    order = torch.randperm(21, generator=torch.Generator().manual_seed(3)).tolist()  # scattered pages
+    plists, i = [], 0
+    for r in ranks:
+        n = -(-r // 4)
+        plists.append(order[i:i + n])
+        i += n
+    p = _paged(ranks, plists, 21, torch.float32, seed=5)
+    slots = [1, 0, 3, -1, 1, 2, 0, 3, 1]
+    x, y0 = _inputs(slots, torch.float32)
+    y = y0.clone()
+    h = lora_shrink_fixed(x, p["a"], p["ranks"], _fixed(slots, 5), pages=p["pages"], split_k=split_k)
+    lora_expand_fixed(h, p["b"], p["ranks"], p["scales"], _fixed(slots, 5), y, pages=p["pages"])
+    want = y0.double().clone()
+    for t, s in enumerate(slots):
+        if s >= 0:
+            a, b = p["dense"][s]
+            want[t] += float(p["scales"][s]) * ((x[t].double() @ a.double().T) @ b.double().T)
+    torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@needs_interp
 def test_unpaged_layout_and_all_padding() -> None:
     """pages=None (stacked [S, R_max, K]) works, and a table of only padding tiles changes nothing."""
     g = torch.Generator().manual_seed(2)
