@@ -8,6 +8,11 @@ Per round, paired in the same run: 8 concurrent greedy base streams alone (the b
 where the job takes the whole engine thread). RSS: after serving warm-up without a job, and the peak while
 a job runs (the base weights are shared, so the difference is the adapter, its optimizer state and
 activations). Default model: SmolLM2-135M-Instruct from the repo's .cache (tests/real_model.py).
+
+The micro-step bound (`--train-max-step-tokens`): on long samples (`--long-words`), a job at each cap of
+`--bound-caps` (a huge cap = one whole sample a micro-step, as before the cap) runs `--bound-steps` optimizer
+steps on the idle engine; printed: the longest one micro-step held the engine thread, the most tokens one ran,
+and training tokens/s (the cost of the exact chunked backward: chunks are run forward twice).
 """
 
 from __future__ import annotations
@@ -103,6 +108,10 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=24, help="rough size of each sample")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--step-tokens", type=int, default=256, help="--train-max-step-tokens of the share rounds")
+    ap.add_argument("--bound-caps", default="64,100000", help="caps compared on long samples ('' skips)")
+    ap.add_argument("--long-words", type=int, default=160, help="rough size of each long sample")
+    ap.add_argument("--bound-steps", type=int, default=3)
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     if args.threads:
@@ -122,6 +131,7 @@ def main() -> None:
     ft.start()
     data = dataset(args.samples, args.words)
     rec = ft.files.add(data, filename="bench.jsonl", purpose="fine-tune", lines=args.samples, fmt="chat")
+    ft.max_step_tokens = args.step_tokens
     serve_streams(engine, args.streams, args.prompt_len, 4)  # warm-up
     rss_idle = _rss_mb()
     out: dict[str, Any] = {"model": os.path.basename(model), "threads": torch.get_num_threads(),
@@ -151,6 +161,33 @@ def main() -> None:
     out["micro_step_ms"] = round(1000 * (p.train_seconds - sec0) / args.train_micro_steps, 1)
     stop_job(ft, jid)
 
+    caps = [int(c) for c in args.bound_caps.split(",") if c]
+    if caps:
+        long = ft.files.add(dataset(8, args.long_words), filename="long.jsonl", purpose="fine-tune", lines=8,
+                            fmt="chat")
+        bound = []
+        for cap in caps:
+            ft.max_step_tokens = cap
+            jid = start_job(ft, long.id, state.base_name, 0.5)
+            wait_training(ft, 1)
+            trainer = ft.trainer
+            trainer.progress.longest_micro_seconds = 0.0  # past the first micro-step's one-time costs
+            deadline = time.monotonic() + 1800
+            while trainer.progress.step < args.bound_steps and time.monotonic() < deadline:
+                time.sleep(0.05)
+            p = trainer.progress
+            row = {"cap": cap, "optimizer_steps": p.step, "micro_steps": p.micro,
+                   "largest_micro_step_tokens": p.largest_micro_tokens,
+                   "longest_micro_step_s": round(p.longest_micro_seconds, 3),
+                   "mean_micro_step_s": round(p.train_seconds / max(1, p.micro), 3),
+                   "train_tokens_per_s_in_steps": round(p.trained_tokens / max(p.train_seconds, 1e-9), 1),
+                   "sample_tokens": max(len(e.ids) for e in trainer.examples)}
+            stop_job(ft, jid)
+            bound.append(row)
+            print(json.dumps(row), flush=True)
+        out["micro_step_bound"] = bound
+        ft.max_step_tokens = args.step_tokens
+
     shares = [float(s) for s in args.shares.split(",")]
     rows = []
     for r in range(args.rounds):
@@ -175,6 +212,8 @@ def main() -> None:
     out["rounds"] = rows
     for share in shares:
         ratios = sorted(r[f"share_{share}_ratio"] for r in rows)
+        if not ratios:
+            continue
         mid = len(ratios) // 2
         out[f"share_{share}_ratio_median"] = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
     out["loadavg_end"] = open("/proc/loadavg").read().split()[:3]

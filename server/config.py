@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     no_ui: bool = False
     train_share: float = 0.5  # fine-tuning: most share of the engine thread a job takes under load
     max_file_lines: int = 50000  # fine-tuning: most samples in one training file
+    train_max_step_tokens: int = 256  # fine-tuning: most tokens one micro-step runs on the engine thread
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -161,6 +162,8 @@ class Settings(BaseSettings):
             bad("train-share", self.train_share, "must be in (0, 1]")
         if self.max_file_lines < 1:
             bad("max-file-lines", self.max_file_lines, "must be >= 1")
+        if self.train_max_step_tokens < 2:
+            bad("train-max-step-tokens", self.train_max_step_tokens, "must be >= 2")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             bad("log-level", self.log_level, "choose debug, info, warning or error")
         for item in self.adapter:
@@ -250,6 +253,8 @@ HELP = {
     "train_share": "largest share of the engine thread a fine-tuning job takes while requests are waiting "
                    "(it takes all of an idle engine)",
     "max_file_lines": "most samples in one fine-tuning file (POST /v1/files; 400 beyond)",
+    "train_max_step_tokens": "most tokens one fine-tuning micro-step runs between two serving steps (a batch is cut "
+                             "into micro-steps with gradient accumulation; a longer sample is chunked exactly)",
 }
 
 

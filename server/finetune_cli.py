@@ -29,6 +29,10 @@ def _create(ns: argparse.Namespace) -> int:
         peft["targets"] = ns.targets.split(",")
     if ns.dora:
         peft["use_dora"] = True
+    if ns.type is not None:
+        peft["type"] = ns.type
+    if ns.virtual_tokens is not None:
+        peft["num_virtual_tokens"] = ns.virtual_tokens
     with _client(ns) as c:
         with open(ns.file, "rb") as f:
             r = c.post("/v1/files", files={"file": (os.path.basename(ns.file), f.read())},
@@ -170,6 +174,10 @@ def add_finetune_commands(sub: Any) -> None:
     create.add_argument("--alpha", type=float, help="LoRA alpha (default 2 x rank)")
     create.add_argument("--targets", help="comma-separated modules (default all q/k/v/o/gate/up/down projections)")
     create.add_argument("--dora", action="store_true", help="train DoRA instead of plain LoRA")
+    create.add_argument("--type", choices=["LORA", "PROMPT_TUNING", "PREFIX_TUNING"],
+                        help="the adapter to train (default LORA)")
+    create.add_argument("--virtual-tokens", type=int,
+                        help="num_virtual_tokens of a PROMPT_TUNING / PREFIX_TUNING job (default 8)")
     create.add_argument("--follow", action="store_true", help="then follow its events until it ends")
     common(create)
     create.set_defaults(func=_create)

@@ -113,7 +113,8 @@ def build_state(settings: Settings) -> ServerState:
 
     finetune = FineTuning(store=store, registry=registry, engine=engine, base_name=base_name,
                           train_share=settings.train_share, max_file_lines=settings.max_file_lines,
-                          max_model_len=m.max_model_len, max_rank=max_rank)
+                          max_model_len=m.max_model_len, max_rank=max_rank,
+                          max_step_tokens=settings.train_max_step_tokens)
     from server.api.assistants import check_at_startup, open_assistants
     from server.compose.service import Composer
 

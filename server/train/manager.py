@@ -1,9 +1,10 @@
 """Fine-tuning jobs: validation, the one-at-a-time queue, training on the resident base, landing the adapter.
 
 States: validating_files → queued → running → succeeded | failed | cancelled. One worker thread runs the
-queue; a job's micro-steps run on the engine thread (`server.train.trainer`). The result, and a checkpoint
-at the end of every epoch but the last, go through `AdapterStore.add` (the same validation as an upload) and
-are served at once as `ft:<base>:<suffix>:<job>` (checkpoints: `...:ckpt-step-N`).
+queue; a job's micro-steps (at most `--train-max-step-tokens` tokens each, validation included) run on the
+engine thread (`server.train.trainer`). The adapter is LoRA/DoRA, or PEFT's prompt or prefix tuning.
+The result, and a checkpoint at the end of every epoch but the last, go through `AdapterStore.add` (the same
+validation as an upload) and are served at once as `ft:<base>:<suffix>:<job>` (checkpoints: `...:ckpt-step-N`).
 
 Shutdown and crashes: a job running when the server stops is marked failed (code `server_shutdown`); one found
 `running` at start-up (the process was killed) is marked failed (code `server_restarted`). Its checkpoints stay
@@ -27,7 +28,15 @@ from adapters_store import AdapterError
 from adapters_store.files import FileStore
 from server.train.dataset import DatasetError, Example, encode_file, parse_jsonl
 from server.train.jobs_db import FINAL, JobStore
-from server.train.trainer import EngineStopped, Hyper, ShareGovernor, Trainer, run_on_engine
+from server.train.trainer import (
+    BASE_LEARNING_RATES,
+    DEFAULT_MAX_STEP_TOKENS,
+    EngineStopped,
+    Hyper,
+    ShareGovernor,
+    Trainer,
+    run_on_engine,
+)
 
 log = logging.getLogger("peftserve.train")
 
@@ -49,6 +58,9 @@ class _Stop(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+PROMPT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING")
+
+
 @dataclass(frozen=True)
 class PeftParams:
     """The `peft` extension object, resolved."""
@@ -59,21 +71,34 @@ class PeftParams:
     dropout: float = 0.0
     targets: tuple[str, ...] = tuple(LORA_TARGETS)
     use_dora: bool = False
+    num_virtual_tokens: int = 0  # PROMPT_TUNING / PREFIX_TUNING
 
     def to_dict(self) -> dict[str, Any]:
+        if self.type in PROMPT_TYPES:
+            return {"type": self.type, "num_virtual_tokens": self.num_virtual_tokens}
         return {"type": self.type, "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
                 "targets": list(self.targets), "use_dora": self.use_dora}
 
 
-def parse_peft(obj: Any, max_rank: int) -> PeftParams:
+def parse_peft(obj: Any, max_rank: int, max_virtual_tokens: int = 64) -> PeftParams:
     if obj is None:
         return PeftParams()
     if not isinstance(obj, dict):
         raise JobError("'peft' must be an object", param="peft")
     kind = str(obj.get("type", "LORA")).upper()
+    if kind in PROMPT_TYPES:
+        unknown = set(obj) - {"type", "num_virtual_tokens"}
+        if unknown:
+            raise JobError(f"peft: field {sorted(unknown)[0]!r} does not apply to type {kind}; it takes "
+                           "num_virtual_tokens", param="peft")
+        n = obj.get("num_virtual_tokens", 8)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_virtual_tokens:
+            raise JobError(f"peft.num_virtual_tokens {n!r} must be an integer in [1, {max_virtual_tokens}]",
+                           param="peft.num_virtual_tokens")
+        return PeftParams(kind, num_virtual_tokens=n)
     if kind not in ("LORA", "DORA"):
         raise JobError(f"peft.type {obj.get('type')!r} is not supported for training; supported: LORA "
-                       "(with use_dora for DoRA)", param="peft.type")
+                       "(with use_dora for DoRA), PROMPT_TUNING, PREFIX_TUNING", param="peft.type")
     unknown = set(obj) - {"type", "r", "alpha", "lora_alpha", "dropout", "targets", "target_modules", "use_dora"}
     if unknown:
         raise JobError(f"peft: unknown field {sorted(unknown)[0]!r}", param="peft")
@@ -155,7 +180,8 @@ class FineTuning:
     """Files, jobs and the training worker of one server."""
 
     def __init__(self, *, store: Any, registry: Any, engine: Any, base_name: str, train_share: float,
-                 max_file_lines: int, max_model_len: int, max_rank: int) -> None:
+                 max_file_lines: int, max_model_len: int, max_rank: int,
+                 max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS) -> None:
         self.store = store
         self.registry = registry
         self.engine = engine
@@ -164,6 +190,7 @@ class FineTuning:
         self.max_file_lines = max_file_lines
         self.max_model_len = max_model_len
         self.max_rank = max_rank
+        self.max_step_tokens = max_step_tokens
         self.files = FileStore(store.root)
         self.jobs = JobStore(store.root)
         self._wake = threading.Event()
@@ -249,7 +276,7 @@ class FineTuning:
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31):
             raise JobError(f"seed {seed!r} must be an integer in [0, 2147483647]", param="seed")
         hp = parse_hyperparameters(body)
-        peft = parse_peft(body.get("peft"), self.max_rank)
+        peft = parse_peft(body.get("peft"), self.max_rank, max_virtual_tokens=min(64, self.max_model_len // 2))
         jid = "ftjob-" + uuid.uuid4().hex[:24]
         seed = seed if seed is not None else int(uuid.uuid4().int % 2**31)
         job = {
@@ -330,7 +357,9 @@ class FineTuning:
                     sets.append([])
                     continue
                 parsed = parse_jsonl(self.files.content(job[key]), max_lines=self.max_file_lines)
-                sets.append(encode_file(self.engine.tokenizer, parsed, self.max_model_len))
+                # the virtual tokens of prompt/prefix tuning take positions of the model's length
+                room = self.max_model_len - job["peft"].get("num_virtual_tokens", 0)
+                sets.append(encode_file(self.engine.tokenizer, parsed, room))
         except (DatasetError, AdapterError, OSError) as e:
             if self.jobs.update(jid, expect=("validating_files",), status="failed", finished_at=int(time.time()),
                                 error={"code": "invalid_training_file", "param": "training_file",
@@ -358,7 +387,7 @@ class FineTuning:
         self.running = jid
         work = tempfile.mkdtemp(prefix="peftserve-ft-")
         try:
-            self.jobs.event(jid, "Fine-tuning job started")
+            self.jobs.event(jid, "Fine-tuning job started", data={"max_step_tokens": self.max_step_tokens})
             self._train(job, train, val, work)
         except _Stop as s:
             self._finish(jid, s.status, error=None if s.status == "cancelled" else
@@ -382,36 +411,62 @@ class FineTuning:
             raise _Stop("failed", "server_shutdown", self._shutdown_reason)
 
     def _train(self, job: dict[str, Any], train: list[Example], val: list[Example], work: str) -> None:
-        jid, hp = job["id"], job["hyperparameters"]
+        jid, hp, kind = job["id"], job["hyperparameters"], job["peft"]["type"]
         model = self._peft_model(job)
-        trainer = self.trainer = Trainer(model, train, Hyper(hp["n_epochs"], hp["batch_size"],
-                                                               hp["learning_rate_multiplier"], job["seed"]))
+        hyper = Hyper(hp["n_epochs"], hp["batch_size"], hp["learning_rate_multiplier"], job["seed"],
+                      BASE_LEARNING_RATES.get(kind, BASE_LEARNING_RATES["LORA"]))
+        trainer = self.trainer = Trainer(
+            model, train, hyper, max_step_tokens=self.max_step_tokens,
+            virtual_tokens=job["peft"]["num_virtual_tokens"] if kind == "PROMPT_TUNING" else 0,
+            can_split=kind not in PROMPT_TYPES)
         p = trainer.progress
         every = max(1, p.total_steps // 20)
         governor = ShareGovernor(self.engine, self.train_share, self._stop)
-        while not trainer.done:
-            self._check(jid)
-            busy = p.train_seconds
+
+        def on_engine(fn: Any) -> Any:
+            """fn as one micro-step on the engine thread, then the engine's share of time while it is busy."""
+            box: dict[str, float] = {}
+
+            def run() -> Any:
+                t0 = time.monotonic()
+                try:
+                    return fn()
+                finally:
+                    box["seconds"] = time.monotonic() - t0  # its own time, not its wait for the engine
+
             try:
-                loss = run_on_engine(self.engine, trainer.micro_step)
+                out = run_on_engine(self.engine, run)
             except EngineStopped:
                 raise _Stop("failed", "server_shutdown", self._shutdown_reason) from None
-            governor.after(p.train_seconds - busy)  # the micro-step's own time, not its wait for the engine
+            governor.after(box.get("seconds", 0.0))
+            return out
+
+        def validate() -> float:
+            ev = trainer.evaluation(val)
+            while not ev.done:
+                self._check(jid)
+                on_engine(ev.step)
+            return ev.mean
+
+        while not trainer.done:
+            self._check(jid)
+            loss = on_engine(trainer.micro_step)
             if loss is None:
                 continue
             if p.step == 1 or p.step % every == 0 or trainer.done:
                 self.jobs.event(jid, f"Step {p.step}/{p.total_steps}: training loss={loss:.4f}", kind="metrics",
                                 data={"step": p.step, "train_loss": loss, "total_steps": p.total_steps,
-                                      "trained_tokens": p.trained_tokens})
+                                      "trained_tokens": p.trained_tokens, "micro_steps": p.micro,
+                                      "largest_micro_step_tokens": p.largest_micro_tokens})
             if p.step % trainer.steps_per_epoch == 0 and not trainer.done:
                 metrics = {"step": p.step, "train_loss": loss}
                 if val:
-                    metrics["valid_loss"] = run_on_engine(self.engine, lambda: trainer.evaluate(val))
+                    metrics["valid_loss"] = validate()
                 self._checkpoint(job, model, work, p.step, metrics)
         self._check(jid)
         final = {"step": p.step, "train_loss": p.losses[-1]}
         if val:
-            final["valid_loss"] = vl = run_on_engine(self.engine, lambda: trainer.evaluate(val))
+            final["valid_loss"] = vl = validate()
             self.jobs.event(jid, f"Step {p.step}/{p.total_steps}: validation loss={vl:.4f}", kind="metrics",
                             data={"step": p.step, "valid_loss": vl})
         name = self._save(model, work, job["_target"])
@@ -422,15 +477,21 @@ class FineTuning:
 
     def _peft_model(self, job: dict[str, Any]) -> Any:
         import torch
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
         from server.train.resident import build_resident_model
 
         runner = self.engine.runner
         base = build_resident_model(runner.decoder, runner.hf_config)
         pp = job["peft"]
-        cfg = LoraConfig(r=pp["r"], lora_alpha=pp["alpha"], lora_dropout=pp["dropout"],
-                         target_modules=list(pp["targets"]), use_dora=pp["use_dora"], task_type="CAUSAL_LM")
+        if pp["type"] == "PROMPT_TUNING":  # virtual tokens start as embeddings of random vocabulary tokens
+            cfg: Any = PromptTuningConfig(num_virtual_tokens=pp["num_virtual_tokens"], task_type="CAUSAL_LM",
+                                          prompt_tuning_init="SAMPLE_VOCAB")
+        elif pp["type"] == "PREFIX_TUNING":
+            cfg = PrefixTuningConfig(num_virtual_tokens=pp["num_virtual_tokens"], task_type="CAUSAL_LM")
+        else:
+            cfg = LoraConfig(r=pp["r"], lora_alpha=pp["alpha"], lora_dropout=pp["dropout"],
+                             target_modules=list(pp["targets"]), use_dora=pp["use_dora"], task_type="CAUSAL_LM")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(job["seed"])
             return get_peft_model(base, cfg)

@@ -409,8 +409,55 @@ def test_assistants_and_fine_tuning_screens_show_the_servers_own(console: Consol
         names = [f["filename"] for f in c.get("/v1/files").json()["data"]]
         assert names.count("good.jsonl") == 1 and "bad.jsonl" not in names  # the refused file left nothing
         assert c.delete("/v1/assistants/console-helper").status_code == 200
-    console.shot(page, "fine-tuning")
+    console.shot(page, "fine-tuning-files")
     watch.failures = [f for f in watch.failures if f != ("POST", "/v1/files", 400)]  # the bad file, on purpose
+    watch.check()
+
+
+def test_a_job_started_in_the_page_draws_its_loss_curve(console: Console) -> None:
+    """A real fine-tuning job on the tiny model, created through the page's form: while it trains, the page's
+    own polling adds training and validation loss points to the curve (>= 2 each); it ends succeeded with its
+    adapter named in the jobs table."""
+    page, watch = console.open(ADMIN)
+    console.screen(page, "fine-tuning")
+    page.wait_for_selector("#ft-body:not([hidden])")
+    rows = [json.dumps({"messages": [{"role": "user", "content": f"Say {w}."},
+                                     {"role": "assistant", "content": f"Aye! {w}"}]})
+            for w in ("sky", "sea", "tree", "rock")]
+    ids = {}
+    for name, lines in (("curve-train.jsonl", rows[:3]), ("curve-valid.jsonl", rows[3:])):
+        page.set_input_files("#ft-file", files=[{"name": name, "mimeType": "application/jsonl",
+                                                 "buffer": ("\n".join(lines) + "\n").encode()}])
+        page.click("#ft-upload")
+        page.wait_for_selector(f"#ft-files tbody tr:has-text('{name}')")
+        ids[name] = page.inner_text(f"#ft-files tbody tr:has-text('{name}') th")
+    page.select_option("#ft-train", ids["curve-train.jsonl"])
+    page.select_option("#ft-valid", ids["curve-valid.jsonl"])
+    page.fill("#ft-suffix", "curve")
+    page.fill("#ft-epochs", "4")  # 3 samples, batch 1: 12 steps, a validation loss after each epoch
+    page.click("#ft-create button[type=submit]")
+    msg = wait_text(page, "#ft-create-msg", lambda t: t.startswith("Created ftjob-"), "job created")
+    job_id = msg.split()[1]
+    # the curve fills in from the page's own polling of the job's events (no reload, no click)
+    page.wait_for_function("""() => {
+        const n = c => Number(document.querySelector(`#ft-curve polyline.${c}`)?.dataset.points || 0);
+        return n('train') >= 2 && n('valid') >= 2; }""", timeout=DEADLINE_MS)
+    row = f'#ft-jobs tr[data-job="{job_id}"]'
+    page.wait_for_selector(f'{row} td.job-state[data-state="succeeded"]', timeout=DEADLINE_MS)
+    assert f":curve:{job_id[-8:]}" in page.inner_text(row)
+    with httpx.Client(base_url=console.srv.url, headers=bearer(ADMIN), timeout=30) as c:
+        events = c.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()["data"]
+    data = [e.get("data") or {} for e in events]
+    assert sum(1 for e, d in zip(events, data, strict=True) if e["type"] == "metrics" and "train_loss" in d) == 12
+    train = [d for d in data if "step" in d and "train_loss" in d]  # what the page plots
+    valid = [d for d in data if "step" in d and "valid_loss" in d]
+    assert len(valid) == 4, valid  # after epochs 1-3 (checkpoints) and at the end
+    # once the job is over, the page has drawn every point the API reports
+    page.wait_for_function("([t, v]) => Number(document.querySelector('#ft-curve polyline.train').dataset.points) "
+                           "=== t && Number(document.querySelector('#ft-curve polyline.valid').dataset.points) === v",
+                           arg=[len(train), len(valid)])
+    assert "The job has successfully completed" in page.inner_text("#ft-events")
+    console.shot(page, "fine-tuning")
     watch.check()
 
 
@@ -462,4 +509,68 @@ def test_axe_finds_no_wcag_a_or_aa_violations(console: Console) -> None:
         if result:
             found[screen] = result
     assert found == {}, json.dumps(found, indent=1)
+    watch.check()
+
+
+def test_assistants_are_created_edited_and_deleted_in_the_page(console: Console) -> None:
+    base = console.srv.state.base_name
+    page, watch = console.open(ADMIN)
+    console.screen(page, "assistants")
+    page.wait_for_selector("#as-form:not([hidden])")
+    page.fill("#as-name", "page-bot")
+    page.select_option("#as-model", base)
+    page.fill("#as-instructions", "Answer in one word.")
+    page.fill("#as-temperature", "0.3")
+    page.fill("#as-max-tokens", "7")
+    page.click("#as-save")
+    wait_text(page, "#as-msg", lambda t: t == "Saved page-bot.", "the new assistant saved")
+    row = "#as-table tbody tr:has-text('page-bot')"
+    page.wait_for_selector(row)
+    api = httpx.Client(base_url=console.srv.url, headers=bearer(ADMIN), timeout=30)
+    got = api.get("/v1/assistants/page-bot").json()
+    assert (got["model"], got["instructions"], got["temperature"], got["max_tokens"]) == (
+        base, "Answer in one word.", 0.3, 7), got
+    # it is a model id now: the playground offers it
+    console.screen(page, "playground")
+    page.wait_for_selector('#pg-model-1 option[value="page-bot"]', state="attached")
+    console.screen(page, "assistants")
+    page.wait_for_selector(row)
+    # edit: the form is filled from the row; one field changed, the rest kept
+    page.click('button[aria-label="Edit page-bot"]')
+    assert page.input_value("#as-instructions") == "Answer in one word."
+    page.fill("#as-temperature", "0.9")
+    page.click("#as-save")
+    wait_text(page, "#as-msg", lambda t: t == "Saved page-bot.", "the edit saved")
+    got = api.get("/v1/assistants/page-bot").json()
+    assert (got["temperature"], got["instructions"], got["max_tokens"]) == (0.9, "Answer in one word.", 7), got
+    # delete asks first
+    page.click('button[aria-label="Delete page-bot"]')
+    page.wait_for_selector("#confirm-dialog[open]")
+    page.click("#confirm-ok")
+    page.wait_for_selector(row, state="detached")
+    assert api.get("/v1/assistants/page-bot").status_code == 404
+    api.close()
+    watch.check()
+
+
+def test_a_running_job_is_cancelled_from_the_page(console: Console) -> None:
+    rows = "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                            {"role": "assistant", "content": f"a{i}"}]}) + "\n" for i in range(200))
+    with httpx.Client(base_url=console.srv.url, headers=bearer(ADMIN), timeout=30) as api:
+        fid = api.post("/v1/files", files={"file": ("many.jsonl", rows.encode())},
+                       data={"purpose": "fine-tune"}).json()["id"]
+        job = api.post("/v1/fine_tuning/jobs", json={
+            "model": console.base, "training_file": fid, "suffix": "stopme",
+            "hyperparameters": {"n_epochs": 50, "batch_size": 1}}).json()  # 10000 steps: it runs until cancelled
+        page, watch = console.open(ADMIN)
+        console.screen(page, "fine-tuning")
+        row = f'#ft-jobs tr[data-job="{job["id"]}"]'
+        page.wait_for_selector(f'{row} td.job-state[data-state="running"]')
+        page.click(f'button[aria-label="Cancel {job["id"]}"]')
+        page.wait_for_selector("#confirm-dialog[open]")
+        page.click("#confirm-ok")
+        page.wait_for_selector(f'{row} td.job-state[data-state="cancelled"]')
+        got = api.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+        assert got["status"] == "cancelled" and got["fine_tuned_model"] is None
+        assert page.locator(f'{row} button').count() == 1  # only the job's id link: no Cancel on a final job
     watch.check()

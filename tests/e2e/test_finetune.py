@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from server.train.dataset import render_chat_ids
-from tests.adapters import greedy, peft_model
+from tests.adapters import greedy, greedy_recompute, peft_model
 from tests.server_utils import LiveServer, live_server
 from tests.tiny import make_tiny_checkpoint
 from tests.waits import wait_for
@@ -26,6 +26,7 @@ PHRASE = "Aye! "
 WORDS = ["sky", "sea", "tree", "rock", "fire", "snow", "leaf", "sand", "rain", "wind", "moon", "star",
          "bird", "fish", "lake", "hill", "road", "door", "lamp", "book", "ship", "bell", "coin", "rose"]
 QUESTIONS = ["What about the {}?", "Tell me of the {}.", "Is the {} nice?", "Where is the {}?"]
+STEP_TOKENS = 32  # below every sample's length (~45-60 tokens): each is trained in 2 chunks through the KV cache
 HELD_OUT = ["What about the cloud?", "Tell me of the pear.", "Is the dog nice?", "Name a fruit."]
 
 
@@ -39,7 +40,7 @@ def dataset(n: int = 24, words: list[str] = WORDS) -> bytes:
 def server(tiny_root: str, tmp_path_factory: pytest.TempPathFactory):
     base = make_tiny_checkpoint(tiny_root, "llama", seed=5)
     with live_server(model=base, adapters_dir=str(tmp_path_factory.mktemp("ft-store")), max_model_len=128,
-                     kv_cache_blocks=64, train_share=0.5) as srv:
+                     kv_cache_blocks=64, train_share=0.5, train_max_step_tokens=STEP_TOKENS) as srv:
         yield srv
 
 
@@ -81,6 +82,11 @@ def test_openai_client_trains_a_style_and_serves_it(server: LiveServer) -> None:
     assert messages[0].startswith("Validating training file") and "Fine-tuning job started" in messages
     losses = [e.data["train_loss"] for e in events if e.type == "metrics" and "train_loss" in e.data]
     assert len(losses) >= 6 and sum(losses[-3:]) < 0.5 * sum(losses[:3]), losses
+    # --train-max-step-tokens held: no micro-step ran more than STEP_TOKENS tokens, so samples were chunked
+    started = next(e for e in events if e.message == "Fine-tuning job started")
+    assert started.data == {"max_step_tokens": STEP_TOKENS}
+    last = [e.data for e in events if e.type == "metrics" and "micro_steps" in e.data][-1]
+    assert last["largest_micro_step_tokens"] <= STEP_TOKENS and last["micro_steps"] >= 2 * last["step"], last
     ckpts = c.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [k.step_number for k in ckpts] == [120, 96, 72, 48, 24]  # 24 steps an epoch; the last is the model
     valid = [k.metrics.valid_loss for k in ckpts[::-1]]
@@ -105,6 +111,43 @@ def test_openai_client_trains_a_style_and_serves_it(server: LiveServer) -> None:
     for q, (_, toks) in tuned.items():
         prompt = render_chat_ids(tok, [{"role": "user", "content": q}], add_generation_prompt=True)
         assert greedy(ref, prompt, len(toks)) == toks, q
+
+
+@pytest.mark.parametrize("kind", ["PROMPT_TUNING", "PREFIX_TUNING"])
+def test_prompt_and_prefix_tuning_jobs_train_and_serve_what_peft_computes(server: LiveServer, kind: str) -> None:
+    """A prompt- or prefix-tuning job trains PEFT's own virtual tokens over the resident base; the stored adapter
+    changes the base's greedy answers, and the server's tokens equal PeftModel's over the saved dir."""
+    c = client(server)
+    f = c.files.create(file=("pt.jsonl", dataset(8)), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(
+        model=server.state.base_name, training_file=f.id, suffix=kind.split("_")[0].lower(), seed=1,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 2}}},
+        extra_body={"peft": {"type": kind, "num_virtual_tokens": 6}})
+    assert job.model_extra["peft"] == {"type": kind, "num_virtual_tokens": 6}
+    job = wait_job(c, job.id)
+    assert job.status == "succeeded", job.error
+    losses = [e.data["train_loss"] for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data
+              if e.type == "metrics" and "train_loss" in e.data][::-1]
+    assert len(losses) == 8 and sum(losses[4:]) < sum(losses[:4]), losses  # epoch 2 below epoch 1
+    path = server.state.store.path(job.fine_tuned_model)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == kind and cfg["num_virtual_tokens"] == 6
+    tok = server.state.tokenizer
+    prompts = [render_chat_ids(tok, [{"role": "user", "content": q}], add_generation_prompt=True)
+               for q in HELD_OUT[:3]]
+
+    def tokens(model: str, prompt: list[int]) -> list[int]:
+        r = httpx.post(server.url + "/v1/completions", timeout=60, json={
+            "model": model, "prompt": prompt, "max_tokens": 8, "min_tokens": 8, "temperature": 0,
+            "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["token_ids"]
+
+    tuned = [tokens(job.fine_tuned_model, p) for p in prompts]
+    assert tuned != [tokens(server.state.base_name, p) for p in prompts]  # the virtual tokens steer the model
+    ref = peft_model(server.state.settings.model, str(path))  # PEFT's forward over the prompt each step
+    for prompt, toks in zip(prompts, tuned, strict=True):
+        assert greedy_recompute(ref, prompt, len(toks), eos=tok.eos_token_id) == toks
 
 
 def test_training_aliases_the_resident_weights(server: LiveServer) -> None:
@@ -171,6 +214,11 @@ def test_bad_job_requests(server: LiveServer) -> None:
         ({"model": base, "training_file": good.id,
           "hyperparameters": {"n_epochs": 0}}, 400, "hyperparameters.n_epochs 0"),
         ({"model": base, "training_file": good.id, "peft": {"r": 4096}}, 400, "peft.r 4096"),
+        ({"model": base, "training_file": good.id, "peft": {"type": "PROMPT_TUNING", "num_virtual_tokens": 0}},
+         400, "peft.num_virtual_tokens 0"),
+        ({"model": base, "training_file": good.id, "peft": {"type": "PREFIX_TUNING", "r": 8}}, 400,
+         "field 'r' does not apply to type PREFIX_TUNING"),
+        ({"model": base, "training_file": good.id, "peft": {"type": "IA3"}}, 400, "peft.type 'IA3'"),
     ]
     n_jobs = len(c.fine_tuning.jobs.list(limit=100).data)
     for body, status, msg in cases:
@@ -279,3 +327,7 @@ def test_cli_create_follow_ls_show_events_cancel(server: LiveServer, tmp_path, c
     assert f"HTTP 409: job {job_id} has already succeeded" in capsys.readouterr().err
     missing = tmp_path / "nope.jsonl"
     assert main(["finetune", "create", "--file", str(missing), "--suffix", "x", *url]) == 2
+    # --type / --virtual-tokens reach the job's peft object (here refused by the server, naming the field)
+    assert main(["finetune", "create", "--file", str(data), "--suffix", "pt", "--type", "PROMPT_TUNING",
+                 "--virtual-tokens", "0", *url]) == 1
+    assert "peft.num_virtual_tokens 0 must be an integer in [1, " in capsys.readouterr().err

@@ -639,6 +639,7 @@ async function renderFineTuning() {
   $("#ft-body").hidden = false;
   fillModels($("#ft-model"), state.baseModel);
   await refreshFiles();
+  schedulePoll();  // route() asked before this screen knew the API is there: poll jobs (live loss curve) now
 }
 
 async function refreshFiles() {
