@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                            options=dict(num_warps=num_warps, num_stages=num_stages))
         shown = {key: consts[key] for key in ("HEAD_DIM", "NUM_SPLITS", "USE_WINDOW", "SOFTCAP", "PRECISION")
                  if key in consts}
-        shown = shown or {key: v for key, v in consts.items() if key in ("ATOMIC", "BLOCK_N", "BLOCK_K")}
+        shown = shown or {key: v for key, v in consts.items() if key in ("ATOMIC", "FIXED", "BLOCK_N", "BLOCK_K")}
         first_ptr = next(t for t in types.values() if t.startswith("*"))
         print(f"{fn.__name__:<22} {first_ptr:<6} {shown} ok "
               f"({time.perf_counter() - t0:.1f}s, shared {k.metadata.shared} B)")
@@ -89,33 +89,55 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _types(fn: Any, ptrs: dict[str, str], consts: dict[str, Any]) -> dict[str, str]:
+    """Every runtime argument of `fn`: the named pointers' types, i32 for the rest (strides, sizes)."""
+    return {n: ptrs.get(n, "i32") for n in fn.arg_names if n not in consts}
+
+
 def lora_kernels(build: Any) -> int:
-    """The mixed-LoRA shrink/expand kernels (module names before and after issue 9's rename)."""
-    import importlib
+    """The mixed-LoRA shrink/expand kernels: the eager tile-list launches and the fixed-shape (capturable)
+    ones of `kernels/capturable.py`, at their decode configs."""
+    from kernels import triton_expand as expand
+    from kernels import triton_shrink as shrink
 
-    def first(*names: str) -> Any:
-        for name in names:
-            try:
-                return importlib.import_module(name)
-            except ImportError:
-                continue
-        raise ImportError(f"none of {names}")
-
-    shrink = first("kernels.triton_shrink", "kernels.lora_shrink")
-    expand = first("kernels.triton_expand", "kernels.lora_expand")
     n = 0
     for dt in ("bf16", "fp16"):
         p = "*" + dt
-        for atomic in (False, True):  # split-K partial sums meet in an fp32 buffer through atomics
-            build(shrink._shrink_kernel, dict(x_ptr=p, a_ptr=p, out_ptr="*fp32" if atomic else p, tok_ptr="*i64",
-                                              tiles_ptr="*i32", K="i32", stride_xm="i32", stride_as="i32",
-                                              stride_ar="i32", stride_om="i32", k_per_split="i32"),
-                  dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=128, ATOMIC=atomic, PRECISION="tf32"), 4)
+        for fixed in (False, True):
+            for atomic in (False, True):  # split-K partial sums meet in an fp32 buffer through atomics
+                consts = dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=128, ATOMIC=atomic, PRECISION="tf32", FIXED=fixed)
+                ptrs = dict(x_ptr=p, a_ptr=p, out_ptr="*fp32" if atomic or fixed else p, tok_ptr="*i64",
+                            tiles_ptr="*i32", pages_ptr="*i32", ranks_ptr="*i32")
+                build(shrink._shrink_kernel, _types(shrink._shrink_kernel, ptrs, consts), consts, 4)
+                n += 1
+            consts = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=16, PRECISION="tf32", FIXED=fixed)
+            ptrs = dict(h_ptr="*fp32" if fixed else p, b_ptr=p, y_ptr=p, tok_ptr="*i64", tiles_ptr="*i32",
+                        scales_ptr="*fp32", pages_ptr="*i32", ranks_ptr="*i32")
+            build(expand._expand_kernel, _types(expand._expand_kernel, ptrs, consts), consts, 4)
             n += 1
-        build(expand._expand_kernel, dict(h_ptr=p, b_ptr=p, y_ptr=p, tok_ptr="*i64", tiles_ptr="*i32",
-                                          scales_ptr="*fp32", N="i32", stride_hm="i32", stride_bs="i32",
-                                          stride_bn="i32", stride_ym="i32"),
-              dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=16, PRECISION="tf32"), 4)
+    n += extra_kernels(build)
+    return n
+
+
+def extra_kernels(build: Any) -> int:
+    """The fused q/k/v (gate/up) launches of `kernels/fused_lora.py` (per-module pointers picked by program id)."""
+    from kernels import fused_lora as fused
+
+    n = 0
+    for dt in ("bf16", "fp16"):
+        p = "*" + dt
+        for atomic in (False, True):
+            consts = dict(NUM_MODULES=3, BLOCK_M=16, BLOCK_R=16, BLOCK_K=128, ATOMIC=atomic, PRECISION="tf32")
+            ptrs = dict(x_ptr=p, tok_ptr="*i64", tiles_ptr="*i32", h_ptr="*fp32",
+                        **{f"a{i}_ptr": p for i in range(3)}, **{f"p{i}_ptr": "*i32" for i in range(3)},
+                        **{f"r{i}_ptr": "*i32" for i in range(3)})
+            build(fused._fused_shrink_kernel, _types(fused._fused_shrink_kernel, ptrs, consts), consts, 4)
+            n += 1
+        consts = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=16, PRECISION="tf32")
+        ptrs = dict(h_ptr="*fp32", tok_ptr="*i64", tiles_ptr="*i32", **{f"b{i}_ptr": p for i in range(3)},
+                    **{f"y{i}_ptr": p for i in range(3)}, **{f"p{i}_ptr": "*i32" for i in range(3)},
+                    **{f"r{i}_ptr": "*i32" for i in range(3)}, **{f"c{i}_ptr": "*fp32" for i in range(3)})
+        build(fused._fused_expand_kernel, _types(fused._fused_expand_kernel, ptrs, consts), consts, 4)
         n += 1
     return n
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from kernels.capturable import FixedLoRAMeta, lora_apply_fixed
 from kernels.cpu_backend import StackCache, lora_apply_cpu
 from kernels.metadata import LoRAMeta
 from kernels.reference import lora_apply_ref, lora_expand_ref, lora_shrink_ref
@@ -22,6 +23,7 @@ from kernels.triton_expand import lora_expand_triton
 from kernels.triton_shrink import lora_shrink_triton
 
 __all__ = [
+    "FixedLoRAMeta",
     "LoRAMeta",
     "StackCache",
     "lora_apply",
@@ -82,8 +84,13 @@ def lora_apply(
 ) -> torch.Tensor:
     """y += scale[slot] * (x @ A[slot].T) @ B[slot].T for every token with a slot; base tokens untouched.
 
+    A `FixedLoRAMeta` (a capture-ready decode step) always runs the fixed-shape Triton launches
+    (`kernels/capturable.py`; `ranks` must then be on x's device); on the CPU that is Triton's interpreter.
+
     Triton shrink + expand on CUDA; the CPU backend elsewhere.
     """
+    if isinstance(meta, FixedLoRAMeta):
+        return lora_apply_fixed(x, y, a, b, ranks, scales, meta, pages=pages)
     if meta.num_segments == 0:
         return y
     if not _use_triton(x):

@@ -32,6 +32,7 @@ pointers: block sizes come from a table by device.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -331,8 +332,24 @@ def decode_splits(device: torch.device, num_seqs: int, kv_heads: int, max_ctx: i
     return 1 << (n.bit_length() - 1)
 
 
-def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-           seq_tensors: dict[str, torch.Tensor], out: torch.Tensor | None) -> None:
+class _PagedArgs(NamedTuple):
+    """What both launchers derive from their checked arguments."""
+
+    out: torch.Tensor  # [T, H, D]: the caller's, or fresh zeros
+    num_seqs: int
+    block_size: int
+    kv_heads: int
+    head_dim: int
+    num_heads: int
+    block_d: int  # head_dim rounded up to a power of two >= 16
+    k_flat: torch.Tensor  # [NB * BS, KVH, D] views of the caches
+    v_flat: torch.Tensor
+
+
+def _check_paged_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_tensors: dict[str, torch.Tensor], out: torch.Tensor | None) -> _PagedArgs:
+    """The decode and prefill launchers' shared argument checks (shapes, dtypes, devices; no value is read),
+    then the output and the sizes and cache views both launch with."""
     if q.dtype not in _DTYPES:
         raise ValueError(f"q dtype {q.dtype} unsupported; expected one of {_DTYPES}")
     if q.dim() != 3 or q.stride(2) != 1:
@@ -358,6 +375,10 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1):
         raise ValueError(f"out must be {q.dtype} {tuple(q.shape)} with unit last stride, got {out.dtype} "
                          f"{tuple(out.shape)}")
+    _, bs, kv_heads, head_dim = k_cache.shape
+    return _PagedArgs(out=torch.zeros_like(q) if out is None else out, num_seqs=n, block_size=bs, kv_heads=kv_heads,
+                      head_dim=head_dim, num_heads=q.shape[1], block_d=max(16, triton.next_power_of_2(head_dim)),
+                      k_flat=k_cache.view(-1, kv_heads, head_dim), v_flat=v_cache.view(-1, kv_heads, head_dim))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -381,17 +402,13 @@ def paged_decode_attention(
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,  # preallocated split buffers (graphs)
 ) -> torch.Tensor:
     """Semantics: paged_attention_ref with q_len = 1 for every sequence (one decode query each)."""
-    _check(q, k_cache, v_cache, block_tables, dict(q_start=q_start, ctx_len=ctx_len, prefix_len=prefix_len), out)
-    if out is None:
-        out = torch.zeros_like(q)
-    num_seqs = block_tables.shape[0]
+    args = _check_paged_args(q, k_cache, v_cache, block_tables,
+                             dict(q_start=q_start, ctx_len=ctx_len, prefix_len=prefix_len), out)
+    out, num_seqs, bs, kv_heads, head_dim, num_heads, block_d, k_flat, v_flat = args
     if num_seqs == 0:
         return out
-    _, bs, kv_heads, head_dim = k_cache.shape
-    num_heads = q.shape[1]
     group = num_heads // kv_heads
     block_n, num_warps = decode_config(q.device, head_dim)
-    block_d = max(16, triton.next_power_of_2(head_dim))
     block_h = max(16, triton.next_power_of_2(group))
     if num_splits is None:
         num_splits = decode_splits(q.device, num_seqs, kv_heads, block_tables.shape[1] * bs, block_n)
@@ -405,8 +422,6 @@ def paged_decode_attention(
             raise ValueError(f"workspace too small for {num_seqs} seqs x {num_heads} heads x {num_splits} splits")
     else:
         ws_acc = ws_ml = out  # unused
-    k_flat = k_cache.view(-1, kv_heads, head_dim)
-    v_flat = v_cache.view(-1, kv_heads, head_dim)
     _decode_kernel[(num_seqs, kv_heads, num_splits)](
         q, k_flat, v_flat, block_tables, q_start, ctx_len, prefix_len, out, ws_acc, ws_ml,
         scale, window or 0,
@@ -450,19 +465,12 @@ def paged_prefill_attention(
     out: torch.Tensor | None = None,  # [T, H, D]
 ) -> torch.Tensor:
     """Semantics: paged_attention_ref (causal chunks against cached + new keys, ragged batch)."""
-    _check(q, k_cache, v_cache, block_tables,
-           dict(q_start=q_start, q_len=q_len, ctx_len=ctx_len, prefix_len=prefix_len), out)
-    if out is None:
-        out = torch.zeros_like(q)
-    num_seqs = block_tables.shape[0]
+    args = _check_paged_args(q, k_cache, v_cache, block_tables,
+                             dict(q_start=q_start, q_len=q_len, ctx_len=ctx_len, prefix_len=prefix_len), out)
+    out, num_seqs, bs, kv_heads, head_dim, num_heads, block_d, k_flat, v_flat = args
     if num_seqs == 0 or max_q_len == 0:
         return out
-    _, bs, kv_heads, head_dim = k_cache.shape
-    num_heads = q.shape[1]
     block_m, block_n, num_warps, num_stages = prefill_config(q.device, head_dim)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    k_flat = k_cache.view(-1, kv_heads, head_dim)
-    v_flat = v_cache.view(-1, kv_heads, head_dim)
     _prefill_kernel[(num_seqs, triton.cdiv(max_q_len, block_m), num_heads)](
         q, k_flat, v_flat, block_tables, q_start, q_len, ctx_len, prefix_len, out,
         scale, window or 0,

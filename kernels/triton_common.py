@@ -38,13 +38,14 @@ def check_meta(meta: LoRAMeta, ranks: torch.Tensor, num_tokens: int, num_slots: 
 
 
 @triton.jit
-def load_tile(tiles_ptr, tok_ptr, BLOCK_M: tl.constexpr):
-    """This program's tile (a row of ``LoRAMeta.tile_table``: tok_off, m_len, slot, c_off, c_len) and its rows.
+def load_tile_at(tiles_ptr, tok_ptr, BLOCK_M: tl.constexpr, idx):
+    """Tile `idx` (a row of ``LoRAMeta.tile_table``: tok_off, m_len, slot, c_off, c_len) and its rows.
 
     Returns (rows [BLOCK_M] int64 row ids into x / y, mask_m [BLOCK_M] which of them are real, slot int64,
     c_off, c_len): the tile covers columns [c_off, c_off + c_len) of the slot's rank (or bottleneck width).
+    A tile with m_len 0 (the padding of a fixed-shape table, `kernels.capturable`) has no real row.
     """
-    tile = tiles_ptr + tl.program_id(0) * 5
+    tile = tiles_ptr + idx * 5
     tok_off = tl.load(tile)
     m_len = tl.load(tile + 1)
     slot = tl.load(tile + 2).to(tl.int64)
@@ -54,3 +55,9 @@ def load_tile(tiles_ptr, tok_ptr, BLOCK_M: tl.constexpr):
     mask_m = offs_m < m_len
     rows = tl.load(tok_ptr + tok_off + offs_m, mask=mask_m, other=0).to(tl.int64)
     return rows, mask_m, slot, c_off, c_len
+
+
+@triton.jit
+def load_tile(tiles_ptr, tok_ptr, BLOCK_M: tl.constexpr):
+    """This program's tile: `load_tile_at` of row ``program_id(0)`` (shared by the LoRA and bottleneck kernels)."""
+    return load_tile_at(tiles_ptr, tok_ptr, BLOCK_M, tl.program_id(0))

@@ -35,12 +35,18 @@ def _expand_kernel(
     stride_ym,
     stride_ps,
     page_rank,
+    ranks_ptr,  # [S] int32 on the device (FIXED only)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
+    FIXED: tl.constexpr = False,
 ):
     rows, mask_m, slot, _, r_len = load_tile(tiles_ptr, tok_ptr, BLOCK_M)
+    if FIXED:  # fixed-shape row tiles (kernels/capturable.py): the slot's rank comes from the device
+        live = tl.load(tiles_ptr + tl.program_id(0) * 5 + 1) > 0
+        r_len = tl.where(live, tl.load(ranks_ptr + slot), 0)
+        mask_m = mask_m & ((tl.zeros([BLOCK_M], dtype=tl.int32) + r_len) > 0)  # rank 0: y is not rewritten
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
@@ -119,6 +125,7 @@ def lora_expand_triton(
     _expand_kernel[(tiles.shape[0], triton.cdiv(n, block_n))](
         h, b, y, meta.token_indices, tiles, scales, pages,
         n, h.stride(0), b.stride(0), b.stride(1), b.stride(2), y.stride(0), pages.stride(0), page_rank,
+        pages,  # ranks_ptr: unread unless FIXED
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
         PRECISION="ieee" if b.dtype == torch.float32 else "tf32",
         num_warps=num_warps,

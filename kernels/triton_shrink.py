@@ -18,7 +18,7 @@ import triton.language as tl
 
 from kernels.metadata import LoRAMeta
 from kernels.pages import resolve_pages
-from kernels.triton_common import DTYPES, block_m_for, check_meta, load_tile
+from kernels.triton_common import DTYPES, block_m_for, check_meta, load_tile, load_tile_at
 
 
 @triton.jit
@@ -37,13 +37,23 @@ def _shrink_kernel(
     stride_ps,
     page_rank,
     k_per_split,
+    ranks_ptr,  # [S] int32 on the device (FIXED only)
+    n_rank_blocks,  # ceil(R_max / BLOCK_R) (FIXED only)
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ATOMIC: tl.constexpr,
     PRECISION: tl.constexpr,
+    FIXED: tl.constexpr = False,
 ):
-    rows, mask_m, slot, r_off, r_len = load_tile(tiles_ptr, tok_ptr, BLOCK_M)
+    if FIXED:  # fixed-shape row tiles (kernels/capturable.py): rank block and rank come from the device
+        tile = tl.program_id(0) // n_rank_blocks
+        rows, mask_m, slot, _, _ = load_tile_at(tiles_ptr, tok_ptr, BLOCK_M, tile)
+        r_off = (tl.program_id(0) % n_rank_blocks) * BLOCK_R
+        live = tl.load(tiles_ptr + tile * 5 + 1) > 0
+        r_len = tl.where(live, tl.load(ranks_ptr + slot) - r_off, 0)  # <= 0: nothing to do (padding tile)
+    else:
+        rows, mask_m, slot, r_off, r_len = load_tile(tiles_ptr, tok_ptr, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < r_len
     cols = (r_off + offs_r).to(tl.int64)
@@ -54,6 +64,8 @@ def _shrink_kernel(
     a_rows = a_ptr + page[None, :] * stride_ap + (cols % page_rank)[None, :] * stride_ar  # [1, BR]
     k_start = tl.program_id(1) * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    if FIXED:
+        k_end = tl.where(r_len > 0, k_end, k_start)  # an empty tile loops zero times
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
         kk = k + offs_k
@@ -160,6 +172,7 @@ def lora_shrink_triton(
     _shrink_kernel[(n_tiles, split_k)](
         x, a, dst, meta.token_indices, tiles, pages,
         k, x.stride(0), a.stride(0), a.stride(1), dst.stride(0), pages.stride(0), page_rank, k_per_split,
+        pages, 1,  # ranks_ptr, n_rank_blocks: unread unless FIXED
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, ATOMIC=atomic,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps,

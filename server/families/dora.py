@@ -105,6 +105,8 @@ class DoraSlots(LoRASlots):
     projection has a bias) applied to the base output of DoRA rows before the LoRA delta is added. Row S of the
     tables is the identity (`kernels.row_scale`: base rows pick it); so is a slot's row while it is empty."""
 
+    graph_capturable = False  # the row scale reads the step's host segments: DoRA decode steps run eagerly
+
     def __init__(self, ctx: DeviceContext) -> None:
         super().__init__(ctx.shapes, ctx.max_adapters, ctx.max_rank, ctx.dtype, ctx.device, pool=ctx.lora_pages)
         self.base_weight = ctx.base_weight

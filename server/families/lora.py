@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from adapters_store.errors import AdapterError
-from kernels import StackCache, lora_apply
+from kernels import FixedLoRAMeta, StackCache, lora_apply
+from kernels.fused_lora import lora_apply_fused
 from server.families.base import (
     Adapter,
     AdapterFamily,
@@ -389,7 +390,15 @@ class LoRASlots(DeviceForm):
     (`server/model/adapter_pages.py`) that the kernels read through the pool's page table.
 
     With `pool` (the runner's, shared with DoRA) the engine assigns each slot its pages before `load`; without
-    one (tests) a private pool gives slot s the fixed pages [s * MP, (s + 1) * MP)."""
+    one (tests) a private pool gives slot s the fixed pages [s * MP, (s + 1) * MP).
+
+    Graph-capturable: over a step's fixed-shape metadata (`kernels.capturable.FixedLoRAMeta`) every module
+    with weights runs the fixed launches, which read ranks from `ranks_dev` and A/B through the pool's page
+    table, both on the device; `graph_version` changes whenever a module is allocated (a captured decode graph
+    then misses it and is re-captured).
+    """
+
+    graph_capturable = True
 
     def __init__(self, info: BaseModelInfo, max_adapters: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device, pool: LoRAPagePool | None = None) -> None:
@@ -407,6 +416,8 @@ class LoRASlots(DeviceForm):
         self.ranks: dict[tuple[int, str], torch.Tensor] = {}
         self.scales: dict[tuple[int, str], torch.Tensor] = {}
         self._host_ranks: dict[tuple[int, str], list[int]] = {}
+        self.ranks_dev: dict[tuple[int, str], torch.Tensor] = {}  # the same ranks on the device (fixed path)
+        self.graph_version = 0
         # CPU only: weights of the step's adapters stacked for one bmm per module (kernels/cpu_backend.py),
         # at most 256 MiB in all; emptied whenever any slot changes.
         self.stack_cache: StackCache | None = StackCache() if device.type == "cpu" else None
@@ -418,6 +429,9 @@ class LoRASlots(DeviceForm):
         self.ranks[key] = torch.zeros(s, dtype=torch.int32)
         self.scales[key] = torch.zeros(s, dtype=torch.float32, device=self.device)
         self._host_ranks[key] = [0] * s
+        self.ranks_dev[key] = (self.ranks[key] if self.device.type == "cpu"
+                               else torch.zeros(s, dtype=torch.int32, device=self.device))
+        self.graph_version += 1
 
     def _check(self, pages: list[int], weights: LoRAWeights) -> None:
         have = len(pages) * self.pool.page_rank
@@ -447,9 +461,28 @@ class LoRASlots(DeviceForm):
 
     def project_output(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor, batch: StepBatch) -> None:
         """y += the step's LoRA deltas of one projection (y may be a column slice of a fused output)."""
+        if isinstance(batch.segments, FixedLoRAMeta):  # a decode graph step: no host decision on the step's slots
+            key = (layer, name)
+            if key in self.ranks:
+                a, b = self.pool.module(key)
+                lora_apply(x, y, a, b, self.ranks_dev[key], self.scales[key], batch.segments, pages=self.pool.pages)
+            return
         m = self.module(layer, name, batch.active_slots)
         if m is not None:
             lora_apply(x, y, *m, batch.segments, cache=self.cache_for(layer, name), pages=self.pool.pages)
+
+    def project_outputs(self, layer: int, names: tuple[str, ...], x: torch.Tensor, ys: tuple[torch.Tensor, ...],
+                        batch: StepBatch) -> None:
+        """Projections sharing x (q/k/v, gate/up): over fixed-shape metadata (a decode graph step) one fused
+        launch pair for all of them that have weights (`kernels/fused_lora.py`); otherwise one by one."""
+        meta = batch.segments
+        if not isinstance(meta, FixedLoRAMeta):
+            super().project_outputs(layer, names, x, ys, batch)
+            return
+        keys = [((layer, n), y) for n, y in zip(names, ys, strict=True) if (layer, n) in self.ranks]
+        if keys:
+            mods = [(*self.pool.module(k), self.ranks_dev[k], self.scales[k], self.pool.pages) for k, _ in keys]
+            lora_apply_fused(x, [y for _, y in keys], mods, meta)
 
     def stage(self, adapter: Adapter, pages: list[int]) -> Any:
         """Write the adapter's A/B into `pages` (a loader thread may call this while a step runs: nothing
@@ -486,6 +519,8 @@ class LoRASlots(DeviceForm):
                 self._allocate(key)
             r = a.shape[0]
             self.ranks[key][slot] = r
+            if self.ranks_dev[key] is not self.ranks[key]:
+                self.ranks_dev[key][slot] = r
             self.scales[key][slot] = float(scaling)
             self._host_ranks[key][slot] = r
 
@@ -499,6 +534,8 @@ class LoRASlots(DeviceForm):
         for key, host in self._host_ranks.items():
             if host[slot]:
                 self.ranks[key][slot] = 0
+                if self.ranks_dev[key] is not self.ranks[key]:
+                    self.ranks_dev[key][slot] = 0
                 self.scales[key][slot] = 0.0
                 host[slot] = 0
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from kernels import LoRAMeta
+from kernels import FixedLoRAMeta, LoRAMeta
+from kernels.capturable import fixed_tiles, max_fixed_tiles
 from server.model.step_buffers import PagedAttnMeta, StepBuffers, paged_meta
 
 
@@ -63,6 +64,9 @@ class StepBatch:
     prefills: list[PrefillPart]
     _masks: dict = field(default_factory=dict)
     attn: PagedAttnMeta | None = None  # block-table metadata for the paged kernels (Triton backend)
+    # the same segments as fixed-shape device tensors (kernels/capturable.py) for a decode step a CUDA graph
+    # may replay (build_step's `fixed_lora`); None otherwise
+    lora_fixed: FixedLoRAMeta | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -163,13 +167,15 @@ def _check(c: SeqChunk, num_blocks: int, block_size: int, max_model_len: int, ma
 def build_step(chunks: list[SeqChunk], *, block_size: int, num_blocks: int, max_model_len: int,
                max_adapters: int, hidden: int, vocab_size: int, device: torch.device,
                row_slots: frozenset[int] | None = None, buffers: StepBuffers | None = None,
-               paged: bool = False) -> StepBatch:
+               paged: bool = False, fixed_lora: bool = False) -> StepBatch:
     """Validate the chunks and lay them out as one flat batch.
 
     `row_slots`: the adapter slots whose family has per-row hooks (`server.model.hooks`); only their
     rows form segments (None: every adapter slot does). Other adapters' rows count as base rows there.
     With `buffers`, the step's index tensors are views into its preallocated buffers (capture-ready);
     with `paged`, block-table metadata for the paged attention kernels is added (needs `buffers`).
+    With `fixed_lora` (and `buffers`), a step with segments also gets them as fixed-shape row tiles in the
+    buffers (`StepBatch.lora_fixed`, padded to `max_fixed_tiles(T, max_adapters)`), for the decode graphs.
     """
     if paged and buffers is None:
         raise ValueError("build_step: paged attention metadata lives in step buffers; pass buffers")
@@ -226,6 +232,7 @@ def build_step(chunks: list[SeqChunk], *, block_size: int, num_blocks: int, max_
     active = tuple(sorted({s for s in token_slots if s >= 0}))
     logits_rows = [r for rows in logit_rows for r in rows]
     attn = None
+    lora_fixed = None
     if buffers is None:
         meta = LoRAMeta.from_token_slots(token_slots, device=device) if active else None
         put = lambda _name, xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
@@ -238,6 +245,11 @@ def build_step(chunks: list[SeqChunk], *, block_size: int, num_blocks: int, max_
         if active:  # segments on the host; the one tensor the kernels read goes into its buffer
             meta = LoRAMeta.from_token_slots(token_slots, device="cpu")
             meta = replace(meta, token_indices=put("lora_rows", meta.token_indices.tolist()))
+            if fixed_lora:
+                lora_fixed = FixedLoRAMeta(
+                    token_indices=meta.token_indices,
+                    tiles=buffers.put_tiles(fixed_tiles(meta), max_fixed_tiles(len(tokens), max_adapters)),
+                    num_tokens=len(tokens))
         if paged:
             attn = paged_meta(placed, block_size, buffers)
     return StepBatch(
@@ -253,4 +265,5 @@ def build_step(chunks: list[SeqChunk], *, block_size: int, num_blocks: int, max_
         decode_len=decode_len,
         prefills=prefills,
         attn=attn,
+        lora_fixed=lora_fixed,
     )

@@ -58,6 +58,8 @@ def rms_norm_plus_one(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     return (xf * weight).to(x.dtype)
 
 
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
 _ACT = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
@@ -181,7 +183,7 @@ class Decoder:
         norm, eps = self._norm, s.rms_norm_eps
         if batch.segments is None:
             hooks = NO_HOOKS
-        out_hooks, block_hooks = hooks.project_output, hooks.block_output
+        group_hooks, block_hooks = hooks.project_outputs, hooks.block_output
         h = F.embedding(batch.token_ids, self.embed)
         if s.embed_scale is not None:  # as HF's scaled embedding module: given inputs_embeds are not scaled
             h = h * torch.tensor(s.embed_scale, dtype=h.dtype)
@@ -193,10 +195,8 @@ class Decoder:
             cos, sin = rope[self.layer_rope[i]]
             x = norm(h, w.input_norm, eps)
             qkv = F.linear(x, w.qkv, w.qkv_bias)
-            for f in out_hooks:
-                f(i, "q_proj", x, qkv[:, :q_end], batch)
-                f(i, "k_proj", x, qkv[:, q_end:k_end], batch)
-                f(i, "v_proj", x, qkv[:, k_end:], batch)
+            for f in group_hooks:  # q/k/v share x: a family may run them together into the fused output's slices
+                f(i, QKV, x, (qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:]), batch)
             q = qkv[:, :q_end].view(-1, s.num_heads, s.head_dim)
             k = qkv[:, q_end:k_end].view(-1, s.num_kv_heads, s.head_dim)
             if s.qk_norm:
@@ -214,8 +214,13 @@ class Decoder:
                 o = f(i, "attn", h, o, batch)
             h = h + o
             x = norm(h, w.pre_ff_norm if s.sandwich_norm else w.post_norm, eps)
-            gate = self._proj(x, w.gate, w.gate_bias, i, "gate_proj", batch, hooks)
-            up = self._proj(x, w.up, w.up_bias, i, "up_proj", batch, hooks)
+            if hooks.project_input:  # an input hook may give gate and up different inputs
+                gate = self._proj(x, w.gate, w.gate_bias, i, "gate_proj", batch, hooks)
+                up = self._proj(x, w.up, w.up_bias, i, "up_proj", batch, hooks)
+            else:  # gate/up share x: their output hooks run together (LoRA: one fused launch)
+                gate, up = F.linear(x, w.gate, w.gate_bias), F.linear(x, w.up, w.up_bias)
+                for f in group_hooks:
+                    f(i, GATE_UP, x, (gate, up), batch)
             act = self._act(gate).mul_(up)
             d = self._proj(act, w.down, w.down_bias, i, "down_proj", batch, hooks)
             if s.sandwich_norm:

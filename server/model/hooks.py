@@ -42,6 +42,13 @@ class StepHooks:
     def project_output(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor, batch: StepBatch) -> None:
         """Update the projection's output y [T, out] (x [T, in] is its input) in place."""
 
+    def project_outputs(self, layer: int, names: tuple[str, ...], x: torch.Tensor, ys: tuple[torch.Tensor, ...],
+                        batch: StepBatch) -> None:
+        """Projections that share the input x (q/k/v; gate/up): update each ys[i] [T, out_i] in place. The default
+        calls `project_output` per name; a family may do them together (LoRA: one fused launch)."""
+        for name, y in zip(names, ys, strict=True):
+            self.project_output(layer, name, x, y, batch)
+
     def block_output(self, layer: int, block: str, h: torch.Tensor, out: torch.Tensor, batch: StepBatch
                      ) -> torch.Tensor:
         """The output [T, hidden] of the attention or MLP block before the residual add (the block's new
@@ -57,11 +64,13 @@ def _overrides(obj: StepHooks, method: str) -> bool:
 class ActiveHooks:
     """The overridden hooks of the device forms that hold a slot used in this step."""
 
-    __slots__ = ("project_input", "project_output", "block_output")
+    __slots__ = ("project_input", "project_output", "project_outputs", "block_output")
 
     def __init__(self, forms: list[StepHooks]) -> None:
         self.project_input: list[Callable] = [f.project_input for f in forms if _overrides(f, "project_input")]
         self.project_output: list[Callable] = [f.project_output for f in forms if _overrides(f, "project_output")]
+        self.project_outputs: list[Callable] = [f.project_outputs for f in forms
+                                                if _overrides(f, "project_output") or _overrides(f, "project_outputs")]
         self.block_output: list[Callable] = [f.block_output for f in forms if _overrides(f, "block_output")]
 
 
@@ -70,7 +79,7 @@ NO_HOOKS = ActiveHooks([])
 
 def has_hooks(form: StepHooks) -> bool:
     """Whether a device form acts on rows of the step (then its slots' rows are grouped into segments)."""
-    return any(_overrides(form, m) for m in ("project_input", "project_output", "block_output"))
+    return any(_overrides(form, m) for m in ("project_input", "project_output", "project_outputs", "block_output"))
 
 
 @dataclass(frozen=True)

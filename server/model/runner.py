@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from kernels import FixedLoRAMeta
 from server.model.adapter_pages import LoRAPagePool, budget_pages, parse_memory
 from server.model.batch import SeqChunk, build_step
 from server.model.cuda_graphs import DecodeGraphs
@@ -64,10 +65,14 @@ class ModelRunner:
                  num_blocks: int | None = None, kv_cache_fraction: float = 0.5,
                  max_model_len: int | None = None, max_adapters: int | None = 4, max_rank: int = 64,
                  max_num_seqs: int = 64, max_batch_tokens: int = 2048, attention_backend: str = "auto",
-                 enforce_eager: bool = False, adapter_memory: int | float | str | None = None) -> None:
+                 enforce_eager: bool = False, adapter_memory: int | float | str | None = None,
+                 graph_template: bool = False) -> None:
         """`adapter_memory`: the LoRA page pool's budget (bytes, or a fraction of free device memory; None:
         what `max_adapters` (default 8) adapters of `max_rank` held before paging). `max_adapters`: an
-        optional cap on resident adapters (None: as many as the pages hold, at most 256)."""
+        optional cap on resident adapters (None: as many as the pages hold, at most 256).
+        `graph_template`: run graph-eligible decode steps through the decode graphs' padded template
+        eagerly (no capture; any device, Triton attention backend): how the CPU tests prove the capture path's
+        inputs, including fixed-shape LoRA metadata, under Triton's interpreter."""
         spec, hf_config = load_spec(model_dir)
         self.spec = spec
         self.hf_config = hf_config  # fine-tuning builds its HF model over the resident weights from it
@@ -95,6 +100,9 @@ class ModelRunner:
             # CUDA graphs replay decode steps of the paged kernels; padding rows write one scratch block
             # past the engine's num_blocks (never handed out)
             use_graphs = self.device.type == "cuda" and not enforce_eager and self.attention_backend == "triton"
+            if graph_template and self.attention_backend != "triton":
+                raise ValueError("graph_template needs attention_backend 'triton' (the graphs replay paged kernels)")
+            use_graphs = use_graphs or graph_template
             self.kv_cache = PagedKVCache(spec, num_blocks + int(use_graphs), block_size, self.dtype, self.device)
             # +1 block: a prefix-tuning prefix that is not a multiple of the block size
             self.buffers = StepBuffers(max(max_batch_tokens, max_num_seqs), max_num_seqs,
@@ -119,7 +127,8 @@ class ModelRunner:
         self._row_forms: set[int] = set()  # ids of the forms that have per-row hooks
         self._hooks: dict[frozenset[int], ActiveHooks] = {}
         self.graphs = (DecodeGraphs(self._forward, self.buffers, max_num_seqs, num_blocks, block_size,
-                                    capture=True) if use_graphs else None)
+                                    capture=not graph_template, max_adapters=max_adapters,
+                                    signature=self._graph_signature) if use_graphs else None)
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Compute one step; returns fp32 logits [rows, vocab] in chunk order: one row per chunk with
@@ -137,7 +146,8 @@ class ModelRunner:
             batch = build_step(chunks, block_size=info.block_size, num_blocks=info.num_blocks,
                                max_model_len=info.max_model_len, max_adapters=info.max_adapters,
                                hidden=self.spec.hidden_size, vocab_size=info.vocab_size, device=self.device,
-                               row_slots=row_slots, buffers=self.buffers, paged=self.attention_backend == "triton")
+                               row_slots=row_slots, buffers=self.buffers, paged=self.attention_backend == "triton",
+                               fixed_lora=self._fixed_lora(chunks, row_slots))
             if self.graphs is not None:
                 logits = self.graphs.try_run(batch)
                 if logits is not None:
@@ -145,7 +155,26 @@ class ModelRunner:
             return self._forward(batch)
 
     def _forward(self, batch: Any) -> torch.Tensor:
-        return self.decoder.forward(batch, self.kv_cache, self._active_hooks(batch.active_slots))
+        if isinstance(batch.segments, FixedLoRAMeta):  # a decode graph's template: every capturable form acts
+            hooks = ActiveHooks(self._capturable_forms())  # type: ignore[arg-type]
+        else:
+            hooks = self._active_hooks(batch.active_slots)
+        return self.decoder.forward(batch, self.kv_cache, hooks)
+
+    def _capturable_forms(self) -> list[ResidentForm]:
+        """Device forms with row hooks whose hooks run over fixed-shape LoRA metadata (`graph_capturable`)."""
+        return [f for f in self._forms.values() if id(f) in self._row_forms and getattr(f, "graph_capturable", False)]
+
+    def _graph_signature(self) -> tuple:
+        """What a LoRA decode graph was captured over: each capturable form and its `graph_version`."""
+        return tuple((id(f), f.graph_version) for f in self._capturable_forms())  # type: ignore[attr-defined]
+
+    def _fixed_lora(self, chunks: list[SeqChunk], row_slots: frozenset[int]) -> bool:
+        """Whether the step may replay a LoRA decode graph: decode only, and every adapter row's form capturable."""
+        if self.graphs is None or any(len(c.token_ids) != 1 for c in chunks):
+            return False
+        return all(getattr(self._owner[c.adapter_slot], "graph_capturable", False)
+                   for c in chunks if c.adapter_slot in row_slots)
 
     def _with_adapter(self, c: SeqChunk) -> SeqChunk:
         slot = c.adapter_slot

@@ -1,7 +1,8 @@
 """Capture-ready step metadata: max-size device buffers filled in place every step.
 
 A step's index tensors (token ids, RoPE positions, KV write slots, logits rows, the LoRA token
-order and the paged-attention tables) are views into buffers allocated once at start-up, sized for
+order, fixed-shape LoRA row tiles and the paged-attention tables) are views into buffers allocated
+once at start-up, sized for
 `max_num_seqs` sequences and `max_batch_tokens` tokens. A CUDA graph captured over those views reads
 the next step's values after they are copied in, with no new allocation (vLLM's LoRAKernelMeta and
 SGLang's LoRABatchInfo do the same). On CUDA the values are written into a pinned host mirror and
@@ -72,6 +73,8 @@ class StepBuffers:
             make(name, (max_seqs,), torch.int32)
         make("dec_tables", (max_seqs, width), torch.int32)
         make("pre_tables", (max_seqs, width), torch.int32)
+        # fixed-shape LoRA row tiles (kernels/capturable.py): a tile holds >= 1 token, so max_tokens rows suffice
+        make("lora_tiles", (max_tokens, 5), torch.int32)
 
     def ensure(self, num_tokens: int, num_seqs: int, width: int) -> None:
         """Grow (rarely: a caller beyond the limits it declared) so one step of this size fits."""
@@ -99,6 +102,18 @@ class StepBuffers:
         if n and self.host[name] is not self.dev[name]:
             self.dev[name][:n].copy_(self.host[name][:n], non_blocking=True)
         return self.dev[name][:n]
+
+    def put_tiles(self, tiles: Sequence[tuple[int, int, int, int, int]], n_rows: int) -> torch.Tensor:
+        """Write LoRA row tiles, then padding tiles (all zero: m_len 0) up to n_rows; return the device view
+        [n_rows, 5] (the launch grid's tile count, fixed for a given n_rows)."""
+        host = self.host["lora_tiles"].numpy()
+        n = len(tiles)
+        if n:
+            host[:n] = tiles
+        host[n:n_rows] = 0
+        if n_rows and self.host["lora_tiles"] is not self.dev["lora_tiles"]:
+            self.dev["lora_tiles"][:n_rows].copy_(self.host["lora_tiles"][:n_rows], non_blocking=True)
+        return self.dev["lora_tiles"][:n_rows]
 
     def storages(self) -> set[int]:
         """data_ptr of every device buffer (tests assert a step's tensors live in them)."""

@@ -3,7 +3,9 @@
 Mixed batch over HTTP: base, two LoRA adapters, a prefix-tuning adapter whose 5 virtual tokens do not
 fill its 4-token blocks (shared prefix blocks in every block table) and a prompt-tuning adapter, on a
 Mistral with a sliding window, with a token budget small enough that prompts are prefilled in chunks
-on top of cached tokens.
+on top of cached tokens. A third server runs the decode-graph path too: every eligible decode step
+(LoRA rows included) through the padded bucket template a CUDA graph captures (`graph_template`), with
+fixed-shape LoRA metadata and the fused q/k/v / gate/up launches under the interpreter.
 """
 
 from __future__ import annotations
@@ -48,12 +50,28 @@ async def fire(url: str, jobs: list[tuple[str | None, list[int]]]) -> list[dict]
     return [r.json()["choices"][0] for r in resps]
 
 
-def serve(base: str, adapters: dict[str, str], jobs: list, backend: str) -> list[dict]:
+def serve(base: str, adapters: dict[str, str], jobs: list, backend: str, graphs: bool = False) -> list[dict]:
+    from server.model.runner import ModelRunner
+
+    kwdefaults = ModelRunner.__init__.__kwdefaults__
+    assert kwdefaults is not None and kwdefaults["graph_template"] is False
+    kwdefaults["graph_template"] = graphs  # the runner's CPU proof of the graph path (no Settings field)
+    try:
+        return _serve(base, adapters, jobs, backend, graphs)
+    finally:
+        kwdefaults["graph_template"] = False
+
+
+def _serve(base: str, adapters: dict[str, str], jobs: list, backend: str, graphs: bool) -> list[dict]:
     with live_server(model=base, adapter=[f"{n}={d}" for n, d in adapters.items()], max_model_len=64,
                      kv_cache_blocks=160, block_size=4, max_adapters=4, max_num_seqs=16, max_batch_tokens=40,
                      attention_backend=backend) as srv:
-        assert srv.state.engine.runner.attention_backend == backend
-        return asyncio.run(fire(srv.url, jobs))
+        runner = srv.state.engine.runner
+        assert runner.attention_backend == backend
+        out = asyncio.run(fire(srv.url, jobs))
+        if graphs:  # decode steps with LoRA rows did go through the LoRA template
+            assert runner.graphs is not None and runner.graphs.lora_replays > 0
+        return out
 
 
 def test_triton_backend_matches_twin_on_mixed_adapters(tiny_root):
@@ -67,8 +85,9 @@ def test_triton_backend_matches_twin_on_mixed_adapters(tiny_root):
     by_job = {(a, tuple(p)): c["token_ids"] for (a, p), c in zip(jobs, twin, strict=True)}
     for name in adapters:  # every adapter changes the base model's tokens on some prompt
         assert any(by_job[(name, tuple(p))] != by_job[(None, tuple(p))] for p in prompts), name
-    kern = serve(base, adapters, jobs, "triton")
-    for (name, _), t, k in zip(jobs, twin, kern, strict=True):
-        assert k["token_ids"] == t["token_ids"], name
-        for a, b in zip(k["logprobs"]["token_logprobs"], t["logprobs"]["token_logprobs"], strict=True):
-            assert abs(a - b) < 1e-4, name
+    for graphs in (False, True):
+        kern = serve(base, adapters, jobs, "triton", graphs=graphs)
+        for (name, _), t, k in zip(jobs, twin, kern, strict=True):
+            assert k["token_ids"] == t["token_ids"], (name, graphs)
+            for a, b in zip(k["logprobs"]["token_logprobs"], t["logprobs"]["token_logprobs"], strict=True):
+                assert abs(a - b) < 1e-4, (name, graphs)
