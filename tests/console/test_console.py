@@ -344,7 +344,8 @@ def test_health_shows_engine_kv_queue_and_throughput(console: Console) -> None:
     assert 0 <= used <= 64
     assert page.inner_text("#hl-ready") == "ready"
     assert page.inner_text("#hl-queue") == "0 / 0"
-    assert page.inner_text("#hl-slots").endswith(f"/ {srv.state.settings.max_adapters}")
+    # the engine's slot count (what the adapter memory allows, or the --max-adapters cap)
+    assert page.inner_text("#hl-slots").endswith(f"/ {srv.state.engine.stats().slots_total}")
     chat(srv, console.base, "some throughput", 24)
     page.wait_for_function("""() => { const p = document.querySelector('#hl-spark polyline');
         return p && Number(p.dataset.points) >= 2 && p.getAttribute('points').split(' ').some(
