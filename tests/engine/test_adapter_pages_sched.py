@@ -15,7 +15,7 @@ from server.engine.block_manager import BlockAllocator
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import SamplingParams, SeqStatus, Sequence
 from server.engine.slots import SlotManager
-from tests.engine.test_slot_fairness import drain_bound
+from tests.engine.test_slot_fairness import drain_bound, step
 
 
 def seq(adapter: str | None, pages: int = 0, prompt: list[int] | int = 4, max_tokens: int = 6) -> Sequence:
@@ -24,18 +24,6 @@ def seq(adapter: str | None, pages: int = 0, prompt: list[int] | int = 4, max_to
                  adapter_pages=pages)
     s.adapter_key = adapter
     return s
-
-
-def step(sched: Scheduler):
-    out = sched.schedule()
-    for c in out.chunks:
-        c.seq.num_computed += c.num_tokens
-    for c in out.chunks:
-        if c.want_logits:
-            c.seq.output_ids.append(7)
-            if len(c.seq.output_ids) >= c.seq.params.max_tokens:
-                sched.finish(c.seq, "length")
-    return out
 
 
 def test_slot_manager_pages_per_rank_and_lru_eviction_by_pages():

@@ -12,7 +12,7 @@ import random
 import pytest
 
 from server.engine.block_manager import BlockAllocator
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import SamplingParams, SeqStatus, Sequence
 from server.engine.slots import SlotManager
 
@@ -24,7 +24,8 @@ def seq(adapter: str | None, prompt: int = 4, max_tokens: int = 6) -> Sequence:
     return s
 
 
-def step(sched: Scheduler) -> None:
+def step(sched: Scheduler) -> SchedulerOutput:
+    """One scheduler step with a fake runner: every chunk computed, one token for each that wants logits."""
     out = sched.schedule()
     for c in out.chunks:
         c.seq.num_computed += c.num_tokens
@@ -33,6 +34,7 @@ def step(sched: Scheduler) -> None:
             c.seq.output_ids.append(7)
             if len(c.seq.output_ids) >= c.seq.params.max_tokens:
                 sched.finish(c.seq, "length")
+    return out
 
 
 def drain_bound(sched: Scheduler, max_model_len: int) -> int:
