@@ -13,6 +13,7 @@ import torch
 from server.model.adapter_pages import page_bytes
 from server.model.loader import load_spec
 from tests.e2e.test_lora_serving import N_TOKENS, build, fire, references
+from tests.e2e.test_residency import base_stream
 from tests.server_utils import live_server
 from tests.waits import async_wait_for
 
@@ -100,16 +101,7 @@ def test_device_load_runs_while_steps_go_on(built):
         async def scenario():
             async with srv.async_client() as ac:
                 tokens: list[int] = []
-
-                async def base_stream() -> None:
-                    async with ac.stream("POST", "/v1/completions", json={
-                            "prompt": [1, 2, 3], "max_tokens": 100, "min_tokens": 100, "temperature": 0,
-                            "stream": True}) as s:
-                        async for line in s.aiter_lines():
-                            if line.startswith("data: {"):
-                                tokens.append(1)
-
-                stream = asyncio.create_task(base_stream())
+                stream = asyncio.create_task(base_stream(ac, tokens))
                 try:
                     await async_wait_for(lambda: len(tokens) >= 3, "the base stream to start")
                     req = asyncio.create_task(ac.post("/v1/completions", json={

@@ -5,11 +5,22 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from typing import Any
 
 from tests.adapters import make_lora
 from tests.server_utils import live_server
 from tests.tiny import make_tiny_checkpoint
 from tests.waits import EngineGate, async_wait_for
+
+
+async def base_stream(ac: Any, tokens: list[int]) -> None:
+    """A 100-token base-model stream; appends to `tokens` per streamed chunk (the test watches it grow while an
+    adapter load is held)."""
+    async with ac.stream("POST", "/v1/completions", json={
+            "prompt": [1, 2, 3], "max_tokens": 100, "min_tokens": 100, "temperature": 0, "stream": True}) as s:
+        async for line in s.aiter_lines():
+            if line.startswith("data: {"):
+                tokens.append(1)
 
 FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -39,16 +50,7 @@ def test_disk_load_runs_off_the_engine_loop(tiny_root, tmp_path):
         async def scenario():
             async with srv.async_client() as ac:
                 tokens: list[int] = []
-
-                async def base_stream() -> None:
-                    async with ac.stream("POST", "/v1/completions", json={
-                            "prompt": [1, 2, 3], "max_tokens": 100, "min_tokens": 100, "temperature": 0,
-                            "stream": True}) as s:
-                        async for line in s.aiter_lines():
-                            if line.startswith("data: {"):
-                                tokens.append(1)
-
-                stream = asyncio.create_task(base_stream())
+                stream = asyncio.create_task(base_stream(ac, tokens))
                 cold = None
                 try:
                     await async_wait_for(lambda: len(tokens) >= 3, "the base stream to start")
