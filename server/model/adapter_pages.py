@@ -21,6 +21,7 @@ import re
 
 import torch
 
+from server.model.kv_cache import available_ram
 from server.model.shapes import LORA_MODULES, BaseModelInfo
 
 PAGE_RANK = 8  # rank rows per page: ranks 1..8 cost one page, 16 two, 64 eight
@@ -58,14 +59,8 @@ def free_device_memory(device: torch.device) -> int:
     """Free bytes on `device` now: CUDA's free memory, or the host's MemAvailable on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    ram = available_ram()
+    return ram if ram is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def page_bytes(info: BaseModelInfo, dtype: torch.dtype, page_rank: int = PAGE_RANK) -> int:

@@ -20,7 +20,7 @@ def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype) -> int:
     return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * elem
 
 
-def _available_ram() -> int | None:
+def available_ram() -> int | None:
     """MemAvailable (free + reclaimable page cache) in bytes, or None where /proc/meminfo is missing."""
     try:
         with open("/proc/meminfo") as f:
@@ -46,7 +46,7 @@ def default_num_blocks(spec: ModelSpec, dtype: torch.dtype, device: torch.device
         tokens = int(free * fraction) // per_token
     else:
         tokens = max(4 * max_model_len, CPU_DEFAULT_MIN_TOKENS)
-        avail = _available_ram()
+        avail = available_ram()
         if avail is not None:
             tokens = min(tokens, int(avail * fraction) // per_token)
     return tokens // block_size  # the server checks at start-up that one max_model_len sequence fits
