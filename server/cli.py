@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sqlite3
 import sys
 
 from server.assistants_cli import add_assistant_commands
 from server.client import add_adapter_commands
-from server.config import ArgParser, SettingsError, add_serve_args, settings_from_args
+from server.config import ArgParser, add_serve_args, start_settings
 from server.evals.cli import add_eval_command
 from server.finetune_cli import add_finetune_commands
 from server.keys_cli import add_key_commands
@@ -19,13 +18,9 @@ from server.ray.cli import add_ray_command
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    try:
-        settings = settings_from_args(ns)
-    except SettingsError as e:
-        print(f"peftserve: error: {e}", file=sys.stderr)
+    settings = start_settings(ns)
+    if settings is None:
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
     from server.api.app import create_app

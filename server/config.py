@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import logging
 import os
+import sys
 import tomllib
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -371,3 +373,15 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     """Settings from parsed `serve` arguments, the environment and the --config file (see load_settings)."""
     flags = {name: getattr(ns, name) for name in Settings.model_fields if hasattr(ns, name)}
     return load_settings(flags, getattr(ns, "config", None))
+
+
+def start_settings(ns: argparse.Namespace) -> Settings | None:
+    """What `peftserve serve` and `peftserve ray serve` do first: the settings (a bad value: one line on stderr
+    naming the flag, and None, so the caller exits 2), then logging at `--log-level`."""
+    try:
+        settings = settings_from_args(ns)
+    except SettingsError as e:
+        print(f"peftserve: error: {e}", file=sys.stderr)
+        return None
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return settings

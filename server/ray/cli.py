@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import threading
 from typing import Any
 
-from server.config import SettingsError, add_serve_args, settings_from_args
+from server.config import SettingsError, add_serve_args, start_settings
 
 RAY_FLAGS: dict[str, tuple[type, str]] = {
     "replicas": (int, "engine replicas (each its own engine and device) (default 2)"),
@@ -46,12 +45,9 @@ def ray_options(ns: argparse.Namespace) -> Any:
 
 
 def _ray_serve(ns: argparse.Namespace) -> int:
-    try:
-        settings = settings_from_args(ns)
-    except SettingsError as e:
-        print(f"peftserve: error: {e}", file=sys.stderr)
+    settings = start_settings(ns)
+    if settings is None:
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import ray
         from ray import serve
