@@ -39,7 +39,8 @@ def base(tiny_root: str) -> str:
 @pytest.fixture(scope="module")
 def srv(base: str):
     with live_server(model=base, max_model_len=64, kv_cache_blocks=512, block_size=8, max_num_seqs=200,
-                     max_batch_tokens=2048, max_n=N_PER_REQUEST) as s:
+                     max_batch_tokens=2048, max_n=N_PER_REQUEST,
+                     max_queue=2 * N_SAMPLES) as s:  # a draw sends N_SAMPLES sequences at once: none may get a 429
         yield s
 
 
