@@ -19,8 +19,28 @@ waits at most `max_slot_wait` + D steps, where D = max_model_len + ceil(max_num_
 max_batch_tokens) bounds the steps those sequences need to finish (each step either advances every
 running sequence or spends the whole token budget) — barring KV preemption, which only frees slots.
 
-Prefetch: after admission, the adapters of the next `prefetch` waiting requests are loaded into free pages
-(or pages of idle adapters no waiting request needs), so the step that admits them loads nothing.
+Load-aware admission (`group_loads`, on by default). When adapters outnumber the room for them, the order in
+which waiting requests are considered decides how many loads a queue costs. Each step considers, in order:
+(1) *aged* requests (below), in arrival order; (2) base requests and requests whose adapter is resident, in
+arrival order (they cost no load); (3) the rest grouped by adapter, the adapter with the most waiting
+requests first (ties: its oldest request first). The first request of a group that gets room loads the
+adapter (or stages it on the loader thread); the rest of the group is admitted with it (or, when the staged
+load lands, together as resident requests), so one load serves a batch; a later group is loaded only while
+room remains. Base requests never wait for a load: nothing in (1) or (3) holds them, only the sequence cap.
+
+The bound. A request is *held back* from the first step a younger request is admitted (or given a load)
+ahead of it, or it finds no room for its adapter (`overtaken_since`, `slot_blocked_since`). Once held back
+`max_slot_wait` steps it is aged: it goes first, in arrival order, each aged request skipped for room
+keeps one sequence place that younger requests may not take, and if its adapter has no room it is starved
+and drains slots as above. So a request waits at most `max_slot_wait` + D steps from the first step the
+adapter policy held it back, whatever the mix of adapters and base requests (D as above; with at most
+`--max-adapters` adapters starved at once, barring KV preemption), plus the steps the requests that arrived
+before it need (arrival-order queueing, which no policy removes). `tests/engine/test_load_grouping.py`
+checks it with a seeded fuzz of resident traffic against a cold adapter.
+
+Prefetch: after admission, the adapters of the next `prefetch` waiting requests (in the admission order, so
+the biggest group's adapter first) are loaded into free pages (or pages of idle adapters no waiting request
+needs), so the step that admits them loads nothing.
 Cold bursts: a request whose first uncached block a running sequence computes this step (the same system
 prompt arriving many times at once) waits for it and takes it from the cache (`deferred`).
 """
@@ -72,6 +92,7 @@ class Scheduler:
         max_slot_wait: int = 32,
         prefetch: int = 2,
         stage_loads: bool = False,
+        group_loads: bool = True,
     ) -> None:
         if max_batch_tokens < max_num_seqs:
             raise ValueError(f"max_batch_tokens={max_batch_tokens} must be >= max_num_seqs={max_num_seqs}")
@@ -96,6 +117,9 @@ class Scheduler:
         # paged adapters (pages > 0, no shared KV prefix) load on a loader thread: their requests wait, the
         # step goes on (base requests and resident adapters are never held by a load)
         self.stage_loads = stage_loads
+        # load-aware admission (module docstring): resident adapters' requests first, then one load per adapter
+        # with the most waiting requests; off: arrival order (tests show what the grouping saves)
+        self.group_loads = group_loads
         self.deferred = 0  # admissions deferred so that a block another sequence is computing is computed once
 
     # ---- membership -------------------------------------------------------------------------
@@ -184,35 +208,41 @@ class Scheduler:
             budget -= n
             i += 1
 
-        # 2. Waiting sequences join. Only a missing adapter slot lets a later request overtake.
+        # 2. Waiting sequences join, in `_admission_order` (arrival order without slots or grouping).
         if out.preempted:
             return out
-        skipped: list[Sequence] = []
         self._update_drains()
         pending = self._pending_blocks() if self.prefix_cache is not None else {}
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        order = self._admission_order()
+        taken: set[int] = set()  # ids of the sequences admitted (they leave `waiting`)
+        passed = -1  # the youngest position in `waiting` admitted or given a load: older ones were overtaken
+        pos = {id(q): i for i, q in enumerate(self.waiting)}
+        owed = 0  # aged adapter requests skipped for room: each keeps a sequence place from younger requests
+        for seq in order:
+            aged = self._aged(seq)
+            if budget <= 0 or len(self.running) + (0 if aged else owed) >= self.max_num_seqs:
+                break
             if seq.adapter_key is not None and self.slots is not None and self.slots.is_loading(seq.adapter_key):
-                skipped.append(self.waiting.popleft())  # its adapter is being loaded: next step(s)
+                owed += aged  # its adapter is being loaded: next step(s)
                 continue
             if seq.adapter_key is not None and self.slots is not None and not self._may_take_slot(seq):
                 if seq.slot_blocked_since < 0:
                     seq.slot_blocked_since = self.step
-                skipped.append(self.waiting.popleft())
+                owed += aged
                 continue
             if self._stageable(seq) and self.slots.slot_of(seq.adapter_key) is None:
                 got = self.slots.acquire(seq.adapter_key, seq.adapter_pages, stage=True)
                 assert got is not None  # _may_take_slot checked it
                 out.stages.append((got[0], seq))
-                skipped.append(self.waiting.popleft())
+                passed = max(passed, pos[id(seq)])
+                owed += aged
                 continue
             total_blocks = self.allocator.blocks_for(seq.num_tokens)
             prefix_blocks = 0
             if seq.num_prefix and self.slots is not None and self.slots.slot_of(seq.adapter_key) is None:
                 prefix_blocks = self.allocator.blocks_for(seq.num_prefix)
             if total_blocks + self.allocator.blocks_for(seq.num_prefix) > self.allocator.num_blocks:
-                self.waiting.popleft()  # would wait forever: even an empty cache cannot hold it
-                self.finish(seq, "error")
+                self.finish(seq, "error")  # would wait forever: even an empty cache cannot hold it
                 out.rejected.append(seq)
                 continue
             # a prompt being scored needs the logits of every prompt position: it takes no cached KV
@@ -220,7 +250,6 @@ class Scheduler:
             hits = self.prefix_cache.match(seq) if self.prefix_cache is not None and not scoring else []
             if pending and not scoring and self._computing_next(seq, hits, pending):
                 self.deferred += 1  # a running sequence computes its next block now: take it from the cache next
-                skipped.append(self.waiting.popleft())
                 continue
             idle_hits = sum(1 for b in hits if self.allocator.refs(b) == 0)  # leave the allocatable pool
             if not self.allocator.can_allocate(total_blocks - len(hits) + idle_hits + prefix_blocks):
@@ -230,7 +259,8 @@ class Scheduler:
             if not self._ensure_blocks(seq, seq.num_computed + n):  # cannot happen after the check above
                 self._release(seq)
                 break
-            self.waiting.popleft()
+            taken.add(id(seq))
+            passed = max(passed, pos[id(seq)])
             if seq.admit_step < 0:
                 seq.admit_step = self.step
             seq.slot_blocked_since = -1
@@ -250,7 +280,13 @@ class Scheduler:
             budget -= n
             if pending is not None and self.prefix_cache is not None:
                 self._add_pending(seq, pending)
-        self.waiting.extendleft(reversed(skipped))
+        if taken:
+            self.waiting = deque(q for q in self.waiting if id(q) not in taken)
+        for q in self.waiting:  # those a younger request overtook start their aging clock
+            if pos.get(id(q), len(pos)) >= passed:
+                break
+            if q.overtaken_since < 0:
+                q.overtaken_since = self.step
         if self.slots is not None:
             self._prefetch(out)
             out.cleared = self.slots.take_cleared()
@@ -290,6 +326,39 @@ class Scheduler:
         return (self.stage_loads and self.slots is not None and seq.adapter_key is not None
                 and seq.adapter_pages > 0 and not seq.num_prefix)
 
+    # ---- load-aware admission (see the module docstring) --------------------------------------------
+    def _held_since(self, seq: Sequence) -> int:
+        """The first step `seq` was held back by the adapter policy: overtaken by a younger request, or
+        without room for its adapter (-1: never)."""
+        marks = [m for m in (seq.slot_blocked_since, seq.overtaken_since) if m >= 0]
+        return min(marks) if marks else -1
+
+    def _aged(self, seq: Sequence) -> bool:
+        """Held back `max_slot_wait` steps or more: from now on admitted in arrival order, ahead of every
+        younger request, and owed room (a drain) if its adapter has none."""
+        since = self._held_since(seq)
+        return since >= 0 and self.step - since >= self.max_slot_wait
+
+    def _admission_order(self) -> list[Sequence]:
+        """The order waiting requests are considered in this step: aged ones in arrival order; then, in arrival
+        order, base requests and those whose adapter is resident (or being loaded: skipped); then the rest
+        grouped by adapter, the adapter with the most waiting requests first (ties: the oldest request
+        first), so that one load serves every request of the group. Without slots or grouping: arrival order."""
+        if self.slots is None or not self.group_loads:
+            return list(self.waiting)
+        aged: list[Sequence] = []
+        ready: list[Sequence] = []
+        cold: dict = {}
+        for q in self.waiting:
+            if self._aged(q):
+                aged.append(q)
+            elif q.adapter_key is None or self.slots.slot_of(q.adapter_key) is not None:
+                ready.append(q)
+            else:
+                cold.setdefault(q.adapter_key, []).append(q)
+        groups = sorted(cold.values(), key=len, reverse=True)  # stable: ties keep their oldest-first order
+        return aged + ready + [q for g in groups for q in g]
+
     # ---- prefetch: load the next adapters ahead of need ------------------------------------------
     def _prefetch(self, out: SchedulerOutput) -> None:
         """Make the adapters of the next waiting requests resident now (free pages, or idle adapters no
@@ -300,7 +369,7 @@ class Scheduler:
             return
         wanted = {q.adapter_key for q in self.waiting if q.adapter_key is not None}
         done = 0
-        for seq in self.waiting:
+        for seq in self._admission_order():
             if done >= self.prefetch:
                 break
             key = seq.adapter_key
@@ -347,8 +416,7 @@ class Scheduler:
             claimed.setdefault(q.adapter_key, []).append(s)
         for seq in self.waiting:
             key = seq.adapter_key
-            if (seq.slot_blocked_since < 0 or self.step - seq.slot_blocked_since < self.max_slot_wait
-                    or key is None or sm.slot_of(key) is not None):
+            if key is None or seq.slot_blocked_since < 0 or not self._aged(seq) or sm.slot_of(key) is not None:
                 continue
             mine = claimed.setdefault(key, [])
             pages = sm.pages_free + sm.idle_pages() + sum(len(sm.pages_of(s)) for s in mine)

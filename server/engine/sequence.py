@@ -74,6 +74,7 @@ class Sequence:
     arrival_step: int = -1
     admit_step: int = -1
     slot_blocked_since: int = -1
+    overtaken_since: int = -1  # first step a younger request was admitted (or took a load) ahead of it
 
     @property
     def all_ids(self) -> list[int]:
