@@ -194,6 +194,7 @@ class AsyncEngine:
         # Paged adapters load here, while steps run (the scheduler holds only their requests meanwhile).
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="peftserve-adapter-load")
         self.staging = 0  # loads in flight on the loader thread
+        self._park_state: dict[Any, Any] = {}  # parked adapters' staged state, by key, until a slot activates it
         self._eos = self.info.eos_token_ids
         self._inbox: queue.SimpleQueue[InboxMessage] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -436,6 +437,7 @@ class AsyncEngine:
     def _execute(self, out: SchedulerOutput) -> torch.Tensor | None:
         """Load the step's new adapters and run the forward pass; None when the step failed."""
         try:
+            self._apply_activations(out)
             self._apply_loads(out)
             if self.fault_injector is not None:
                 self.fault_injector(out.chunks)
@@ -455,6 +457,12 @@ class AsyncEngine:
                 ob.on_adapter_load(seq.adapter.name, slot, time.monotonic() - t_load)
         out.loads = []
 
+    def _apply_activations(self, out: SchedulerOutput) -> None:
+        """Parked adapters that took a slot this step: their pages are written, make them serve the slot."""
+        for slot, seq in out.activations:
+            state = self._park_state.pop(seq.adapter_key)
+            self.runner.activate_adapter(slot, seq.adapter.adapter, state, self.slots.pages_of(slot))
+
     def _start_stages(self, out: SchedulerOutput) -> None:
         """Clear slots evicted for their pages, then hand the step's paged loads to the loader thread: they
         write only pages no active slot reads, and become usable between two steps (`_staged`)."""
@@ -471,6 +479,38 @@ class AsyncEngine:
             fut.add_done_callback(lambda f, slot=slot, handle=handle, pages=pages, t0=t0: self.call_in_worker(
                 lambda: self._staged(slot, handle, pages, f, t0)))
         out.stages = []
+        for key in self.slots.take_dropped():  # parked adapters reclaimed before a slot took them
+            self._park_state.pop(key, None)
+        for seq in out.parks:  # weights ahead of a slot: written now, activated when a slot frees
+            handle = seq.adapter
+            pages = self.slots.parked_pages(seq.adapter_key)
+            self.runner.device_form(handle.adapter.family)
+            t0 = time.monotonic()
+            self.staging += 1
+            fut = self._loader.submit(self._stage_job, handle.adapter, pages)
+            fut.add_done_callback(lambda f, handle=handle, t0=t0: self.call_in_worker(
+                lambda: self._parked(handle, f, t0)))
+        out.parks = []
+
+    def _parked(self, handle: AdapterHandle, fut: Future, t0: float) -> None:
+        """A parked adapter's pages are written (between steps): usable by the next slot that frees."""
+        self.staging -= 1
+        try:
+            self._park_state[handle.key] = fut.result()
+        except Exception as e:  # noqa: BLE001 - fail that adapter's waiting requests, keep serving the rest
+            log.exception("adapter %s failed to load", handle.name)
+            self.slots.drop_parked(handle.key)
+            self._fail_waiting(handle.key, handle.name, e)
+            return
+        self.slots.parked_landed(handle.key)
+        for ob in self.observers:
+            ob.on_adapter_load(handle.name, -1, time.monotonic() - t0)
+
+    def _fail_waiting(self, key: Any, name: str, e: BaseException) -> None:
+        for req in list(self._requests.values()):
+            if req.seq.adapter_key == key and req.seq.status is SeqStatus.WAITING:
+                self._retire(req, "error")
+                self._emit(req, Delta([], "", error=StepError(f"adapter {name!r} failed to load: {e}")))
 
     def _stage_job(self, adapter: Any, pages: list[int]) -> Any:
         single_threaded()
@@ -485,10 +525,7 @@ class AsyncEngine:
             log.exception("adapter %s failed to load", handle.name)
             key = self.slots.load_failed(slot)
             self.runner.clear_slot(slot)
-            for req in list(self._requests.values()):
-                if req.seq.adapter_key == key and req.seq.status is SeqStatus.WAITING:
-                    self._retire(req, "error")
-                    self._emit(req, Delta([], "", error=StepError(f"adapter {handle.name!r} failed to load: {e}")))
+            self._fail_waiting(key, handle.name, e)
             return
         self.slots.loaded(slot)
         for ob in self.observers:
@@ -502,7 +539,7 @@ class AsyncEngine:
             if req is not None:
                 self._retire(req, "error")
                 self._emit(req, Delta([], "", error=StepError(f"forward step failed: {e}")))
-        for _slot, seq in out.loads:  # a half-loaded slot must not be trusted by a later request
+        for _slot, seq in (*out.loads, *out.activations):  # a half-loaded slot must not be trusted later
             self.slots.discard(seq.adapter_key)
         self.failed_steps += 1
         fatal = is_fatal_device_error(e)

@@ -41,6 +41,8 @@ checks it with a seeded fuzz of resident traffic against a cold adapter.
 Prefetch: after admission, the adapters of the next `prefetch` waiting requests (in the admission order, so
 the biggest group's adapter first) are loaded into free pages (or pages of idle adapters no waiting request
 needs), so the step that admits them loads nothing.
+When no slot is free or idle but pages are, a staged (paged) adapter is *parked* instead (`SlotManager.park`):
+its weights are written now, and the step a slot frees activates it there and admits its requests at once.
 Cold bursts: a request whose first uncached block a running sequence computes this step (the same system
 prompt arriving many times at once) waits for it and takes it from the cache (`deferred`).
 """
@@ -72,6 +74,10 @@ class SchedulerOutput:
     stages: list[tuple[int, Sequence]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     cleared: list[int] = field(default_factory=list)  # slots emptied by evictions: clear them before the loads
+    # seqs whose adapter is parked (SlotManager.park): a loader thread writes its pages, with no slot yet
+    parks: list[Sequence] = field(default_factory=list)
+    # (slot, seq): a parked adapter took `slot`; activate it there before the step runs (no weights to write)
+    activations: list[tuple[int, Sequence]] = field(default_factory=list)
     prefetched: int = 0  # of `loads`, those for waiting requests not admitted yet (taken ahead of need)
     rejected: list[Sequence] = field(default_factory=list)  # could never fit the KV cache; finished
 
@@ -93,6 +99,7 @@ class Scheduler:
         prefetch: int = 2,
         stage_loads: bool = False,
         group_loads: bool = True,
+        park: bool = True,
     ) -> None:
         if max_batch_tokens < max_num_seqs:
             raise ValueError(f"max_batch_tokens={max_batch_tokens} must be >= max_num_seqs={max_num_seqs}")
@@ -120,6 +127,7 @@ class Scheduler:
         # load-aware admission (module docstring): resident adapters' requests first, then one load per adapter
         # with the most waiting requests; off: arrival order (tests show what the grouping saves)
         self.group_loads = group_loads
+        self.park = park  # staged loads may write a waiting adapter's pages before a slot frees (slots.py)
         self.deferred = 0  # admissions deferred so that a block another sequence is computing is computed once
 
     # ---- membership -------------------------------------------------------------------------
@@ -230,7 +238,8 @@ class Scheduler:
                     seq.slot_blocked_since = self.step
                 owed += aged
                 continue
-            if self._stageable(seq) and self.slots.slot_of(seq.adapter_key) is None:
+            if (self._stageable(seq) and self.slots.slot_of(seq.adapter_key) is None
+                    and not self.slots.is_parked(seq.adapter_key)):
                 got = self.slots.acquire(seq.adapter_key, seq.adapter_pages, stage=True)
                 assert got is not None  # _may_take_slot checked it
                 out.stages.append((got[0], seq))
@@ -264,7 +273,13 @@ class Scheduler:
             if seq.admit_step < 0:
                 seq.admit_step = self.step
             seq.slot_blocked_since = -1
-            if seq.adapter_key is not None and self.slots is not None:
+            if seq.adapter_key is not None and self.slots is not None and self.slots.is_parked(seq.adapter_key):
+                took = self.slots.take_parked(seq.adapter_key)
+                assert took is not None  # _may_take_slot checked it
+                seq.slot = took[0]
+                self.draining = {s: q for s, q in self.draining.items() if q is not seq}
+                out.activations.append((took[0], seq))
+            elif seq.adapter_key is not None and self.slots is not None:
                 got = self.slots.acquire(seq.adapter_key, seq.adapter_pages)
                 assert got is not None  # _may_take_slot checked it
                 slot, _evicted, needs_load = got
@@ -352,7 +367,8 @@ class Scheduler:
         for q in self.waiting:
             if self._aged(q):
                 aged.append(q)
-            elif q.adapter_key is None or self.slots.slot_of(q.adapter_key) is not None:
+            elif (q.adapter_key is None or self.slots.slot_of(q.adapter_key) is not None
+                  or self.slots.is_parked(q.adapter_key)):
                 ready.append(q)
             else:
                 cold.setdefault(q.adapter_key, []).append(q)
@@ -373,10 +389,16 @@ class Scheduler:
             if done >= self.prefetch:
                 break
             key = seq.adapter_key
-            if key is None or seq.num_prefix or self.slots.slot_of(key) is not None:
+            if key is None or seq.num_prefix or self.slots.slot_of(key) is not None or self.slots.is_parked(key):
                 continue
             stage = self._stageable(seq)
             got = self.slots.acquire(key, seq.adapter_pages, protect=wanted, stage=stage)
+            if got is None and stage and self.park and self.slots.park(key, seq.adapter_pages) is not None:
+                out.parks.append(seq)  # every slot busy, pages free: write its weights now, take a slot later
+                out.prefetched += 1
+                self.slots.prefetches += 1
+                done += 1
+                continue
             if got is None:
                 break  # no room without evicting what the queue needs
             slot = got[0]

@@ -6,6 +6,12 @@ device pool (`server/model/adapter_pages.py`), as many as their own rank needs (
 slot is only their row in the per-slot tables (rank, scale, page table), and `num_slots` is the optional
 `--max-adapters` cap. Adapters of other families take a slot and no pages. A slot in use by a running
 sequence is never reassigned, and its pages never move.
+
+Parking (issue 18: a slot cap tighter than memory). When every slot is busy but pages are free, the next
+adapter a waiting request needs can be *parked*: its weights are written into free pages by the loader thread
+with no slot (`park`, counted as a load). When a slot frees, `take_parked` gives it the slot; what is left is
+activation (its page-table row, ranks and scales): no slot waits idle for weights. A parked adapter whose
+write has landed is reclaimable like an idle one (after idle ones); one being written is not.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ class SlotManager:
         self._free_pages: set[int] = set(range(num_pages or 0))
         self._cleared: list[int] = []  # slots emptied by an eviction, to be cleared on the device
         self._loading: set[int] = set()  # slots whose weights a loader thread is writing (not evictable, not usable)
+        self._parked: OrderedDict[Hashable, list[int]] = OrderedDict()  # weights in pages, no slot; oldest first
+        self._parking: set[Hashable] = set()  # parked adapters a loader thread is still writing
+        self._dropped: list[Hashable] = []  # parked adapters reclaimed before a slot took them (engine forgets them)
         self.loads = 0
         self.evictions = 0
         self.prefetches = 0
@@ -61,7 +70,7 @@ class SlotManager:
 
     @property
     def pages_used(self) -> int:
-        return sum(len(p) for p in self._pages)
+        return sum(len(p) for p in self._pages) + sum(len(p) for p in self._parked.values())
 
     @property
     def slot_available(self) -> bool:
@@ -69,15 +78,18 @@ class SlotManager:
         return None in self._key or bool(self._idle)
 
     def idle_pages(self, exclude: Collection[Hashable] = ()) -> int:
-        return sum(len(self._pages[s]) for s in self._idle if self._key[s] not in exclude)
+        """Pages held by idle adapters and landed parked ones (reclaimable), but those in `exclude`."""
+        return (sum(len(self._pages[s]) for s in self._idle if self._key[s] not in exclude)
+                + sum(len(p) for k, p in self._parked.items() if k not in self._parking and k not in exclude))
 
     def take_cleared(self) -> list[int]:
         """Slots emptied by evictions since the last call (the engine clears them before the next step)."""
         out, self._cleared = self._cleared, []
         return out
 
-    def _fits(self, pages: int, protect: Collection[Hashable]) -> list[int] | None:
-        """The idle slots (oldest first) to evict so that a slot and `pages` pages are free, or None."""
+    def _fits(self, pages: int, protect: Collection[Hashable]) -> tuple[list[int], list[Hashable]] | None:
+        """The idle slots (oldest first), then landed parked adapters, to evict so that a slot and `pages` pages
+        are free, or None."""
         need_slot = None not in self._key
         have = len(self._free_pages) if self.num_pages is not None else pages
         chosen: list[int] = []
@@ -89,16 +101,83 @@ class SlotManager:
             chosen.append(s)
             have += len(self._pages[s])
             need_slot = False
+        dropped: list[Hashable] = []
+        for k, ps in self._parked.items():
+            if need_slot or have >= pages:
+                break
+            if k in protect or k in self._parking:
+                continue
+            dropped.append(k)
+            have += len(ps)
         if need_slot or have < pages:
             return None
-        return chosen
+        return chosen, dropped
 
     def can_acquire(self, key: Hashable, pages: int = 0, protect: Collection[Hashable] = ()) -> bool:
+        if key in self._parked:  # its pages are written: only a slot is needed
+            return key not in self._parking and self._fits(0, protect) is not None
         return key in self._slot_of or self._fits(pages, protect) is not None
 
     def is_loading(self, key: Hashable) -> bool:
         slot = self._slot_of.get(key)
-        return slot is not None and slot in self._loading
+        return (slot is not None and slot in self._loading) or key in self._parking
+
+    # ---- parking: weights ahead of a slot (module docstring) ----------------------------------------
+    def is_parked(self, key: Hashable) -> bool:
+        return key in self._parked
+
+    def parked_pages(self, key: Hashable) -> list[int]:
+        return list(self._parked[key])
+
+    def park(self, key: Hashable, pages: int) -> list[int] | None:
+        """Take `pages` free pages for `key`'s weights, with no slot (a loader thread writes them: `is_loading`
+        until `parked_landed`). Only free pages: parking never evicts. Returns the pages, or None."""
+        if (pages < 1 or self.num_pages is None or key in self._slot_of or key in self._parked
+                or len(self._free_pages) < pages):
+            return None
+        got = self._take_pages(pages)
+        self._parked[key] = got
+        self._parking.add(key)
+        self.loads += 1
+        return got
+
+    def parked_landed(self, key: Hashable) -> None:
+        self._parking.discard(key)
+
+    def drop_parked(self, key: Hashable) -> bool:
+        """Free a parked adapter's pages (failed write, deleted version, or reclaimed). False if not parked."""
+        ps = self._parked.pop(key, None)
+        if ps is None:
+            return False
+        self._parking.discard(key)
+        self._free_pages.update(ps)
+        return True
+
+    def take_dropped(self) -> list[Hashable]:
+        """Parked adapters reclaimed for others' pages since the last call (their staged state is stale)."""
+        out, self._dropped = self._dropped, []
+        return out
+
+    def take_parked(self, key: Hashable, protect: Collection[Hashable] = ()) -> tuple[int, Hashable | None] | None:
+        """Give a landed parked adapter a slot (free, else the least recently used idle one's) and a reference.
+        Returns (slot, evicted_key), or None when no slot is free or idle. The caller activates it there."""
+        if key not in self._parked or key in self._parking:
+            return None
+        fit = self._fits(0, protect)
+        if fit is None:
+            return None
+        victims = fit[0]
+        free = [i for i, k in enumerate(self._key) if k is None]
+        evicted_by_slot = {v: self._evict(v) for v in victims}
+        slot = free[0] if free else victims[0]
+        evicted = evicted_by_slot.get(slot)
+        if evicted is not None:
+            self._cleared.remove(slot)  # reused at once: the activation replaces it
+        self._key[slot] = key
+        self._slot_of[key] = slot
+        self._refs[slot] = 1
+        self._pages[slot] = self._parked.pop(key)
+        return slot, evicted
 
     def loaded(self, slot: int) -> None:
         """A staged load finished: the adapter is usable, idle (most recently used) until referenced."""
@@ -132,9 +211,14 @@ class SlotManager:
             self._refs[slot] += 1
             self._idle.pop(slot, None)
             return slot, None, False
-        victims = self._fits(pages, protect)
-        if victims is None:
+        fit = self._fits(pages, protect)
+        if fit is None:
             return None
+        victims, reclaimed = fit
+        for k in reclaimed:  # landed parked adapters give back their pages (after every idle one)
+            self.drop_parked(k)
+            self._dropped.append(k)
+            self.evictions += 1
         free = [i for i, k in enumerate(self._key) if k is None]
         evicted_by_slot = {v: self._evict(v) for v in victims}
         slot = free[0] if free else victims[0]  # a free slot first; else the least recently used idle one
@@ -188,6 +272,10 @@ class SlotManager:
     def discard(self, key: Hashable) -> int | None:
         """Forget an idle adapter (deleted or replaced): its slot and pages are free. Returns the slot, or None."""
         slot = self._slot_of.get(key)
+        if slot is None and key in self._parked and key not in self._parking:
+            self.drop_parked(key)
+            self._dropped.append(key)
+            return None
         if slot is None or self._refs[slot] > 0 or slot in self._loading:
             return None
         del self._slot_of[key]
@@ -199,7 +287,9 @@ class SlotManager:
 
     def check(self) -> None:
         """Invariants (tests): free + used pages = the pool, no page held twice, refs and idle agree."""
-        held = [p for ps in self._pages for p in ps]
+        held = [p for ps in self._pages for p in ps] + [p for ps in self._parked.values() for p in ps]
+        assert not set(self._parked) & set(self._slot_of), "an adapter both parked and in a slot"
+        assert self._parking <= set(self._parked)
         assert len(held) == len(set(held)), "a page is held by two slots"
         assert not set(held) & self._free_pages, "a held page is also free"
         if self.num_pages is not None:

@@ -25,12 +25,15 @@ def seq(adapter: str | None, pages: int = 1, prompt: int = 4, max_tokens: int = 
     return s
 
 
-def staged_step(sched: Scheduler, landing: list[int]) -> tuple[SchedulerOutput, list[int]]:
-    """A step with loader-thread loads: those staged by the previous step land before this one."""
-    for slot in landing:
-        sched.slots.loaded(slot)
+def staged_step(sched: Scheduler, landing: list) -> tuple[SchedulerOutput, list]:
+    """A step with loader-thread loads: those staged (or parked) by the previous step land before this one."""
+    for x in landing:
+        if isinstance(x, int):
+            sched.slots.loaded(x)
+        else:
+            sched.slots.parked_landed(x)
     out = step(sched)
-    return out, [slot for slot, _ in out.stages]
+    return out, [slot for slot, _ in out.stages] + [q.adapter_key for q in out.parks]
 
 
 def run_queue(group: bool, stage: bool, max_num_seqs: int = 2) -> tuple[Scheduler, list[Sequence]]:

@@ -52,6 +52,8 @@ def step(sched: Scheduler, kv: FakeKV | None = None, token: int = 7) -> list:
     out = sched.schedule()
     for slot, _ in out.stages:  # loader-thread loads land before the next step
         sched.slots.loaded(slot)
+    for q in out.parks:  # and so do parked ones (weights written ahead of a slot)
+        sched.slots.parked_landed(q.adapter_key)
     for c in out.chunks:  # one forward: every chunk reads KV computed by earlier steps only
         assert c.start == c.seq.num_computed and c.num_tokens >= 1
         assert len(c.seq.block_table) * sched.allocator.block_size >= c.start + c.num_tokens
@@ -241,6 +243,7 @@ def test_fuzz_caching_preemption_aborts_and_adapter_churn(seed, stage):
     heads = [[rng.randrange(1, 50) for _ in range(rng.randint(4, 14))] for _ in range(3)]
     version = {name: 1 for name in ("lora-a", "lora-b", "lora-c", "lora-d", "prefix", "prompt")}
     landing: list[int] = []  # staged loads land one step later (the loader thread ran during that step)
+    parking: list = []  # so do parked ones
     uid = iter(range(1000, 10**6))
     current = {name: (name, 1, next(uid)) for name in version}
     live: list[Sequence] = []
@@ -264,8 +267,11 @@ def test_fuzz_caching_preemption_aborts_and_adapter_churn(seed, stage):
             current[name] = (name, version[name], next(uid))
         for slot in landing:
             slots.loaded(slot)
+        for key in parking:
+            slots.parked_landed(key)
         out = sched.schedule()
         landing = [slot for slot, _ in out.stages]
+        parking = [q.adapter_key for q in out.parks]
         for slot, q in out.stages:  # a staged slot is held for its adapter and used by nobody until it lands
             assert slots.is_loading(q.adapter_key) and slots.refs(slot) == 0
         preempted += len(out.preempted)
@@ -291,6 +297,8 @@ def test_fuzz_caching_preemption_aborts_and_adapter_churn(seed, stage):
             break
     for slot in landing:
         slots.loaded(slot)
+    for key in parking:
+        slots.parked_landed(key)
     drain(sched, kv)
     _check_refcounts(sched)
     slots.check()
