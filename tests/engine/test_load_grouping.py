@@ -181,3 +181,58 @@ def test_grouping_fuzz_64_adapters_8_slots_loads_no_more_than_arrival_order(seed
 
     grouped, fifo = run(True), run(False)
     assert grouped[0] < fifo[0], (grouped, fifo)
+
+
+# ---- parking: weights ahead of a slot ----------------------------------------------------------------------
+def test_slot_manager_parks_on_free_pages_only_and_reclaims_landed_parked_pages():
+    sm = SlotManager(1, num_pages=4)
+    a = sm.acquire("a", 1)
+    assert sm.park("a", 1) is None  # resident adapters are not parked
+    assert sm.park("b", 2) == [1, 2] and sm.loads == 2 and sm.is_loading("b")
+    assert sm.park("c", 2) is None  # one free page left: parking never evicts
+    assert not sm.can_acquire("b") and sm.take_parked("b") is None  # still being written
+    sm.parked_landed("b")
+    assert not sm.can_acquire("b")  # written, but the only slot is busy
+    sm.release(a[0])
+    assert sm.can_acquire("b")
+    slot, evicted = sm.take_parked("b")
+    assert (slot, evicted) == (a[0], "a") and sm.pages_of(slot) == [1, 2] and sm.loads == 2  # no second load
+    assert sm.refs(slot) == 1 and not sm.is_parked("b")
+    sm.check()
+    assert sm.park("d", 2) == [0, 3]  # scattered free pages are fine
+    sm.check()
+    sm2 = SlotManager(2, num_pages=3)
+    sm2.acquire("x", 1)
+    sm2.acquire("y", 1)
+    assert sm2.park("p", 1) == [2]
+    assert sm2.acquire("z", 1) is None  # both slots busy
+    sm2.parked_landed("p")
+    sm2.release(0)
+    got = sm2.acquire("z", 2)  # needs x's page and the landed parked page: p is reclaimed after idle x
+    assert got is not None and not sm2.is_parked("p") and sm2.take_dropped() == ["p"]
+    sm2.check()
+
+
+def test_a_parked_adapter_is_activated_the_step_its_slot_frees():
+    """One slot, busy; the next request's adapter is parked meanwhile, so the step the slot frees admits it
+    with an activation (no load wait). Without parking it is staged then, and admitted a step later."""
+    def run(park: bool) -> tuple[Sequence, Sequence, list, Scheduler]:
+        sched = Scheduler(BlockAllocator(256, 4), max_num_seqs=8, max_batch_tokens=64,
+                          slots=SlotManager(1, num_pages=4), stage_loads=True, park=park)
+        first, second = seq("a", max_tokens=5), seq("b", max_tokens=2)
+        sched.add(first)
+        sched.add(second)
+        landing: list = []
+        activations = []
+        while sched.has_work or landing:
+            out, landing = staged_step(sched, landing)
+            activations += out.activations
+            sched.slots.check()
+        return first, second, activations, sched
+
+    first, second, activations, sched = run(park=True)
+    done = first.admit_step + 5 - 1  # the step its last token came out (prompt and first token in one step)
+    assert second.admit_step == done + 1 and activations == [(0, second)]
+    assert sched.slots.loads == 2
+    first, second, activations, sched = run(park=False)
+    assert second.admit_step == done + 2 and activations == []
