@@ -42,6 +42,7 @@ class SlotManager:
         self.loads = 0
         self.evictions = 0
         self.prefetches = 0
+        self.activations = 0  # parked adapters that took a slot (no weights written then)
 
     def slot_of(self, key: Hashable) -> int | None:
         return self._slot_of.get(key)
@@ -177,6 +178,7 @@ class SlotManager:
         self._slot_of[key] = slot
         self._refs[slot] = 1
         self._pages[slot] = self._parked.pop(key)
+        self.activations += 1
         return slot, evicted
 
     def loaded(self, slot: int) -> None:
