@@ -31,6 +31,7 @@ from tests.server_utils import free_port, live_server
 from tests.waits import wait_for
 
 APP = "peftserve"
+ADMIN = "ray-admin-key"  # the cluster's --admin-key: the module's client sends it (tenant keys need one)
 PROMPT = [10, 20, 30, 40, 50, 60, 70]
 N = 6
 
@@ -38,6 +39,10 @@ N = 6
 def _files(d: str) -> dict[str, bytes]:
     return {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d)
             if n.endswith((".json", ".safetensors")) and n != "head_config.json"}
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 def complete(c: httpx.Client, model: str | None, n: int = N, affinity: bool = True, **kw: Any) -> httpx.Response:
@@ -80,7 +85,8 @@ def cluster(adapters: dict[str, Any]) -> Any:
     """A local Ray cluster (2 CPUs), Serve on a free port, the app with 2 replicas x 2 slots; torn down after."""
     port = free_port()
     settings = Settings(model=adapters["base"], adapters_dir=os.path.join(adapters["root"], "store"),
-                        kv_cache_blocks=96, max_num_seqs=8, max_adapters=2, served_model_name="tiny")
+                        kv_cache_blocks=96, max_num_seqs=8, max_adapters=2, served_model_name="tiny",
+                        admin_key=ADMIN)
     # Serve's router probes a replica's queue before routing to it and, past this deadline (default 0.1 s),
     # spills a multiplexed request to another replica; an overloaded 2-core CI box needs longer. Workers inherit
     # the driver's environment.
@@ -99,7 +105,7 @@ def cluster(adapters: dict[str, Any]) -> Any:
             if r.request.url.path == "/v1/completions" and r.headers.get(REPLICA_HEADER, "writer") != "writer":
                 answered["n"] += 1
 
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, headers=_auth(ADMIN),
                           event_hooks={"response": [count]}) as c:
             c.answered = answered  # type: ignore[attr-defined]
             yield c
@@ -396,3 +402,90 @@ def test_kill_replica_under_load(cluster: httpx.Client) -> None:
     new = _replica_pids()
     assert pid not in new.values() and len(new) == 2
     assert tokens(complete(cluster, None)) == tokens(complete(cluster, None, affinity=False))
+
+
+def _statuses_on_both(c: httpx.Client, send: Any, what: str) -> dict[str, list[Any]]:
+    """Default-routed requests until both replicas have answered twice (deadline); {replica: [send's checks]}."""
+    seen: dict[str, list[Any]] = {}
+
+    def done() -> bool:
+        r = send()
+        seen.setdefault(r.headers[REPLICA_HEADER], []).append((r.status_code, r.json()))
+        return len(seen) >= 2 and all(len(v) >= 2 for v in seen.values())
+
+    wait_for(done, what, timeout=120, poll=0)
+    return seen
+
+
+def test_tenant_keys_on_replicas(cluster: httpx.Client, adapters: dict[str, Any]) -> None:
+    """Tenant keys created through the ingress work on every replica (the replica mirrors the writer's key row and
+    the owners of what the request names): a tenant runs its own adapter and the base on both replicas, sees
+    only its own adapters, gets 404 for another tenant's; its usage (counted on the replicas) is served by the
+    writer; requests_per_minute is per replica, storage_bytes cluster-wide (the writer); after a revoke returns,
+    both replicas answer 401."""
+    base_url = cluster.base_url
+
+    def new_key(tenant: str, **limits: int) -> dict[str, Any]:
+        r = cluster.post("/v1/keys", json={"tenant": tenant, "scopes": ["infer", "adapters:write"],
+                                           "limits": limits})
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    lora = _files(adapters["dirs"]["aff0"])
+    size = sum(len(b) for b in lora.values())
+    acme_key, globex_key = new_key("acme", storage_bytes=size + size // 2), new_key("globex")
+    acme = httpx.Client(base_url=base_url, timeout=120, headers=_auth(acme_key["key"]))
+    globex = httpx.Client(base_url=base_url, timeout=120, headers=_auth(globex_key["key"]))
+    with acme, globex:
+        assert upload(acme, "acme.lora", lora).status_code == 201
+        assert upload(globex, "globex.lora", _files(adapters["dirs"]["aff1"])).status_code == 201
+        # storage_bytes is checked where uploads land (the writer): one store, one count for the whole cluster
+        r = upload(acme, "acme.more", _files(adapters["dirs"]["aff2"]))
+        assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded", r.text
+        want = tokens(complete(cluster, "acme.lora"))  # the admin's answer with acme's adapter
+        assert want != tokens(complete(cluster, None)), "the adapter must change the output"
+
+        got = _statuses_on_both(cluster, lambda: complete(acme, "acme.lora", affinity=False),
+                                "acme's key answered on both replicas")
+        for replica, answers in got.items():
+            for status, body in answers:
+                assert status == 200, (replica, body)
+                assert body["choices"][0]["token_ids"] == want
+        served = sum(len(a) for a in got.values())
+        base = _statuses_on_both(cluster, lambda: complete(acme, None, affinity=False), "acme's base requests")
+        assert {st for a in base.values() for st, _ in a} == {200}, base
+        served += sum(len(a) for a in base.values())
+        # another tenant's adapter is answered exactly as a name that does not exist, on both replicas
+        other = _statuses_on_both(cluster, lambda: complete(acme, "globex.lora", affinity=False),
+                                  "another tenant's adapter on both replicas")
+        missing = complete(cluster, "no-such.adapter").json()["error"]
+        for answers in other.values():
+            for status, body in answers:
+                assert status == 404 and body["error"]["code"] == missing["code"], body
+                assert body["error"]["message"] == missing["message"].replace("no-such.adapter", "globex.lora")
+        assert {m["id"] for m in acme.get("/v1/models").json()["data"]} == {"tiny", "acme.lora"}
+        assert {a["name"] for a in globex.get("/v1/adapters").json()["data"]} == {"globex.lora"}
+
+        # usage: the replicas count, the writer sums their pushed counters
+        def usage() -> dict[str, Any]:
+            rows = acme.get("/v1/usage").json()["data"]
+            assert [u["key_id"] for u in rows] == [acme_key["id"]]
+            return rows[0]
+
+        wait_for(lambda: usage()["requests"] >= served, "acme's usage to count the replicas' requests")
+        assert usage()["rejected"] == {"storage_bytes": 1}
+
+        # requests_per_minute is per replica: each replica admits one, then refuses
+        rpm = new_key("acme", requests_per_minute=1)
+        with httpx.Client(base_url=base_url, timeout=120, headers=_auth(rpm["key"])) as one:
+            per = _statuses_on_both(cluster, lambda: complete(one, None, affinity=False), "an rpm=1 key on both")
+        for replica, answers in per.items():
+            assert answers[0][0] == 200, (replica, answers)
+            assert any(st == 429 and b["error"]["code"] == "quota_exceeded" for st, b in answers[1:]), answers
+
+        # revoke: once the call has returned, neither replica admits the key
+        assert cluster.delete(f"/v1/keys/{acme_key['id']}").status_code == 200
+        gone = _statuses_on_both(cluster, lambda: complete(acme, "acme.lora", affinity=False),
+                                 "401 from both replicas after the revoke")
+        assert {st for a in gone.values() for st, _ in a} == {401}, gone
+        assert globex.get("/v1/models").status_code == 200  # the other tenant's key still works
