@@ -238,6 +238,7 @@ class Replica:
         async def load(model_id: str) -> _Token:
             return _Token(model_id)  # the version itself was made current by _ensure before the request
 
+        self._load = load  # Serve keeps its multiplexing state (the held model ids) on this function
         self._mux = serve.multiplexed(max_num_models_per_replica=max_models)(load)
         self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
 
@@ -345,8 +346,10 @@ class Replica:
 
     def info(self) -> dict[str, Any]:
         """This replica's id, pid and counters (tests, bench)."""
+        wrapper = getattr(self._load, "__serve_multiplex_wrapper", None)
         return {"replica": self.replica_id, "pid": os.getpid(), "fetched": self.fetched,
-                "slot_loads": self.state.engine.stats().slot_loads}
+                "slot_loads": self.state.engine.stats().slot_loads,
+                "models": sorted(getattr(wrapper, "models", None) or ())}  # the ids Serve routes here by
 
     def __del__(self) -> None:
         if getattr(self, "_pusher", None) is not None:

@@ -80,6 +80,15 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"base": base, "root": root, "dirs": dirs}
 
 
+PROBE_DEADLINES = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "5.0",
+                   "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "10.0"}
+
+
+@ray.remote(num_cpus=0)
+def _worker_env(names: list[str]) -> dict[str, str | None]:
+    return {n: os.environ.get(n) for n in names}
+
+
 @pytest.fixture(scope="module")
 def cluster(adapters: dict[str, Any]) -> Any:
     """A local Ray cluster (2 CPUs), Serve on a free port, the app with 2 replicas x 2 slots; torn down after."""
@@ -87,17 +96,25 @@ def cluster(adapters: dict[str, Any]) -> Any:
     settings = Settings(model=adapters["base"], adapters_dir=os.path.join(adapters["root"], "store"),
                         kv_cache_blocks=96, max_num_seqs=8, max_adapters=2, served_model_name="tiny",
                         admin_key=ADMIN)
-    # Serve's router probes a replica's queue before routing to it and, past this deadline (default 0.1 s),
-    # spills a multiplexed request to another replica; an overloaded 2-core CI box needs longer. Workers inherit
-    # the driver's environment.
-    saved = os.environ.get("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S")
-    os.environ["RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S"] = "1.0"
+    # Serve's router (ray/serve/_private/request_router) routes a multiplexed request to the replicas holding its
+    # model id only if one of them answers a queue-length probe within RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S
+    # (default 0.1 s, doubled per retry up to RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S, default 1 s); one
+    # missed probe and the next attempt goes to the replicas with the fewest models: a spill, which evicts one of
+    # that replica's adapters, whose next request spills in turn. A probe is sent whenever the router's cached
+    # queue length of the home replica is older than 10 s (e.g. after the wait for the metrics push), and a
+    # replica busy generating on an overloaded 2-core CI box can take over a second to answer it. Never "full"
+    # here: max_ongoing_requests is 64 and the test has 4 requests in flight. So give the probe a deadline only a
+    # hung replica misses (a dead one fails it at once). Workers inherit the driver's environment (checked below).
+    saved = {k: os.environ.get(k) for k in PROBE_DEADLINES}
+    os.environ.update(PROBE_DEADLINES)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
+        env = ray.get(_worker_env.remote(list(PROBE_DEADLINES)), timeout=120)
+        assert env == PROBE_DEADLINES, env
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # autoscaling bounds of 2..2: two replicas, and the settings must reach Serve's controller
         opts = RayOptions(min_replicas=2, max_replicas=2, target_ongoing_requests=32, replica_cpus=0.5,
-                          max_models_per_replica=2)
+                          max_models_per_replica=2, max_ongoing_requests=64)
         serve.run(build_app(settings, opts), name=APP, route_prefix="/")
         answered = Counter()
 
@@ -112,10 +129,11 @@ def cluster(adapters: dict[str, Any]) -> Any:
     finally:
         serve.shutdown()
         ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", None)
-        else:
-            os.environ["RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +273,9 @@ def test_affinity_and_merged_metrics(cluster: httpx.Client, adapters: dict[str, 
     answers = {n: tokens(complete(cluster, n)) for n in names}
     assert len({tuple(a) for a in answers.values()}) == 4, "four different adapters, four different answers"
     # Warm-up: Serve places an adapter no replica holds on the replica with the fewest (a tie: at random) and
-    # each replica keeps 2; warm-up ends when a whole round lands where the previous one did (placement settled).
+    # each replica keeps 2; warm-up ends when a whole round lands where the previous one did and Serve's own
+    # multiplexing state agrees: each replica holds exactly the model ids of the adapters it answered (no adapter
+    # still listed on a replica that evicted it, which would let the router send its next request there).
     last: dict[str, str] = {}
 
     def settled() -> bool:
@@ -263,7 +283,10 @@ def test_affinity_and_merged_metrics(cluster: httpx.Client, adapters: dict[str, 
         stable = now == last
         last.clear()
         last.update(now)
-        return stable
+        if not stable:
+            return False
+        held = {r: {m.split("@")[0] for m in info["models"]} for r, info in _replica_infos().items()}
+        return all(held.get(r) == {n for n in names if now[n] == r} for r in set(now.values()))
 
     wait_for(settled, "adapter placement to settle", timeout=120, poll=0)
     # both replicas report (the merged /metrics has a replica label for each) and count every completion
@@ -339,17 +362,22 @@ def test_upload_replace_delete_consistent(cluster: httpx.Client, reference: http
     assert complete(cluster, "ver").status_code == 404
 
 
-def _replica_pids() -> dict[str, int]:
+def _replica_infos() -> dict[str, dict[str, Any]]:
+    """Replica.info() of both replicas (handle calls, routed at random until both answered)."""
     h = serve.get_deployment_handle("Replica", APP)
-    pids: dict[str, int] = {}
+    infos: dict[str, dict[str, Any]] = {}
 
     def two() -> bool:
         info = h.info.remote().result(timeout_s=60)
-        pids[info["replica"]] = info["pid"]
-        return len(pids) >= 2
+        infos[info["replica"]] = info
+        return len(infos) >= 2
 
-    wait_for(two, "both replicas' pids", timeout=120, poll=0)
-    return pids
+    wait_for(two, "both replicas' info", timeout=120, poll=0)
+    return infos
+
+
+def _replica_pids() -> dict[str, int]:
+    return {r: info["pid"] for r, info in _replica_infos().items()}
 
 
 def test_kill_replica_under_load(cluster: httpx.Client) -> None:
