@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from server.client import _client, _fail, add_connection_args
+from server.client import _client, _fail, add_connection_args, list_or_json
 
 # flag → JSON field of an assistant's sampling defaults and description
 _FIELDS = (("temperature", float), ("top_p", float), ("max_tokens", int), ("description", str))
@@ -98,16 +98,16 @@ def _ls(ns: argparse.Namespace) -> int:
             if not page["has_more"]:
                 break
             params["after"] = page["last_id"]
-    if ns.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'NAME':<24} {'MODEL':<24} {'TEMP':>5} {'TOP_P':>5} {'MAX_TOK':>7} INSTRUCTIONS")
-    for a in rows:
-        instr = (a.get("instructions") or "").replace("\n", " ")
-        instr = instr if len(instr) <= 40 else instr[:39] + "…"
-        cells = [("-" if a.get(k) is None else str(a[k])) for k in ("temperature", "top_p", "max_tokens")]
-        print(f"{a['name']:<24} {a['model']:<24} {cells[0]:>5} {cells[1]:>5} {cells[2]:>7} {instr}")
-    return 0
+    return list_or_json(rows, ns.json,
+                        f"{'NAME':<24} {'MODEL':<24} {'TEMP':>5} {'TOP_P':>5} {'MAX_TOK':>7} INSTRUCTIONS",
+                        _assistant_line)
+
+
+def _assistant_line(a: dict[str, Any]) -> str:
+    instr = (a.get("instructions") or "").replace("\n", " ")
+    instr = instr if len(instr) <= 40 else instr[:39] + "…"
+    cells = [("-" if a.get(k) is None else str(a[k])) for k in ("temperature", "top_p", "max_tokens")]
+    return f"{a['name']:<24} {a['model']:<24} {cells[0]:>5} {cells[1]:>5} {cells[2]:>7} {instr}"
 
 
 def _show(ns: argparse.Namespace) -> int:

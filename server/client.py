@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -44,6 +45,24 @@ def _fail(resp: Any) -> int:
     return 1
 
 
+def list_or_json(rows: list[dict[str, Any]], as_json: bool, header: str,
+                 line: Callable[[dict[str, Any]], str]) -> int:
+    """The `ls` verbs' output: `rows` as indented JSON (--json), or a table (`header`, then `line(row)` each)."""
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(header)
+    for row in rows:
+        print(line(row))
+    return 0
+
+
+def _adapter_line(a: dict[str, Any]) -> str:
+    rank = a.get("rank") if a.get("rank") is not None else "-"
+    return (f"{a['name']:<24} {a['version']:>3} {a.get('peft_type') or a['type']:<14} "
+            f"{rank:>4} {a['residency']:<9} {a.get('size_bytes', '-')}")
+
+
 def _push(ns: argparse.Namespace) -> int:
     def have(f: str) -> bool:
         return os.path.isfile(os.path.join(ns.dir, f))
@@ -74,16 +93,8 @@ def _ls(ns: argparse.Namespace) -> int:
         r = c.get("/v1/adapters")
     if r.status_code != 200:
         return _fail(r)
-    rows = r.json()["data"]
-    if ns.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'NAME':<24} {'VER':>3} {'TYPE':<14} {'RANK':>4} {'RESIDENCY':<9} SIZE")
-    for a in rows:
-        rank = a.get("rank") if a.get("rank") is not None else "-"
-        print(f"{a['name']:<24} {a['version']:>3} {a.get('peft_type') or a['type']:<14} "
-              f"{rank:>4} {a['residency']:<9} {a.get('size_bytes', '-')}")
-    return 0
+    return list_or_json(r.json()["data"], ns.json,
+                        f"{'NAME':<24} {'VER':>3} {'TYPE':<14} {'RANK':>4} {'RESIDENCY':<9} SIZE", _adapter_line)
 
 
 def _show(ns: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from server.client import _client, _fail, add_connection_args
+from server.client import _client, _fail, add_connection_args, list_or_json
 
 _LIMIT_FLAGS = (("rpm", "requests_per_minute"), ("tpm", "tokens_per_minute"), ("concurrency", "concurrent_requests"),
                 ("storage_bytes", "storage_bytes"))
@@ -34,15 +34,13 @@ def _ls(ns: argparse.Namespace) -> int:
         r = c.get("/v1/keys")
     if r.status_code != 200:
         return _fail(r)
-    rows = r.json()["data"]
-    if ns.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'ID':<14} {'TENANT':<16} {'NAME':<16} {'SCOPES':<44} LIMITS")
-    for k in rows:
-        limits = " ".join(f"{n}={v}" for n, v in k["limits"].items() if v is not None) or "-"
-        print(f"{k['id']:<14} {k['tenant']:<16} {k['name'] or '-':<16} {','.join(k['scopes']):<44} {limits}")
-    return 0
+    return list_or_json(r.json()["data"], ns.json,
+                        f"{'ID':<14} {'TENANT':<16} {'NAME':<16} {'SCOPES':<44} LIMITS", _key_line)
+
+
+def _key_line(k: dict[str, Any]) -> str:
+    limits = " ".join(f"{n}={v}" for n, v in k["limits"].items() if v is not None) or "-"
+    return f"{k['id']:<14} {k['tenant']:<16} {k['name'] or '-':<16} {','.join(k['scopes']):<44} {limits}"
 
 
 def _rm(ns: argparse.Namespace) -> int:
