@@ -22,7 +22,7 @@ import triton.language as tl
 
 from kernels.capturable import FIXED_BLOCK_R, FixedLoRAMeta, _check, shrink_fixed_config
 from kernels.pages import resolve_pages
-from kernels.triton_common import load_tile_at
+from kernels.triton_common import load_tile_at, page_offsets
 from kernels.triton_expand import expand_config
 from kernels.triton_shrink import _split_k
 
@@ -82,8 +82,8 @@ def _fused_shrink_kernel(
     cols = (r_off + offs_r).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows[:, None] * stride_xm
-    page = tl.load(pages_ptr + slot * stride_ps + cols // page_rank, mask=mask_r, other=0).to(tl.int64)
-    a_rows = a_ptr + page[None, :] * stride_ap + (cols % page_rank)[None, :] * stride_ar  # [1, BR]
+    a_rows = a_ptr + page_offsets(pages_ptr, slot, stride_ps, cols, mask_r, page_rank, stride_ap,
+                                  stride_ar)[None, :]  # [1, BR]
     k_start = tl.program_id(1) * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     k_end = tl.where(r_len > 0, k_end, k_start)  # an empty tile loops zero times
@@ -156,8 +156,8 @@ def _fused_expand_kernel(
     for r in range(0, r_len, BLOCK_R):
         rr = r + offs_r
         mask_r = rr < r_len
-        page = tl.load(pages_ptr + slot * stride_ps + rr // page_rank, mask=mask_r, other=0).to(tl.int64)
-        b_at = b_cols + page[:, None] * stride_bp + (rr % page_rank)[:, None] * stride_br
+        b_at = b_cols + page_offsets(pages_ptr, slot, stride_ps, rr, mask_r, page_rank, stride_bp,
+                                     stride_br)[:, None]
         ht = tl.load(h_rows + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
         bt = tl.load(b_at, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         acc += tl.dot(ht, bt, input_precision=PRECISION)

@@ -58,6 +58,16 @@ def load_tile_at(tiles_ptr, tok_ptr, BLOCK_M: tl.constexpr, idx):
 
 
 @triton.jit
+def page_offsets(pages_ptr, slot, stride_ps, idx, mask, page_rank, stride_page, stride_row):
+    """Element offsets, in a paged pool (`kernels/pages.py`), of the slot's rank rows (A) or rank columns (B)
+    `idx` [BR]: rank index j lies at row/column j % page_rank of page pages[slot, j // page_rank]
+    (`stride_page` apart, `stride_row` per rank index). Masked-off indices read page 0. int64 [BR].
+    Shared by the shrink, expand and fused LoRA kernels."""
+    page = tl.load(pages_ptr + slot * stride_ps + idx // page_rank, mask=mask, other=0).to(tl.int64)
+    return page * stride_page + (idx % page_rank) * stride_row
+
+
+@triton.jit
 def load_tile(tiles_ptr, tok_ptr, BLOCK_M: tl.constexpr):
     """This program's tile: `load_tile_at` of row ``program_id(0)`` (shared by the LoRA and bottleneck kernels)."""
     return load_tile_at(tiles_ptr, tok_ptr, BLOCK_M, tl.program_id(0))

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from kernels.metadata import LoRAMeta
 from kernels.pages import resolve_pages
-from kernels.triton_common import DTYPES, block_m_for, check_meta, load_tile
+from kernels.triton_common import DTYPES, block_m_for, check_meta, load_tile, page_offsets
 
 
 @triton.jit
@@ -57,8 +57,8 @@ def _expand_kernel(
     for r in range(0, r_len, BLOCK_R):  # own rank only
         rr = r + offs_r
         mask_r = rr < r_len
-        page = tl.load(pages_ptr + slot * stride_ps + rr // page_rank, mask=mask_r, other=0).to(tl.int64)
-        b_at = b_cols + page[:, None] * stride_bp + (rr % page_rank)[:, None] * stride_br  # [BR, BN]
+        b_at = b_cols + page_offsets(pages_ptr, slot, stride_ps, rr, mask_r, page_rank, stride_bp,
+                                     stride_br)[:, None]  # [BR, BN]
         ht = tl.load(h_rows + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
         bt = tl.load(b_at, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         acc += tl.dot(ht, bt, input_precision=PRECISION)

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from kernels.metadata import LoRAMeta
 from kernels.pages import resolve_pages
-from kernels.triton_common import DTYPES, block_m_for, check_meta, load_tile, load_tile_at
+from kernels.triton_common import DTYPES, block_m_for, check_meta, load_tile, load_tile_at, page_offsets
 
 
 @triton.jit
@@ -60,8 +60,8 @@ def _shrink_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     x_rows = x_ptr + rows[:, None] * stride_xm  # [BM, 1]
-    page = tl.load(pages_ptr + slot * stride_ps + cols // page_rank, mask=mask_r, other=0).to(tl.int64)
-    a_rows = a_ptr + page[None, :] * stride_ap + (cols % page_rank)[None, :] * stride_ar  # [1, BR]
+    a_rows = a_ptr + page_offsets(pages_ptr, slot, stride_ps, cols, mask_r, page_rank, stride_ap,
+                                  stride_ar)[None, :]  # [1, BR]
     k_start = tl.program_id(1) * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     if FIXED:
