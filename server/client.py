@@ -45,6 +45,17 @@ def _fail(resp: Any) -> int:
     return 1
 
 
+def call(ns: argparse.Namespace, method: str, path: str, ok: int = 200, **kw: Any) -> Any:
+    """One request to the server (--url, --key, --timeout): the response when its status is `ok`; otherwise None,
+    with the server's error message printed to stderr."""
+    with _client(ns) as c:
+        r = c.request(method, path, **kw)
+    if r.status_code != ok:
+        _fail(r)
+        return None
+    return r
+
+
 def list_or_json(rows: list[dict[str, Any]], as_json: bool, header: str,
                  line: Callable[[dict[str, Any]], str]) -> int:
     """The `ls` verbs' output: `rows` as indented JSON (--json), or a table (`header`, then `line(row)` each)."""
@@ -89,28 +100,25 @@ def _push(ns: argparse.Namespace) -> int:
 
 
 def _ls(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
-        r = c.get("/v1/adapters")
-    if r.status_code != 200:
-        return _fail(r)
+    r = call(ns, "GET", "/v1/adapters")
+    if r is None:
+        return 1
     return list_or_json(r.json()["data"], ns.json,
                         f"{'NAME':<24} {'VER':>3} {'TYPE':<14} {'RANK':>4} {'RESIDENCY':<9} SIZE", _adapter_line)
 
 
 def _show(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
-        r = c.get(f"/v1/adapters/{ns.name}")
-    if r.status_code != 200:
-        return _fail(r)
+    r = call(ns, "GET", f"/v1/adapters/{ns.name}")
+    if r is None:
+        return 1
     print(json.dumps(r.json(), indent=2))
     return 0
 
 
 def _rm(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
-        r = c.delete(f"/v1/adapters/{ns.name}")
-    if r.status_code != 204:
-        return _fail(r)
+    r = call(ns, "DELETE", f"/v1/adapters/{ns.name}", ok=204)
+    if r is None:
+        return 1
     print(f"deleted {ns.name}")
     return 0
 

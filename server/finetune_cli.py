@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from server.client import _client, _fail, add_connection_args, list_or_json
+from server.client import _client, _fail, add_connection_args, call, list_or_json
 
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -65,10 +65,9 @@ def _create(ns: argparse.Namespace) -> int:
 
 
 def _ls(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
-        r = c.get("/v1/fine_tuning/jobs", params={"limit": ns.limit})
-    if r.status_code != 200:
-        return _fail(r)
+    r = call(ns, "GET", "/v1/fine_tuning/jobs", params={"limit": ns.limit})
+    if r is None:
+        return 1
     return list_or_json(r.json()["data"], ns.json, f"{'JOB':<30} {'STATUS':<16} {'CREATED':<20} MODEL", _job_line)
 
 
@@ -90,10 +89,9 @@ def _show(ns: argparse.Namespace) -> int:
 
 
 def _cancel(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
-        r = c.post(f"/v1/fine_tuning/jobs/{ns.job}/cancel")
-    if r.status_code != 200:
-        return _fail(r)
+    r = call(ns, "POST", f"/v1/fine_tuning/jobs/{ns.job}/cancel")
+    if r is None:
+        return 1
     print(f"{ns.job} {r.json()['status']} (a running job stops at its next micro-step)")
     return 0
 
