@@ -20,13 +20,14 @@ max_batch_tokens) bounds the steps those sequences need to finish (each step eit
 running sequence or spends the whole token budget) — barring KV preemption, which only frees slots.
 
 Load-aware admission (`group_loads`, on by default). When adapters outnumber the room for them, the order in
-which waiting requests are considered decides how many loads a queue costs. Each step considers, in order:
-(1) *aged* requests (below), in arrival order; (2) base requests and requests whose adapter is resident, in
-arrival order (they cost no load); (3) the rest grouped by adapter, the adapter with the most waiting
-requests first (ties: its oldest request first). The first request of a group that gets room loads the
-adapter (or stages it on the loader thread); the rest of the group is admitted with it (or, when the staged
-load lands, together as resident requests), so one load serves a batch; a later group is loaded only while
-room remains. Base requests never wait for a load: nothing in (1) or (3) holds them, only the sequence cap.
+which waiting requests are considered decides how many loads a queue costs. Each step considers, in order: (1)
+*aged* requests (below), in arrival order; (2) base requests and requests whose adapter is resident, in
+arrival order (they cost no load); (3) the rest grouped by adapter, the adapter with the most waiting requests
+first (ties: a parked adapter, then its oldest request first). The first request of a group that gets room
+loads the adapter (or stages it on the loader thread); the rest of the group is admitted with it (or, when the
+staged load lands, together as resident requests), so one load serves a batch; a later group is loaded only
+while room remains. Base requests never wait for a load: nothing in (1) or (3) holds them, only the sequence
+cap.
 
 The bound. A request is *held back* from the first step a younger request is admitted (or given a load)
 ahead of it, or it finds no room for its adapter (`overtaken_since`, `slot_blocked_since`). Once held back
@@ -367,12 +368,12 @@ class Scheduler:
         for q in self.waiting:
             if self._aged(q):
                 aged.append(q)
-            elif (q.adapter_key is None or self.slots.slot_of(q.adapter_key) is not None
-                  or self.slots.is_parked(q.adapter_key)):
+            elif q.adapter_key is None or self.slots.slot_of(q.adapter_key) is not None:
                 ready.append(q)
-            else:
+            else:  # parked adapters too: a parked group of one must not take a slot before a bigger group
                 cold.setdefault(q.adapter_key, []).append(q)
-        groups = sorted(cold.values(), key=len, reverse=True)  # stable: ties keep their oldest-first order
+        # the biggest group first; among equals a parked one (no weights left to write), then the oldest
+        groups = sorted(cold.values(), key=lambda g: (-len(g), not self.slots.is_parked(g[0].adapter_key)))
         return aged + ready + [q for g in groups for q in g]
 
     # ---- prefetch: load the next adapters ahead of need ------------------------------------------
