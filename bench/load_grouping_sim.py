@@ -1,7 +1,8 @@
 """Adapter loads under affinity vs default routing, without Ray: the engine's real Scheduler/SlotManager on a
 fake runner (one token per chunk that wants logits), 2 replicas, C closed-loop clients (issue 14).
 
-    .venv/bin/python -m bench.load_grouping_sim [--clients 4,16,32,64,128] [--tokens 16] [--requests 2000]
+    .venv/bin/python -m bench.load_grouping_sim [--clients 4,16,32,64,128] [--tokens 16] [--requests 2000] \
+        [--staged [--no-park]]
 
 Why: on this 2-core machine the Ray bench's HTTP path, not the engine, bounds how deep replica queues get, so
 it cannot show what admission does as queues deepen. Here the engine step is the only clock. Routing:
@@ -30,10 +31,15 @@ from server.engine.slots import SlotManager  # noqa: E402
 
 
 def simulate(seq: list[int], clients: int, tokens: int, affinity: bool, group: bool, slots: int = 4,
-             max_num_seqs: int = 8, replicas: int = 2, seed: int = 0) -> dict[str, Any]:
+             max_num_seqs: int = 8, replicas: int = 2, seed: int = 0, staged: bool = False,
+             park: bool = True) -> dict[str, Any]:
+    """`staged`: paged adapters (1 page each, a pool of 8 pages per slot as the tiny model's default) load on
+    a loader thread and land one step later, parked ones too (`park`), as in the real engine."""
     rng = random.Random(seed)
     scheds = [Scheduler(BlockAllocator(4096, 16), max_num_seqs=max_num_seqs, max_batch_tokens=2048,
-                        slots=SlotManager(slots, num_pages=None), group_loads=group) for _ in range(replicas)]
+                        slots=SlotManager(slots, num_pages=8 * slots if staged else None), group_loads=group,
+                        stage_loads=staged, park=park) for _ in range(replicas)]
+    landing: list[list[Any]] = [[] for _ in range(replicas)]
     home: dict[int, int] = {}
     homes = [0] * replicas
     inflight = [0] * replicas
@@ -56,7 +62,8 @@ def simulate(seq: list[int], clients: int, tokens: int, affinity: bool, group: b
         else:
             x, y = rng.sample(range(replicas), 2)
             r = x if inflight[x] <= inflight[y] else y
-        q = Sequence(request_id=str(i), prompt_ids=[1, 2, 3, 4], params=SamplingParams(max_tokens=tokens))
+        q = Sequence(request_id=str(i), prompt_ids=[1, 2, 3, 4], params=SamplingParams(max_tokens=tokens),
+                     adapter_pages=1 if staged else 0)
         q.adapter_key = a
         scheds[r].add(q)
         inflight[r] += 1
@@ -69,7 +76,13 @@ def simulate(seq: list[int], clients: int, tokens: int, affinity: bool, group: b
     while done < len(seq):
         steps += 1
         for r, sched in enumerate(scheds):
+            for kind, x in landing[r]:  # loader-thread loads land between steps
+                if kind == "slot":
+                    sched.slots.loaded(x)
+                else:
+                    sched.slots.parked_landed(x)
             out = sched.schedule()
+            landing[r] = [("slot", slot) for slot, _ in out.stages] + [("park", q.adapter_key) for q in out.parks]
             for c in out.chunks:
                 c.seq.num_computed += c.num_tokens
             for c in out.chunks:
@@ -94,6 +107,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=16)
     ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--staged", action="store_true", help="paged adapters on a loader thread (+ parking)")
+    ap.add_argument("--no-park", action="store_true", help="--staged without parking")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     rng = random.Random(0)
@@ -104,8 +119,9 @@ def main() -> None:
     for w, seq in seqs.items():
         for c in (int(x) for x in a.clients.split(",")):
             for group in (False, True):
-                aff = simulate(seq, c, a.tokens, True, group)
-                dflt = simulate(seq, c, a.tokens, False, group)
+                kw = {"staged": a.staged, "park": not a.no_park}
+                aff = simulate(seq, c, a.tokens, True, group, **kw)
+                dflt = simulate(seq, c, a.tokens, False, group, **kw)
                 row = {"workload": w, "clients": c, "grouping": group, "affinity": aff, "default": dflt,
                        "ratio": aff["loads"] / dflt["loads"] if dflt["loads"] else None}
                 rows.append(row)
