@@ -4,7 +4,8 @@ Same results as the twins in `kernels/reference.py` (the kernel tests check it a
 it fast on a CPU, where a decode step's LoRA cost is mostly per-op overhead:
 - each segment is two ops (a linear for the shrink, one addmm for expand + scale + accumulate);
 - adjacent segments of equal length and rank run as one bmm pair over stacked weights, cached in a
-  `StackCache` per module (a decode batch keeps the same adapters step after step);
+  `StackCache` (a decode batch keeps the same adapters step after step; a run is stacked on the second step
+  that asks for it, and new stacks evict the least recently used of earlier steps across all modules);
 - the tiny per-segment matmuls run on one OpenMP thread (waking a team costs more than the work).
 Layout contract: A is a pool [P, PR, K] and B a pool viewed [P, N, PR], read through a page table
 (`kernels/pages.py`). B is stored [P, PR, N] (`server/families/lora.py` does so), so a slot's Bᵀ rows on
@@ -80,15 +81,13 @@ def _slot_weights(af: torch.Tensor, bt: torch.Tensor, src: slice | torch.Tensor,
     if cache is None:
         return af[src], bt[src]
     store, module = cache
-    key = (module, slot, r)
-    hit = store.gathered.get(key)
+    key = ("slot", slot, r)
+    hit = store.lookup(module, key)
     if hit is not None:
-        return hit
+        return hit[0], hit[1]
     got = (af[src], bt[src])
     nbytes = r * (af.shape[1] + bt.shape[1]) * af.element_size()
-    if store.fits(nbytes):  # within the cache's byte budget; else gathered again next step
-        store.gathered[key] = got
-        store.used += nbytes
+    store.store(module, key, got, nbytes)  # within the byte budget (evicting earlier steps'); else gathered again
     return got
 
 
@@ -115,8 +114,6 @@ class StackCache:
         # runs asked for once and not stacked yet: a run is stacked on its second step (a batch that keeps
         # its composition), never for a one-off (a composition that changes every step would copy every step)
         self.seen: OrderedDict[tuple[Any, Any], None] = OrderedDict()
-        # single slots on scattered pages: (module, slot, rank) -> (A rows, Bᵀ rows) gathered once
-        self.gathered: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def begin(self, step: Any) -> None:
         """Mark the start of a step (`step`: any object that lives for one step, e.g. its LoRAMeta)."""
@@ -147,7 +144,7 @@ class StackCache:
 
     def make_room(self, nbytes: int) -> bool:
         """Evict runs of earlier steps (least recently used first) until `nbytes` more fit; False (nothing
-        evicted) when they cannot: the budget is held by this step's runs and gathered slots."""
+        evicted) when they cannot: the budget is held by what this step uses."""
         if self.used + nbytes <= self.max_bytes:
             return True
         stale = sum(n for _, n, ep in self._d.values() if ep != self.epoch)
@@ -179,11 +176,16 @@ class StackCache:
     def clear(self) -> None:
         self._d.clear()
         self.seen.clear()
-        self.gathered.clear()
         self.used = 0
 
+    @property
+    def gathered(self) -> dict[Any, tuple[torch.Tensor, ...]]:
+        """Single slots on scattered pages gathered once, kept with the runs: (module, slot, rank) -> (A, Bᵀ)."""
+        return {(m, k[1], k[2]): e[0] for (m, k), e in self._d.items() if isinstance(k, tuple) and k[:1] == ("slot",)}
+
     def __len__(self) -> int:
-        return len(self._d)
+        """Stacked runs kept (gathered single slots not counted)."""
+        return sum(1 for _, k in self._d if not (isinstance(k, tuple) and k[:1] == ("slot",)))
 
 
 def _apply_stacked(
@@ -194,8 +196,9 @@ def _apply_stacked(
     spread evenly over adapters) as bmm + baddbmm over the run's weights stacked [D, r, K] / [D, r, N].
 
     Stacking copies weights, so the stacks are cached per module by (slots, rank): a decode batch keeps
-    the same adapters step after step. No work on padding: a run only holds segments of one rank. Returns
-    the segments done here.
+    the same adapters step after step. A run is stacked on the second step that asks for it (a one-off
+    composition runs per segment, copying nothing) with one index_select per pool. No work on padding: a
+    run only holds segments of one rank. Returns the segments done here.
     """
     store, module = cache
     store.begin(meta)
