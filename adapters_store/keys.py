@@ -158,6 +158,35 @@ class KeyStore:
             self._db.execute("DELETE FROM api_keys WHERE id = ?", (kid,))
         return found[0] if found is not None else None
 
+    # ---- replication (Ray Serve replicas mirror the writer's rows: server/tenants/mirror.py) ------------
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """Every key's stored row (salt and scrypt hash, never a secret), to copy to another process's store."""
+        with self._lock:
+            got = self._db.execute("SELECT id, tenant, name, salt, hash, body, created_at FROM api_keys").fetchall()
+        return {kid: {"tenant": t, "name": n, "salt": salt, "hash": h, "body": body, "created_at": c}
+                for kid, t, n, salt, h, body, c in got}
+
+    def mirror(self, kid: str, row: dict[str, Any] | None) -> None:
+        """Make key `kid` the given row (from `rows()` of the writer's store); None: the key no longer exists."""
+        if row is None:
+            if self._row(kid) is not None:
+                self.delete(kid)
+            return
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO api_keys (id, tenant, name, salt, hash, body, created_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)", (kid, row["tenant"], row["name"], row["salt"],
+                                                              row["hash"], row["body"], row["created_at"]))
+
+    def ids(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT id FROM api_keys").fetchall()}
+
+    def owner_rows(self) -> dict[tuple[str, str], tuple[str, str]]:
+        """(kind, name) -> (tenant, key_id) of every owners row."""
+        with self._lock:
+            got = self._db.execute("SELECT kind, name, tenant, key_id FROM owners").fetchall()
+        return {(k, n): (t, kid) for k, n, t, kid in got}
+
     def __len__(self) -> int:
         with self._lock:
             (n,) = self._db.execute("SELECT COUNT(*) FROM api_keys").fetchone()

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from kernels.capturable import FIXED_BLOCK_R, FixedLoRAMeta, _check, shrink_fixed_config
 from kernels.pages import resolve_pages
-from kernels.triton_common import load_tile_at
+from kernels.triton_common import expand_add, load_tile_at, page_offsets, shrink_acc
 from kernels.triton_expand import expand_config
 from kernels.triton_shrink import _split_k
 
@@ -80,20 +80,13 @@ def _fused_shrink_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < r_len
     cols = (r_off + offs_r).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows[:, None] * stride_xm
-    page = tl.load(pages_ptr + slot * stride_ps + cols // page_rank, mask=mask_r, other=0).to(tl.int64)
-    a_rows = a_ptr + page[None, :] * stride_ap + (cols % page_rank)[None, :] * stride_ar  # [1, BR]
+    a_rows = a_ptr + page_offsets(pages_ptr, slot, stride_ps, cols, mask_r, page_rank, stride_ap,
+                                  stride_ar)[None, :]  # [1, BR]
     k_start = tl.program_id(1) * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     k_end = tl.where(r_len > 0, k_end, k_start)  # an empty tile loops zero times
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(k_start, k_end, BLOCK_K):
-        kk = k + offs_k
-        mask_k = kk < k_end
-        xt = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        at = tl.load(a_rows + kk[:, None], mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(xt, at, input_precision=PRECISION)
+    acc = shrink_acc(x_rows, a_rows, mask_m, mask_r, k_start, k_end, BLOCK_M, BLOCK_R, BLOCK_K, PRECISION)
     o = h_ptr + rows[:, None] * stride_hm + (m * r_max + cols)[None, :]
     mask_o = mask_m[:, None] & mask_r[None, :]
     if ATOMIC:
@@ -149,23 +142,10 @@ def _fused_expand_kernel(
 
     offs_n = nblock * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    offs_r = tl.arange(0, BLOCK_R)
     h_rows = h_ptr + rows[:, None] * stride_hm + m * r_max
     b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in range(0, r_len, BLOCK_R):
-        rr = r + offs_r
-        mask_r = rr < r_len
-        page = tl.load(pages_ptr + slot * stride_ps + rr // page_rank, mask=mask_r, other=0).to(tl.int64)
-        b_at = b_cols + page[:, None] * stride_bp + (rr % page_rank)[:, None] * stride_br
-        ht = tl.load(h_rows + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-        bt = tl.load(b_at, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(ht, bt, input_precision=PRECISION)
-    scale = tl.load(scales_ptr + slot)
-    yp = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
-    mask_y = mask_m[:, None] & mask_n[None, :]
-    yv = tl.load(yp, mask=mask_y, other=0.0).to(tl.float32)
-    tl.store(yp, (yv + scale * acc).to(y_ptr.dtype.element_ty), mask=mask_y)
+    expand_add(y_ptr, stride_ym, rows, offs_n, mask_m, mask_n, h_rows, b_cols, pages_ptr, slot, stride_ps, page_rank,
+               stride_bp, stride_br, r_len, tl.load(scales_ptr + slot), BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
 
 
 # (a pool, b pool, device ranks, scales, page table or None)

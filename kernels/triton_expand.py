@@ -15,7 +15,7 @@ import triton.language as tl
 
 from kernels.metadata import LoRAMeta
 from kernels.pages import resolve_pages
-from kernels.triton_common import DTYPES, block_m_for, check_meta, load_tile
+from kernels.triton_common import DTYPES, block_m_for, check_meta, expand_add, load_tile
 
 
 @triton.jit
@@ -49,25 +49,10 @@ def _expand_kernel(
         mask_m = mask_m & ((tl.zeros([BLOCK_M], dtype=tl.int32) + r_len) > 0)  # rank 0: y is not rewritten
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    offs_r = tl.arange(0, BLOCK_R)
-
     h_rows = h_ptr + rows[:, None] * stride_hm  # [BM, 1]
     b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn  # [1, BN]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in range(0, r_len, BLOCK_R):  # own rank only
-        rr = r + offs_r
-        mask_r = rr < r_len
-        page = tl.load(pages_ptr + slot * stride_ps + rr // page_rank, mask=mask_r, other=0).to(tl.int64)
-        b_at = b_cols + page[:, None] * stride_bp + (rr % page_rank)[:, None] * stride_br  # [BR, BN]
-        ht = tl.load(h_rows + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-        bt = tl.load(b_at, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(ht, bt, input_precision=PRECISION)
-
-    scale = tl.load(scales_ptr + slot)
-    yp = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
-    mask_y = mask_m[:, None] & mask_n[None, :]
-    yv = tl.load(yp, mask=mask_y, other=0.0).to(tl.float32)
-    tl.store(yp, (yv + scale * acc).to(y_ptr.dtype.element_ty), mask=mask_y)
+    expand_add(y_ptr, stride_ym, rows, offs_n, mask_m, mask_n, h_rows, b_cols, pages_ptr, slot, stride_ps, page_rank,
+               stride_bp, stride_br, r_len, tl.load(scales_ptr + slot), BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
 
 
 def expand_config(max_seg_len: int, n: int) -> tuple[int, int, int, int]:

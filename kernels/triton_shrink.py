@@ -18,7 +18,7 @@ import triton.language as tl
 
 from kernels.metadata import LoRAMeta
 from kernels.pages import resolve_pages
-from kernels.triton_common import DTYPES, block_m_for, check_meta, load_tile, load_tile_at
+from kernels.triton_common import DTYPES, block_m_for, check_meta, load_tile, load_tile_at, page_offsets, shrink_acc
 
 
 @triton.jit
@@ -57,23 +57,15 @@ def _shrink_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < r_len
     cols = (r_off + offs_r).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
 
     x_rows = x_ptr + rows[:, None] * stride_xm  # [BM, 1]
-    page = tl.load(pages_ptr + slot * stride_ps + cols // page_rank, mask=mask_r, other=0).to(tl.int64)
-    a_rows = a_ptr + page[None, :] * stride_ap + (cols % page_rank)[None, :] * stride_ar  # [1, BR]
+    a_rows = a_ptr + page_offsets(pages_ptr, slot, stride_ps, cols, mask_r, page_rank, stride_ap,
+                                  stride_ar)[None, :]  # [1, BR]
     k_start = tl.program_id(1) * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     if FIXED:
         k_end = tl.where(r_len > 0, k_end, k_start)  # an empty tile loops zero times
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(k_start, k_end, BLOCK_K):
-        kk = k + offs_k
-        mask_k = kk < k_end
-        # Upcast on load: fp32 accumulation, and the CPU interpreter mis-reads bf16 otherwise.
-        xt = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        at = tl.load(a_rows + kk[:, None], mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(xt, at, input_precision=PRECISION)
+    acc = shrink_acc(x_rows, a_rows, mask_m, mask_r, k_start, k_end, BLOCK_M, BLOCK_R, BLOCK_K, PRECISION)
 
     o = out_ptr + rows[:, None] * stride_om + cols[None, :]
     mask_o = mask_m[:, None] & mask_r[None, :]

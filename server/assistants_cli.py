@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from server.client import _client, _fail, add_connection_args
+from server.client import _client, _fail, add_connection_args, call, list_or_json
 
 # flag → JSON field of an assistant's sampling defaults and description
 _FIELDS = (("temperature", float), ("top_p", float), ("max_tokens", int), ("description", str))
@@ -59,10 +59,9 @@ def _create(ns: argparse.Namespace) -> int:
     body = _body(ns)
     if body is None:
         return 2
-    with _client(ns) as c:
-        r = c.post("/v1/assistants", json={"name": ns.name, **body})
-    if r.status_code != 200:
-        return _fail(r)
+    r = call(ns, "POST", "/v1/assistants", json={"name": ns.name, **body})
+    if r is None:
+        return 1
     print(_summary(r.json()))
     return 0
 
@@ -77,10 +76,9 @@ def _update(ns: argparse.Namespace) -> int:
         print("peftserve: error: nothing to change: give at least one of --model, --rename, --instructions, "
               "--temperature, --top-p, --max-tokens, --stop, --metadata, --description, --clear", file=sys.stderr)
         return 2
-    with _client(ns) as c:
-        r = c.post(f"/v1/assistants/{ns.name}", json=body)
-    if r.status_code != 200:
-        return _fail(r)
+    r = call(ns, "POST", f"/v1/assistants/{ns.name}", json=body)
+    if r is None:
+        return 1
     print(_summary(r.json()))
     return 0
 
@@ -98,32 +96,30 @@ def _ls(ns: argparse.Namespace) -> int:
             if not page["has_more"]:
                 break
             params["after"] = page["last_id"]
-    if ns.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'NAME':<24} {'MODEL':<24} {'TEMP':>5} {'TOP_P':>5} {'MAX_TOK':>7} INSTRUCTIONS")
-    for a in rows:
-        instr = (a.get("instructions") or "").replace("\n", " ")
-        instr = instr if len(instr) <= 40 else instr[:39] + "…"
-        cells = [("-" if a.get(k) is None else str(a[k])) for k in ("temperature", "top_p", "max_tokens")]
-        print(f"{a['name']:<24} {a['model']:<24} {cells[0]:>5} {cells[1]:>5} {cells[2]:>7} {instr}")
-    return 0
+    return list_or_json(rows, ns.json,
+                        f"{'NAME':<24} {'MODEL':<24} {'TEMP':>5} {'TOP_P':>5} {'MAX_TOK':>7} INSTRUCTIONS",
+                        _assistant_line)
+
+
+def _assistant_line(a: dict[str, Any]) -> str:
+    instr = (a.get("instructions") or "").replace("\n", " ")
+    instr = instr if len(instr) <= 40 else instr[:39] + "…"
+    cells = [("-" if a.get(k) is None else str(a[k])) for k in ("temperature", "top_p", "max_tokens")]
+    return f"{a['name']:<24} {a['model']:<24} {cells[0]:>5} {cells[1]:>5} {cells[2]:>7} {instr}"
 
 
 def _show(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
-        r = c.get(f"/v1/assistants/{ns.name}")
-    if r.status_code != 200:
-        return _fail(r)
+    r = call(ns, "GET", f"/v1/assistants/{ns.name}")
+    if r is None:
+        return 1
     print(json.dumps(r.json(), indent=2))
     return 0
 
 
 def _rm(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
-        r = c.delete(f"/v1/assistants/{ns.name}")
-    if r.status_code != 200:
-        return _fail(r)
+    r = call(ns, "DELETE", f"/v1/assistants/{ns.name}")
+    if r is None:
+        return 1
     print(f"deleted {r.json().get('name', ns.name)}")
     return 0
 

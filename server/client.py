@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -44,6 +45,35 @@ def _fail(resp: Any) -> int:
     return 1
 
 
+def call(ns: argparse.Namespace, method: str, path: str, ok: int = 200, **kw: Any) -> Any:
+    """One request to the server (--url, --key, --timeout): the response when its status is `ok`; otherwise None,
+    with the server's error message printed to stderr."""
+    with _client(ns) as c:
+        r = c.request(method, path, **kw)
+    if r.status_code != ok:
+        _fail(r)
+        return None
+    return r
+
+
+def list_or_json(rows: list[dict[str, Any]], as_json: bool, header: str,
+                 line: Callable[[dict[str, Any]], str]) -> int:
+    """The `ls` verbs' output: `rows` as indented JSON (--json), or a table (`header`, then `line(row)` each)."""
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(header)
+    for row in rows:
+        print(line(row))
+    return 0
+
+
+def _adapter_line(a: dict[str, Any]) -> str:
+    rank = a.get("rank") if a.get("rank") is not None else "-"
+    return (f"{a['name']:<24} {a['version']:>3} {a.get('peft_type') or a['type']:<14} "
+            f"{rank:>4} {a['residency']:<9} {a.get('size_bytes', '-')}")
+
+
 def _push(ns: argparse.Namespace) -> int:
     def have(f: str) -> bool:
         return os.path.isfile(os.path.join(ns.dir, f))
@@ -70,36 +100,25 @@ def _push(ns: argparse.Namespace) -> int:
 
 
 def _ls(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
-        r = c.get("/v1/adapters")
-    if r.status_code != 200:
-        return _fail(r)
-    rows = r.json()["data"]
-    if ns.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'NAME':<24} {'VER':>3} {'TYPE':<14} {'RANK':>4} {'RESIDENCY':<9} SIZE")
-    for a in rows:
-        rank = a.get("rank") if a.get("rank") is not None else "-"
-        print(f"{a['name']:<24} {a['version']:>3} {a.get('peft_type') or a['type']:<14} "
-              f"{rank:>4} {a['residency']:<9} {a.get('size_bytes', '-')}")
-    return 0
+    r = call(ns, "GET", "/v1/adapters")
+    if r is None:
+        return 1
+    return list_or_json(r.json()["data"], ns.json,
+                        f"{'NAME':<24} {'VER':>3} {'TYPE':<14} {'RANK':>4} {'RESIDENCY':<9} SIZE", _adapter_line)
 
 
 def _show(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
-        r = c.get(f"/v1/adapters/{ns.name}")
-    if r.status_code != 200:
-        return _fail(r)
+    r = call(ns, "GET", f"/v1/adapters/{ns.name}")
+    if r is None:
+        return 1
     print(json.dumps(r.json(), indent=2))
     return 0
 
 
 def _rm(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
-        r = c.delete(f"/v1/adapters/{ns.name}")
-    if r.status_code != 204:
-        return _fail(r)
+    r = call(ns, "DELETE", f"/v1/adapters/{ns.name}", ok=204)
+    if r is None:
+        return 1
     print(f"deleted {ns.name}")
     return 0
 

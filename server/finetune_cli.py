@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from server.client import _client, _fail, add_connection_args
+from server.client import _client, _fail, add_connection_args, call, list_or_json
 
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -65,19 +65,15 @@ def _create(ns: argparse.Namespace) -> int:
 
 
 def _ls(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
-        r = c.get("/v1/fine_tuning/jobs", params={"limit": ns.limit})
-    if r.status_code != 200:
-        return _fail(r)
-    rows = r.json()["data"]
-    if ns.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'JOB':<30} {'STATUS':<16} {'CREATED':<20} MODEL")
-    for j in rows:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["created_at"]))
-        print(f"{j['id']:<30} {j['status']:<16} {created:<20} {j.get('fine_tuned_model') or '-'}")
-    return 0
+    r = call(ns, "GET", "/v1/fine_tuning/jobs", params={"limit": ns.limit})
+    if r is None:
+        return 1
+    return list_or_json(r.json()["data"], ns.json, f"{'JOB':<30} {'STATUS':<16} {'CREATED':<20} MODEL", _job_line)
+
+
+def _job_line(j: dict[str, Any]) -> str:
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["created_at"]))
+    return f"{j['id']:<30} {j['status']:<16} {created:<20} {j.get('fine_tuned_model') or '-'}"
 
 
 def _show(ns: argparse.Namespace) -> int:
@@ -93,10 +89,9 @@ def _show(ns: argparse.Namespace) -> int:
 
 
 def _cancel(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
-        r = c.post(f"/v1/fine_tuning/jobs/{ns.job}/cancel")
-    if r.status_code != 200:
-        return _fail(r)
+    r = call(ns, "POST", f"/v1/fine_tuning/jobs/{ns.job}/cancel")
+    if r is None:
+        return 1
     print(f"{ns.job} {r.json()['status']} (a running job stops at its next micro-step)")
     return 0
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from server.client import _client, _fail, add_connection_args
+from server.client import add_connection_args, call, list_or_json
 
 _LIMIT_FLAGS = (("rpm", "requests_per_minute"), ("tpm", "tokens_per_minute"), ("concurrency", "concurrent_requests"),
                 ("storage_bytes", "storage_bytes"))
@@ -17,10 +17,9 @@ def _create(ns: argparse.Namespace) -> int:
                             "adapters": ns.adapters or [], "allow_base": not ns.no_base,
                             "limits": {field: getattr(ns, flag) for flag, field in _LIMIT_FLAGS
                                        if getattr(ns, flag) is not None}}
-    with _client(ns) as c:
-        r = c.post("/v1/keys", json=body)
-    if r.status_code != 201:
-        return _fail(r)
+    r = call(ns, "POST", "/v1/keys", json=body, ok=201)
+    if r is None:
+        return 1
     k = r.json()
     if ns.json:
         print(json.dumps(k, indent=2))
@@ -30,35 +29,30 @@ def _create(ns: argparse.Namespace) -> int:
 
 
 def _ls(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
-        r = c.get("/v1/keys")
-    if r.status_code != 200:
-        return _fail(r)
-    rows = r.json()["data"]
-    if ns.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'ID':<14} {'TENANT':<16} {'NAME':<16} {'SCOPES':<44} LIMITS")
-    for k in rows:
-        limits = " ".join(f"{n}={v}" for n, v in k["limits"].items() if v is not None) or "-"
-        print(f"{k['id']:<14} {k['tenant']:<16} {k['name'] or '-':<16} {','.join(k['scopes']):<44} {limits}")
-    return 0
+    r = call(ns, "GET", "/v1/keys")
+    if r is None:
+        return 1
+    return list_or_json(r.json()["data"], ns.json,
+                        f"{'ID':<14} {'TENANT':<16} {'NAME':<16} {'SCOPES':<44} LIMITS", _key_line)
+
+
+def _key_line(k: dict[str, Any]) -> str:
+    limits = " ".join(f"{n}={v}" for n, v in k["limits"].items() if v is not None) or "-"
+    return f"{k['id']:<14} {k['tenant']:<16} {k['name'] or '-':<16} {','.join(k['scopes']):<44} {limits}"
 
 
 def _rm(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
-        r = c.delete(f"/v1/keys/{ns.id}")
-    if r.status_code != 200:
-        return _fail(r)
+    r = call(ns, "DELETE", f"/v1/keys/{ns.id}")
+    if r is None:
+        return 1
     print(f"revoked {ns.id}")
     return 0
 
 
 def _usage(ns: argparse.Namespace) -> int:
-    with _client(ns) as c:
-        r = c.get("/v1/usage")
-    if r.status_code != 200:
-        return _fail(r)
+    r = call(ns, "GET", "/v1/usage")
+    if r is None:
+        return 1
     print(json.dumps(r.json()["data"], indent=2))
     return 0
 

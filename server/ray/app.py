@@ -35,6 +35,7 @@ from ray.serve.handle import DeploymentHandle
 
 from server.ray.asgi import stream_asgi
 from server.ray.metrics import merge_metrics
+from server.tenants import mirror
 
 log = logging.getLogger("peftserve.ray")
 
@@ -43,7 +44,7 @@ NO_AFFINITY_HEADER = "x-peftserve-no-affinity"  # "1": route this request as Ray
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 # served by the writer: the catalogue and everything that writes the store
 WRITER_PREFIXES = ("/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/models",
-                   "/v1/assistants", "/v1/files", "/v1/fine_tuning")
+                   "/v1/assistants", "/v1/files", "/v1/fine_tuning", "/v1/keys", "/v1/usage")
 METRICS_PUSH_S = 1.0
 
 
@@ -177,6 +178,10 @@ class StoreWriter:
             return {}
         return {a.name: asdict(a) for a in self.state.assistants.store.list()}
 
+    def tenancy(self) -> dict[str, Any]:
+        """The tenant key and owners rows (the ingress carries what a request needs to its replica)."""
+        return mirror.snapshot(self.state.tenants)
+
     def fetch(self, name: str, version: int) -> dict[str, Any]:
         """The files of (name, version), its sha256 and record; travels through Ray's object store."""
         from adapters_store.loader import KNOWN_FILES
@@ -193,8 +198,16 @@ class StoreWriter:
                 item["headers"].append((REPLICA_HEADER, "writer"))
             yield item
 
-    def report_metrics(self, replica: str, text: str) -> None:
+    def report_metrics(self, replica: str, text: str, usage: dict[str, Any] | None = None) -> list[str] | None:
+        """A replica's metrics and tenant usage counters; answers the ids of the keys that exist (the replica
+        forgets any other it mirrored: a stream on a revoked key is cut there too)."""
         self.reports[replica] = (time.monotonic(), text)
+        tenants = self.state.tenants
+        if tenants is None:
+            return None
+        if usage:
+            tenants.merge_usage(replica, usage)
+        return sorted(tenants.keys.ids())
 
     def metrics(self, max_age_s: float = 30.0) -> dict[str, str]:
         """The latest report of every replica heard from in the last `max_age_s` seconds."""
@@ -225,6 +238,7 @@ class Replica:
         async def load(model_id: str) -> _Token:
             return _Token(model_id)  # the version itself was made current by _ensure before the request
 
+        self._load = load  # Serve keeps its multiplexing state (the held model ids) on this function
         self._mux = serve.multiplexed(max_num_models_per_replica=max_models)(load)
         self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
 
@@ -232,7 +246,11 @@ class Replica:
         while True:
             try:
                 text = self.state.metrics.render().decode()
-                await self.writer.report_metrics.remote(self.replica_id, text)
+                tenants = self.state.tenants
+                usage = tenants.usage_rows() if tenants is not None else None
+                live = await self.writer.report_metrics.remote(self.replica_id, text, usage)
+                if live is not None:
+                    mirror.prune(tenants, live)
             except Exception:  # noqa: BLE001 - the writer restarting must not stop the replica
                 log.debug("metrics push failed", exc_info=True)
             await asyncio.sleep(METRICS_PUSH_S)
@@ -303,6 +321,7 @@ class Replica:
     async def http(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any] | bytes]:
         want: dict[str, Any] = req.get("want") or {}
         try:
+            mirror.apply(self.state.tenants, req.get("tenancy"))  # the request's key and owners, as the writer has them
             for name, row in (req.get("assistants") or {}).items():
                 self._mirror_assistant(name, row)
             for name, w in want.items():
@@ -327,8 +346,10 @@ class Replica:
 
     def info(self) -> dict[str, Any]:
         """This replica's id, pid and counters (tests, bench)."""
+        wrapper = getattr(self._load, "__serve_multiplex_wrapper", None)
         return {"replica": self.replica_id, "pid": os.getpid(), "fetched": self.fetched,
-                "slot_loads": self.state.engine.stats().slot_loads}
+                "slot_loads": self.state.engine.stats().slot_loads,
+                "models": sorted(getattr(wrapper, "models", None) or ())}  # the ids Serve routes here by
 
     def __del__(self) -> None:
         if getattr(self, "_pusher", None) is not None:
@@ -368,12 +389,13 @@ class Ingress:
         self.base_name = await writer.base_name.remote()
         self.catalog: dict[str, Any] = {}
         self.assistants: dict[str, Any] = {}  # name -> the writer's row
+        self.tenancy: dict[str, Any] = mirror.snapshot(None)  # the writer's tenant keys and owners rows
         await self._refresh()
         self.retried = 0
 
     async def _refresh(self) -> None:
-        self.catalog, self.assistants = await asyncio.gather(self.writer.catalog.remote(),
-                                                             self.writer.assistants.remote())
+        self.catalog, self.assistants, self.tenancy = await asyncio.gather(
+            self.writer.catalog.remote(), self.writer.assistants.remote(), self.writer.tenancy.remote())
 
     def _assistant(self, model: Any) -> tuple[dict[str, Any], Any]:
         """For a model id that is no adapter and not the base: {model: its assistant row, or None}, and the
@@ -428,7 +450,7 @@ class Ingress:
         if p.startswith(WRITER_PREFIXES) or p in ("/v1/evals",):
             resp = await self._relay(self.writer.options(stream=True).http, fwd, retry=False)
             if request.method != "GET" and resp.status_code < 400:
-                await self._refresh()  # read-your-writes: later requests carry the new versions
+                await self._refresh()  # read-your-writes: later requests carry the new versions (and keys)
             return resp
         mid = None
         if request.method == "POST" and p in GENERATE_PATHS:
@@ -440,6 +462,9 @@ class Ingress:
                 fwd["want"], mid, fwd["assistants"] = self._want(body)
             if not self.affinity or request.headers.get(NO_AFFINITY_HEADER) == "1":
                 mid = None
+        asst_ids = [row["id"] for row in (fwd.get("assistants") or {}).values() if row is not None]
+        fwd["tenancy"] = mirror.payload(self.tenancy, request.headers.get("authorization"), fwd.get("want") or {},
+                                        asst_ids)
         opts: dict[str, Any] = {"stream": True}
         if mid:
             opts["multiplexed_model_id"] = mid

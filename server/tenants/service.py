@@ -115,6 +115,10 @@ class Tenants:
         self._verified: dict[str, bytes] = {}  # key id -> sha256 of the full key, after one scrypt check
         self._usage: dict[str, Usage] = {}
         self._pending: dict[str, int] = {}  # storage bytes being written now, per key
+        # On a Ray replica (server/tenants/mirror.py): whether the cluster has tenant keys (the local store holds
+        # only the keys mirrored so far); None: this process's own store decides.
+        self.cluster_has_keys: bool | None = None
+        self._remote: dict[str, dict[str, Usage]] = {}  # other processes' counters (the Ray writer), per source
 
     def bind(self, state: Any) -> None:
         self.state = state
@@ -137,7 +141,7 @@ class Tenants:
                 return Admission(self, None, Denial(status, msg, code,
                                                     {"www-authenticate": "Bearer"} if status == 401 else {}))
             p = self._bootstrap(token)
-            if p.key_id == "anonymous" and len(self.keys) and (path == "/v1" or path.startswith("/v1/")):
+            if p.key_id == "anonymous" and self.has_keys() and (path == "/v1" or path.startswith("/v1/")):
                 return Admission(self, None, Denial(401, "missing API key: send the header 'Authorization: Bearer "
                                                     "<key>' (this server has tenant keys)", "invalid_api_key",
                                                     {"www-authenticate": "Bearer"}))
@@ -163,6 +167,9 @@ class Tenants:
             self._reject(p, refusal.limit)
             return Admission(self, p, _quota_denial(refusal))
         return Admission(self, p, limiter=limiter)
+
+    def has_keys(self) -> bool:
+        return self.cluster_has_keys if self.cluster_has_keys is not None else len(self.keys) > 0
 
     def _bootstrap(self, token: str | None) -> Principal:
         s = self.state.settings
@@ -229,11 +236,31 @@ class Tenants:
         if self.metrics is not None:
             self.metrics.rejected(p.tenant, limit)
 
+    def usage_rows(self) -> dict[str, dict[str, Any]]:
+        """This process's counters, per key id (a Ray replica sends them to the writer: `merge_usage`)."""
+        with self._lock:
+            return {k: {"tenant": u.tenant, "requests": u.requests, "prompt_tokens": u.prompt_tokens,
+                        "completion_tokens": u.completion_tokens, "rejected": dict(u.rejected)}
+                    for k, u in self._usage.items()}
+
+    def merge_usage(self, source: str, rows: dict[str, dict[str, Any]]) -> None:
+        """Another process's latest counters (they replace that source's previous ones); `usage` sums them in."""
+        with self._lock:
+            self._remote[source] = {k: Usage(r["tenant"], r["requests"], r["prompt_tokens"], r["completion_tokens"],
+                                             dict(r["rejected"])) for k, r in rows.items()}
+
     def usage(self, p: Principal) -> list[dict[str, Any]]:
         """The caller's own key's usage; an admin's: every key's (tenant keys and the bootstrap keys seen)."""
         with self._lock:
-            seen = {k: Usage(u.tenant, u.requests, u.prompt_tokens, u.completion_tokens, dict(u.rejected))
-                    for k, u in self._usage.items()}
+            seen: dict[str, Usage] = {}
+            for src in (self._usage, *self._remote.values()):
+                for k, u in src.items():
+                    s = seen.setdefault(k, Usage(u.tenant))
+                    s.requests += u.requests
+                    s.prompt_tokens += u.prompt_tokens
+                    s.completion_tokens += u.completion_tokens
+                    for lim, n in u.rejected.items():
+                        s.rejected[lim] = s.rejected.get(lim, 0) + n
         if p.admin:
             ids = [r.id for r in self.keys.list()] + sorted(k for k in seen if self.keys.get(k) is None)
         else:

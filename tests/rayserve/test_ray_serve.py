@@ -31,6 +31,7 @@ from tests.server_utils import free_port, live_server
 from tests.waits import wait_for
 
 APP = "peftserve"
+ADMIN = "ray-admin-key"  # the cluster's --admin-key: the module's client sends it (tenant keys need one)
 PROMPT = [10, 20, 30, 40, 50, 60, 70]
 N = 6
 
@@ -38,6 +39,10 @@ N = 6
 def _files(d: str) -> dict[str, bytes]:
     return {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d)
             if n.endswith((".json", ".safetensors")) and n != "head_config.json"}
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 def complete(c: httpx.Client, model: str | None, n: int = N, affinity: bool = True, **kw: Any) -> httpx.Response:
@@ -75,23 +80,41 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"base": base, "root": root, "dirs": dirs}
 
 
+PROBE_DEADLINES = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "5.0",
+                   "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "10.0"}
+
+
+@ray.remote(num_cpus=0)
+def _worker_env(names: list[str]) -> dict[str, str | None]:
+    return {n: os.environ.get(n) for n in names}
+
+
 @pytest.fixture(scope="module")
 def cluster(adapters: dict[str, Any]) -> Any:
     """A local Ray cluster (2 CPUs), Serve on a free port, the app with 2 replicas x 2 slots; torn down after."""
     port = free_port()
     settings = Settings(model=adapters["base"], adapters_dir=os.path.join(adapters["root"], "store"),
-                        kv_cache_blocks=96, max_num_seqs=8, max_adapters=2, served_model_name="tiny")
-    # Serve's router probes a replica's queue before routing to it and, past this deadline (default 0.1 s),
-    # spills a multiplexed request to another replica; an overloaded 2-core CI box needs longer. Workers inherit
-    # the driver's environment.
-    saved = os.environ.get("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S")
-    os.environ["RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S"] = "1.0"
+                        kv_cache_blocks=96, max_num_seqs=8, max_adapters=2, served_model_name="tiny",
+                        admin_key=ADMIN)
+    # Serve's router (ray/serve/_private/request_router) routes a multiplexed request to the replicas holding its
+    # model id only if one of them answers a queue-length probe within RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S
+    # (default 0.1 s, doubled per retry up to RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S, default 1 s); one
+    # missed probe and the next attempt goes to the replicas with the fewest models: a spill, which evicts one of
+    # that replica's adapters, whose next request spills in turn. A probe is sent whenever the router's cached
+    # queue length of the home replica is older than 10 s (e.g. after the wait for the metrics push), and a
+    # replica busy generating on an overloaded 2-core CI box can take over a second to answer it. Never "full"
+    # here: max_ongoing_requests is 64 and the test has 4 requests in flight. So give the probe a deadline only a
+    # hung replica misses (a dead one fails it at once). Workers inherit the driver's environment (checked below).
+    saved = {k: os.environ.get(k) for k in PROBE_DEADLINES}
+    os.environ.update(PROBE_DEADLINES)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
+        env = ray.get(_worker_env.remote(list(PROBE_DEADLINES)), timeout=120)
+        assert env == PROBE_DEADLINES, env
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # autoscaling bounds of 2..2: two replicas, and the settings must reach Serve's controller
         opts = RayOptions(min_replicas=2, max_replicas=2, target_ongoing_requests=32, replica_cpus=0.5,
-                          max_models_per_replica=2)
+                          max_models_per_replica=2, max_ongoing_requests=64)
         serve.run(build_app(settings, opts), name=APP, route_prefix="/")
         answered = Counter()
 
@@ -99,17 +122,18 @@ def cluster(adapters: dict[str, Any]) -> Any:
             if r.request.url.path == "/v1/completions" and r.headers.get(REPLICA_HEADER, "writer") != "writer":
                 answered["n"] += 1
 
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, headers=_auth(ADMIN),
                           event_hooks={"response": [count]}) as c:
             c.answered = answered  # type: ignore[attr-defined]
             yield c
     finally:
         serve.shutdown()
         ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", None)
-        else:
-            os.environ["RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +273,9 @@ def test_affinity_and_merged_metrics(cluster: httpx.Client, adapters: dict[str, 
     answers = {n: tokens(complete(cluster, n)) for n in names}
     assert len({tuple(a) for a in answers.values()}) == 4, "four different adapters, four different answers"
     # Warm-up: Serve places an adapter no replica holds on the replica with the fewest (a tie: at random) and
-    # each replica keeps 2; warm-up ends when a whole round lands where the previous one did (placement settled).
+    # each replica keeps 2; warm-up ends when a whole round lands where the previous one did and Serve's own
+    # multiplexing state agrees: each replica holds exactly the model ids of the adapters it answered (no adapter
+    # still listed on a replica that evicted it, which would let the router send its next request there).
     last: dict[str, str] = {}
 
     def settled() -> bool:
@@ -257,7 +283,10 @@ def test_affinity_and_merged_metrics(cluster: httpx.Client, adapters: dict[str, 
         stable = now == last
         last.clear()
         last.update(now)
-        return stable
+        if not stable:
+            return False
+        held = {r: {m.split("@")[0] for m in info["models"]} for r, info in _replica_infos().items()}
+        return all(held.get(r) == {n for n in names if now[n] == r} for r in set(now.values()))
 
     wait_for(settled, "adapter placement to settle", timeout=120, poll=0)
     # both replicas report (the merged /metrics has a replica label for each) and count every completion
@@ -333,17 +362,22 @@ def test_upload_replace_delete_consistent(cluster: httpx.Client, reference: http
     assert complete(cluster, "ver").status_code == 404
 
 
-def _replica_pids() -> dict[str, int]:
+def _replica_infos() -> dict[str, dict[str, Any]]:
+    """Replica.info() of both replicas (handle calls, routed at random until both answered)."""
     h = serve.get_deployment_handle("Replica", APP)
-    pids: dict[str, int] = {}
+    infos: dict[str, dict[str, Any]] = {}
 
     def two() -> bool:
         info = h.info.remote().result(timeout_s=60)
-        pids[info["replica"]] = info["pid"]
-        return len(pids) >= 2
+        infos[info["replica"]] = info
+        return len(infos) >= 2
 
-    wait_for(two, "both replicas' pids", timeout=120, poll=0)
-    return pids
+    wait_for(two, "both replicas' info", timeout=120, poll=0)
+    return infos
+
+
+def _replica_pids() -> dict[str, int]:
+    return {r: info["pid"] for r, info in _replica_infos().items()}
 
 
 def test_kill_replica_under_load(cluster: httpx.Client) -> None:
@@ -396,3 +430,90 @@ def test_kill_replica_under_load(cluster: httpx.Client) -> None:
     new = _replica_pids()
     assert pid not in new.values() and len(new) == 2
     assert tokens(complete(cluster, None)) == tokens(complete(cluster, None, affinity=False))
+
+
+def _statuses_on_both(c: httpx.Client, send: Any, what: str) -> dict[str, list[Any]]:
+    """Default-routed requests until both replicas have answered twice (deadline); {replica: [send's checks]}."""
+    seen: dict[str, list[Any]] = {}
+
+    def done() -> bool:
+        r = send()
+        seen.setdefault(r.headers[REPLICA_HEADER], []).append((r.status_code, r.json()))
+        return len(seen) >= 2 and all(len(v) >= 2 for v in seen.values())
+
+    wait_for(done, what, timeout=120, poll=0)
+    return seen
+
+
+def test_tenant_keys_on_replicas(cluster: httpx.Client, adapters: dict[str, Any]) -> None:
+    """Tenant keys created through the ingress work on every replica (the replica mirrors the writer's key row and
+    the owners of what the request names): a tenant runs its own adapter and the base on both replicas, sees
+    only its own adapters, gets 404 for another tenant's; its usage (counted on the replicas) is served by the
+    writer; requests_per_minute is per replica, storage_bytes cluster-wide (the writer); after a revoke returns,
+    both replicas answer 401."""
+    base_url = cluster.base_url
+
+    def new_key(tenant: str, **limits: int) -> dict[str, Any]:
+        r = cluster.post("/v1/keys", json={"tenant": tenant, "scopes": ["infer", "adapters:write"],
+                                           "limits": limits})
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    lora = _files(adapters["dirs"]["aff0"])
+    size = sum(len(b) for b in lora.values())
+    acme_key, globex_key = new_key("acme", storage_bytes=size + size // 2), new_key("globex")
+    acme = httpx.Client(base_url=base_url, timeout=120, headers=_auth(acme_key["key"]))
+    globex = httpx.Client(base_url=base_url, timeout=120, headers=_auth(globex_key["key"]))
+    with acme, globex:
+        assert upload(acme, "acme.lora", lora).status_code == 201
+        assert upload(globex, "globex.lora", _files(adapters["dirs"]["aff1"])).status_code == 201
+        # storage_bytes is checked where uploads land (the writer): one store, one count for the whole cluster
+        r = upload(acme, "acme.more", _files(adapters["dirs"]["aff2"]))
+        assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded", r.text
+        want = tokens(complete(cluster, "acme.lora"))  # the admin's answer with acme's adapter
+        assert want != tokens(complete(cluster, None)), "the adapter must change the output"
+
+        got = _statuses_on_both(cluster, lambda: complete(acme, "acme.lora", affinity=False),
+                                "acme's key answered on both replicas")
+        for replica, answers in got.items():
+            for status, body in answers:
+                assert status == 200, (replica, body)
+                assert body["choices"][0]["token_ids"] == want
+        served = sum(len(a) for a in got.values())
+        base = _statuses_on_both(cluster, lambda: complete(acme, None, affinity=False), "acme's base requests")
+        assert {st for a in base.values() for st, _ in a} == {200}, base
+        served += sum(len(a) for a in base.values())
+        # another tenant's adapter is answered exactly as a name that does not exist, on both replicas
+        other = _statuses_on_both(cluster, lambda: complete(acme, "globex.lora", affinity=False),
+                                  "another tenant's adapter on both replicas")
+        missing = complete(cluster, "no-such.adapter").json()["error"]
+        for answers in other.values():
+            for status, body in answers:
+                assert status == 404 and body["error"]["code"] == missing["code"], body
+                assert body["error"]["message"] == missing["message"].replace("no-such.adapter", "globex.lora")
+        assert {m["id"] for m in acme.get("/v1/models").json()["data"]} == {"tiny", "acme.lora"}
+        assert {a["name"] for a in globex.get("/v1/adapters").json()["data"]} == {"globex.lora"}
+
+        # usage: the replicas count, the writer sums their pushed counters
+        def usage() -> dict[str, Any]:
+            rows = acme.get("/v1/usage").json()["data"]
+            assert [u["key_id"] for u in rows] == [acme_key["id"]]
+            return rows[0]
+
+        wait_for(lambda: usage()["requests"] >= served, "acme's usage to count the replicas' requests")
+        assert usage()["rejected"] == {"storage_bytes": 1}
+
+        # requests_per_minute is per replica: each replica admits one, then refuses
+        rpm = new_key("acme", requests_per_minute=1)
+        with httpx.Client(base_url=base_url, timeout=120, headers=_auth(rpm["key"])) as one:
+            per = _statuses_on_both(cluster, lambda: complete(one, None, affinity=False), "an rpm=1 key on both")
+        for replica, answers in per.items():
+            assert answers[0][0] == 200, (replica, answers)
+            assert any(st == 429 and b["error"]["code"] == "quota_exceeded" for st, b in answers[1:]), answers
+
+        # revoke: once the call has returned, neither replica admits the key
+        assert cluster.delete(f"/v1/keys/{acme_key['id']}").status_code == 200
+        gone = _statuses_on_both(cluster, lambda: complete(acme, "acme.lora", affinity=False),
+                                 "401 from both replicas after the revoke")
+        assert {st for a in gone.values() for st, _ in a} == {401}, gone
+        assert globex.get("/v1/models").status_code == 200  # the other tenant's key still works
