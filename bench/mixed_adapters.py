@@ -19,6 +19,10 @@ over K = 8, 32, 64, 128 distinct LoRA adapters (rank 16; `--mixed-ranks`: r=8 an
 `--adapter-memory` sized for 64 rank-16 adapters, tokens/s and TTFT p50/p99 against K = 8 timed alternately
 on a reference engine that never loads; K = 128 also against K = 64 (what fits) on that engine; and
 `--max-adapters 8` at K = 32 against the 8-sequence bound (8 concurrent requests, K = 8, no loads).
+Each row runs `--rounds` interleaved A/B rounds (order flipped every round) and prints the best-of ratio
+and the median [min-max] of the per-round ratios, of wall-clock tokens/s and of tokens per CPU second of the
+process (the work itself, far less moved by other processes on a shared machine); the K = 8 row is the same
+configuration on both sides (the noise row).
 
 "ideal(mem)" is the memory-bound ideal of a decode step: base bytes (weights + KV read) over base plus
 the adapters' extra bytes (distinct LoRA A/B, prefix / virtual-token KV). "ideal(flop)" is the same
@@ -31,6 +35,8 @@ import argparse
 import json
 import math
 import os
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -341,15 +347,18 @@ def closed_loop(engine: Any, prompts: list[list[int]], output_len: int, handles:
         await asyncio.gather(*(client(jobs[c::concurrency]) for c in range(concurrency)))
         sampler.cancel()
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     asyncio.run(main())
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     ttft.sort()
 
     def pct(q: float) -> float:
         return ttft[min(len(ttft) - 1, int(q * len(ttft)))]
 
-    return {"tok_per_s": tokens / dt, "seconds": dt, "ttft_p50": pct(0.5), "ttft_p99": pct(0.99),
+    # tokens per CPU second of this process (engine thread + clients, one torch thread): what the work costs,
+    # much less moved than wall time by other processes competing for the cores
+    return {"tok_per_s": tokens / dt, "tok_per_cpu_s": tokens / max(cpu, 1e-9), "seconds": dt, "cpu_seconds": cpu,
+            "ttft_p50": pct(0.5), "ttft_p99": pct(0.99),
             "loads": sm.loads - before[0], "evictions": sm.evictions - before[1],
             "prefetches": sm.prefetches - before[2], "resident": sm.num_resident, "pages_used": sm.pages_used,
             "kv_peak_blocks": kv_peak, "kv_blocks": engine.allocator.num_blocks}
@@ -403,7 +412,9 @@ def residency(args: argparse.Namespace) -> None:
 
     print(f"device={device} threads={torch.get_num_threads()} model={model_dir} adapters={label} "
           f"memory={memory} bytes ({args.fit} rank-16 adapters) concurrency={c} requests/row={n_req} "
-          f"prompt={args.prompt_len} output={args.output_len} repeat={args.repeat} load={load_start}")
+          f"prompt={args.prompt_len} output={args.output_len} rounds={max(1, args.rounds or args.repeat)} "
+          f"load={load_start}")
+    t_start = time.perf_counter()
     ref = engine(max_adapters=None, adapter_memory=memory)  # K = 8 and K = fit: resident after warm-up
     main_eng = engine(max_adapters=None, adapter_memory=memory)
     capped = engine(max_adapters=8, adapter_memory=memory)
@@ -417,37 +428,61 @@ def residency(args: argparse.Namespace) -> None:
         timed(eng, k)  # warm-up: loads what the reference engines keep resident
     rows: list[dict[str, Any]] = []
 
+    rounds = max(1, args.rounds or args.repeat)
+
     def row(name: str, eng: Any, k: int, ref_eng: Any, ref_k: int, ref_name: str) -> None:
         runs, pairs = [], []
         timed(eng, k)  # warm-up (for K <= fit: every adapter resident afterwards)
-        for _ in range(max(1, args.repeat)):
-            runs.append(timed(eng, k))
-            pairs.append(timed(ref_eng, ref_k))
+        for i in range(rounds):  # interleaved A/B rounds, the order flipped every round (ABBA...): drift cancels
+            if i % 2 == 0:
+                runs.append(timed(eng, k))
+                pairs.append(timed(ref_eng, ref_k))
+            else:
+                pairs.append(timed(ref_eng, ref_k))
+                runs.append(timed(eng, k))
         res = max(runs, key=lambda r: r["tok_per_s"])
         pr = max(pairs, key=lambda r: r["tok_per_s"])
+        ratios = [a["tok_per_s"] / b["tok_per_s"] for a, b in zip(runs, pairs, strict=True)]
+        p99s = [a["ttft_p99"] / b["ttft_p99"] for a, b in zip(runs, pairs, strict=True)]
+        cpus = [a["tok_per_cpu_s"] / b["tok_per_cpu_s"] for a, b in zip(runs, pairs, strict=True)]
         out = {"name": name, "k": k, **res, "ref": ref_name, "ref_tok_per_s": pr["tok_per_s"],
                "ref_ttft_p99": pr["ttft_p99"], "ref_loads": pr["loads"],
-               "tput_ratio": res["tok_per_s"] / pr["tok_per_s"], "ttft_p99_ratio": res["ttft_p99"] / pr["ttft_p99"]}
+               "tput_ratio": res["tok_per_s"] / pr["tok_per_s"], "ttft_p99_ratio": res["ttft_p99"] / pr["ttft_p99"],
+               # per round (each run over the reference run next to it): what the spread of one pairing is
+               "rounds": rounds, "tput_ratios": ratios, "tput_ratio_median": statistics.median(ratios),
+               "tput_ratio_min": min(ratios), "tput_ratio_max": max(ratios),
+               "ttft_p99_ratios": p99s, "ttft_p99_ratio_median": statistics.median(p99s),
+               "cpu_ratios": cpus, "cpu_ratio_median": statistics.median(cpus), "cpu_ratio_min": min(cpus),
+               "cpu_ratio_max": max(cpus),
+               "runs": [{kk: r[kk] for kk in ("tok_per_s", "tok_per_cpu_s", "ttft_p50", "ttft_p99", "loads")}
+                        for r in runs],
+               "ref_runs": [{kk: r[kk] for kk in ("tok_per_s", "tok_per_cpu_s", "ttft_p50", "ttft_p99", "loads")}
+                            for r in pairs]}
         rows.append(out)
         print(f"  {name:<34} {res['tok_per_s']:8.1f} tok/s  TTFT p50 {res['ttft_p50']:6.2f}s p99 "
               f"{res['ttft_p99']:6.2f}s  /{ref_name} {out['tput_ratio']:.2f} (p99 x{out['ttft_p99_ratio']:.2f})  "
+              f"median of {rounds} rounds {out['tput_ratio_median']:.2f} [{min(ratios):.2f}-{max(ratios):.2f}] "
+              f"(p99 x{out['ttft_p99_ratio_median']:.2f})  tok/CPU-s median {out['cpu_ratio_median']:.2f} "
+              f"[{min(cpus):.2f}-{max(cpus):.2f}]  "
               f"loads {res['loads']} evictions {res['evictions']} prefetched {res['prefetches']} "
               f"resident {res['resident']} KV peak {res['kv_peak_blocks']}/{res['kv_blocks']} blocks "
               f"(ref loads {pr['loads']})", flush=True)
 
     for k in ks:
-        row(f"{label} K={k}", main_eng, k, ref, 8, "K=8")
+        row(f"{label} K={k}" + (" (noise: same config)" if k == 8 else ""), main_eng, k, ref, 8, "K=8")
     if max(ks) > fit:
         row(f"{label} K={max(ks)} vs resident", main_eng, max(ks), ref, fit, f"K={fit} resident")
     k_cap = min(32, max(ks))
-    row(f"{label} --max-adapters 8, K={k_cap}", capped, k_cap, bound8, 8, "8-seq bound")
+    if not args.no_capped:
+        row(f"{label} --max-adapters 8, K={k_cap}", capped, k_cap, bound8, 8, "8-seq bound")
     for e in (ref, main_eng, capped, bound8):
         e.stop()
-    print(f"load average: start {load_start}, end {_loadavg()}")
+    elapsed = time.perf_counter() - t_start
+    print(f"load average: start {load_start}, end {_loadavg()}; {elapsed:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "args": vars(args), "memory": memory, "rows": rows,
-                       "loadavg_start": load_start, "loadavg_end": _loadavg()}, f, indent=2)
+                       "loadavg_start": load_start, "loadavg_end": _loadavg(), "seconds": elapsed}, f, indent=2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -475,6 +510,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mixed-ranks", action="store_true", help="--residency: adapters alternate rank 8 and 64")
     ap.add_argument("--fit", type=int, default=64, help="--residency: --adapter-memory holds this many rank-16")
     ap.add_argument("--total-requests", type=int, default=128, help="--residency: requests per timed run")
+    ap.add_argument("--no-capped", action="store_true", help="--residency: skip the --max-adapters 8 row")
+    ap.add_argument("--rounds", type=int, default=0, help="--residency: interleaved A/B rounds per row (default "
+                    "--repeat); each row prints the best-of ratio and the median [min-max] of the per-round ratios")
     args = ap.parse_args(argv)
     if args.residency:
         if args.ks == "1,8,32":

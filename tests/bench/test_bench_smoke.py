@@ -51,6 +51,27 @@ def test_mixed_adapters_quick(tmp_path: Path) -> None:
     assert all(r["tok_per_s"] > 0 for r in result["rows"])
 
 
+def test_residency_rounds_report_median_and_spread(tmp_path: Path) -> None:
+    """--residency --rounds: each row holds one ratio per interleaved round (wall and CPU time) and the
+    median / min / max printed from them; the K=8 row is labelled as the noise row."""
+    out_json = tmp_path / "residency.json"
+    out = _run("bench.mixed_adapters", [*TINY, "--residency", "--threads", "1", "--ks", "8,16", "--fit", "16",
+                                        "--num-requests", "4", "--total-requests", "8", "--prompt-len", "4",
+                                        "--output-len", "2", "--rounds", "3", "--no-capped", "--json",
+                                        str(out_json)], tmp_path)
+    assert "median of 3 rounds" in out and "tok/CPU-s median" in out
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["r16 K=8 (noise: same config)", "r16 K=16"]  # --no-capped: no third row
+    for r in rows:
+        assert r["rounds"] == 3 and len(r["tput_ratios"]) == 3 and len(r["cpu_ratios"]) == 3
+        assert len(r["runs"]) == 3 and len(r["ref_runs"]) == 3
+        want = [a["tok_per_s"] / b["tok_per_s"] for a, b in zip(r["runs"], r["ref_runs"], strict=True)]
+        assert r["tput_ratios"] == pytest.approx(want)
+        assert r["tput_ratio_min"] <= r["tput_ratio_median"] <= r["tput_ratio_max"]
+        assert r["tput_ratio_median"] == pytest.approx(sorted(want)[1])
+        assert r["cpu_ratio_min"] <= r["cpu_ratio_median"] <= r["cpu_ratio_max"]
+
+
 @pytest.mark.timeout(150)
 def test_bench_attention_dry_run_and_summary(tmp_path: Path) -> None:
     """The GPU script's attention bench runs on CPU (interpreter) and agrees with the twin; the summary

@@ -35,12 +35,16 @@ def test_stacked_equals_plain_twin(token_slots, ranks, stacked):
     x, y, a, b, rk, sc = setup(token_slots, ranks)
     meta = LoRAMeta.from_token_slots(token_slots)
     want = lora_expand_ref(lora_shrink_ref(x, a, rk, meta), b, rk, sc, meta, y.clone())
+    assert not torch.allclose(want, y)  # the adapters act
     cache = StackCache()
-    got = lora_apply(x, y.clone(), a, b, rk, sc, meta, cache=(cache, "m"))
+    got = lora_apply(x, y.clone(), a, b, rk, sc, meta, cache=(cache, "m"))  # first sight: per segment
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    again = lora_apply(x, y.clone(), a, b, rk, sc, meta, cache=(cache, "m"))  # from the cache
+    assert cache.used == 0
+    again = lora_apply(x, y.clone(), a, b, rk, sc, meta, cache=(cache, "m"))  # second: stacked and kept
     torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-4)
     assert (cache.used > 0) == stacked
+    third = lora_apply(x, y.clone(), a, b, rk, sc, meta, cache=(cache, "m"))  # from the cache
+    torch.testing.assert_close(third, want, rtol=1e-5, atol=1e-4)
 
 
 def test_stack_cache_budget_falls_back_to_segments():
@@ -67,7 +71,8 @@ def test_slot_reload_empties_the_stack_cache():
     meta = LoRAMeta.from_token_slots([0, 0, 1, 1])
     a, b, rk, sc = slots.module(0, "q_proj", (0, 1))
     pages = slots.pool.pages
-    lora_apply(x, y, a, b, rk, sc, meta, cache=slots.cache_for(0, "q_proj"), pages=pages)
+    for _ in range(2):  # a run is stacked on its second step
+        lora_apply(x, y, a, b, rk, sc, meta, cache=slots.cache_for(0, "q_proj"), pages=pages)
     assert slots.stack_cache.used > 0
     w2 = {(0, "q_proj"): (torch.randn(2, 16), torch.randn(16, 2), 3.0)}
     slots.load_slot(1, w2)
@@ -79,30 +84,44 @@ def test_slot_reload_empties_the_stack_cache():
     torch.testing.assert_close(y2, ref)
 
 
-def test_two_runs_in_one_module_both_cached_and_per_module_cap():
+def test_two_runs_in_one_module_both_cached():
     token_slots, ranks = [0, 0, 1, 1, 2, 2, 3, 3], [4, 4, 8, 8]  # runs (0, 1) at rank 4 and (2, 3) at rank 8
     x, y, a, b, rk, sc = setup(token_slots, ranks)
     meta = LoRAMeta.from_token_slots(token_slots)
     want = lora_expand_ref(lora_shrink_ref(x, a, rk, meta), b, rk, sc, meta, y.clone())
     cache = StackCache()
-    for _ in range(2):
+    for _ in range(3):
         torch.testing.assert_close(lora_apply(x, y.clone(), a, b, rk, sc, meta, cache=(cache, "m")), want,
                                    rtol=1e-5, atol=1e-4)
     assert len(cache) == 2
-    used = cache.used
-    for k in range(StackCache.PER_MODULE + 2):  # more runs than a module keeps: the oldest go, bytes follow
-        cache.store("m", ("other", k), (torch.zeros(1),), 10)
-    assert len(cache) == StackCache.PER_MODULE
-    assert cache.used == 10 * StackCache.PER_MODULE and used > 0
 
 
-def test_stack_cache_keeps_its_runs_when_a_new_one_does_not_fit():
-    """A run over the budget is refused before anything is evicted (the module's runs stay usable)."""
+def test_stack_cache_evicts_least_recently_used_of_earlier_steps_across_modules():
+    cache = StackCache(max_bytes=80)
+    cache.begin("step 1")
+    for m in range(4):
+        assert cache.store(("mod", m), "run", (torch.zeros(1),), 20)
+    cache.begin("step 2")
+    assert cache.lookup(("mod", 0), "run") is not None  # module 0's run: used again, now the most recent
+    assert cache.store(("mod", 9), "run", (torch.zeros(1),), 40)  # evicts modules 1 and 2 (oldest first)
+    assert cache.lookup(("mod", 1), "run") is None and cache.lookup(("mod", 2), "run") is None
+    assert cache.lookup(("mod", 0), "run") is not None and cache.lookup(("mod", 3), "run") is not None
+    assert cache.used == 80 and cache.evictions == 2 and len(cache) == 3
+
+
+def test_stack_cache_never_evicts_what_the_current_step_uses():
+    """A run that does not fit beside the current step's own runs is refused before anything is evicted (no
+    thrashing between the modules of one step): it is computed segment by segment instead."""
     cache = StackCache(max_bytes=100)
-    for k in range(StackCache.PER_MODULE):
-        assert cache.store("m", ("run", k), (torch.zeros(1),), 10)
-    assert not cache.store("m", ("big",), (torch.zeros(1),), 200)
-    assert len(cache) == StackCache.PER_MODULE and cache.used == 10 * StackCache.PER_MODULE
-    assert cache.lookup("m", ("run", 0)) is not None
-    assert cache.store("m", ("next",), (torch.zeros(1),), 10)  # fits: now the oldest run goes
-    assert cache.lookup("m", ("run", 0)) is None and len(cache) == StackCache.PER_MODULE
+    cache.begin("step 1")
+    for m in range(4):
+        assert cache.store(("mod", m), "run", (torch.zeros(1),), 20)
+    assert not cache.store(("mod", 5), "run", (torch.zeros(1),), 30)  # only 20 left: refused
+    assert len(cache) == 4 and cache.used == 80 and cache.evictions == 0
+    assert cache.store(("mod", 5), "run", (torch.zeros(1),), 20)  # fits exactly
+    cache.begin("step 2")
+    cache.lookup(("mod", 0), "run")
+    assert not cache.store(("mod", 6), "run", (torch.zeros(1),), 100)  # would need module 0's run too
+    assert cache.lookup(("mod", 0), "run") is not None and cache.evictions == 0
+    assert cache.store(("mod", 6), "run", (torch.zeros(1),), 80)  # the 4 runs step 2 did not use go
+    assert cache.evictions == 4 and cache.used == 100

@@ -114,8 +114,9 @@ def test_cpu_stacked_runs_through_pages() -> None:
     x, y0 = _inputs(slots, torch.float32)
     meta = LoRAMeta.from_token_slots(slots)
     cache = StackCache()
-    y = lora_apply(x, y0.clone(), p["a"], p["b"], p["ranks"], p["scales"], meta, cache=(cache, "m"),
-                   pages=p["pages"])
+    for _ in range(2):  # a run is stacked on its second step
+        y = lora_apply(x, y0.clone(), p["a"], p["b"], p["ranks"], p["scales"], meta, cache=(cache, "m"),
+                       pages=p["pages"])
     assert len(cache) == 1  # the rank-8 run was stacked
     want = y0.double().clone()
     for t, s in enumerate(slots):
@@ -154,3 +155,38 @@ def test_cpu_gathers_scattered_pages_once_per_cache():
     cache.clear()
     y = lora_apply(x, y0.clone(), p["a"], p["b"], p["ranks"], p["scales"], meta, cache=(cache, "m"), pages=p["pages"])
     assert not torch.allclose(y.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_decode_compositions_change_under_a_small_stack_budget() -> None:
+    """Decode steps whose adapter set changes every few steps (requests finish, others join), mixed ranks on
+    scattered pages, two modules sharing one StackCache too small for both: every step equals the float64
+    loop, whether its runs come from the cache, are stacked anew (evicting an earlier step's), or run per
+    segment because the step's own runs fill the budget."""
+    ranks = [8, 8, 4, 8, 8, 12, 8, 4, 8]
+    plist = [[3, 4], [6, 0], [1], [9, 2], [10, 11], [12, 7, 5], [13, 14], [8], [15, 17]]
+    p = _paged(ranks, plist, 18, torch.float32, seed=5)
+    q = _paged(ranks, plist, 18, torch.float32, seed=6)  # a second module, other weights
+    per_slot = 8 * (K + N) * 4  # bytes of one rank-8 slot's A + B rows in a stack
+    cache = StackCache(max_bytes=5 * per_slot)  # one 4-slot run fits, not two modules' worth
+    compositions = [[0, 1, 3, 4], [0, 1, 3, 4], [0, 1, 3, 4], [1, 3, 4, 6], [1, 3, 4, 6], [2, 0, 5, 8, 6],
+                    [2, 0, 5, 8, 6], [0, 1, 3, 4], [0, 1, 3, 4]]
+    stacked_steps = 0
+    for step, comp in enumerate(compositions):
+        slots = sorted(comp)  # build_step groups rows by slot
+        g = torch.Generator().manual_seed(100 + step)
+        x, y0 = torch.randn(len(slots), K, generator=g), torch.randn(len(slots), N, generator=g)
+        meta = LoRAMeta.from_token_slots(slots)
+        for mod, w in (("p", p), ("q", q)):
+            want = y0.double().clone()
+            for t, s in enumerate(slots):
+                a, b = w["dense"][s]
+                want[t] += float(w["scales"][s]) * ((x[t].double() @ a.double().T) @ b.double().T)
+            assert not torch.allclose(want, y0.double(), atol=1e-3)
+            used = cache.used
+            y = lora_apply(x, y0.clone(), w["a"], w["b"], w["ranks"], w["scales"], meta, cache=(cache, mod),
+                           pages=w["pages"])
+            assert torch.isfinite(y).all()
+            torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)
+            stacked_steps += cache.used != used
+            assert cache.used <= cache.max_bytes
+    assert cache.evictions > 0 and stacked_steps >= 2  # the budget forced evictions; runs were stacked
