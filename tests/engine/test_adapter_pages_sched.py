@@ -15,7 +15,7 @@ from server.engine.block_manager import BlockAllocator
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import SamplingParams, SeqStatus, Sequence
 from server.engine.slots import SlotManager
-from tests.engine.test_slot_fairness import drain_bound, step
+from tests.engine.test_slot_fairness import drain_bound, run_arrivals, step
 
 
 def seq(adapter: str | None, pages: int = 0, prompt: list[int] | int = 4, max_tokens: int = 6) -> Sequence:
@@ -127,17 +127,7 @@ def test_64_adapters_mixed_ranks_over_a_short_pool_200_requests_within_the_bound
     for _ in range(200):
         name = f"a{rng.randrange(64)}" if rng.random() < 0.9 else None
         pending.append(seq(name, pages.get(name, 0), prompt=rng.randint(1, 20), max_tokens=rng.randint(1, 20)))
-    everyone = list(pending)
-    steps = 0
-    while pending or sched.has_work:
-        for _ in range(rng.randint(0, 4)):
-            if pending:
-                sched.add(pending.pop(0))
-        step(sched)
-        sm.check()
-        steps += 1
-        assert steps < 20_000
-    assert all(s.status is SeqStatus.FINISHED and len(s.output_ids) == s.params.max_tokens for s in everyone)
+    everyone = run_arrivals(sched, pending, rng, 4)
     worst = max(s.admit_step - s.arrival_step for s in everyone if s.adapter_key is not None)
     assert worst <= drain_bound(sched, max_model_len) * math.ceil(64 / 2), worst
     assert sm.evictions > 0 and sm.num_in_use == 0 and sm.pages_free + sm.idle_pages() == 16

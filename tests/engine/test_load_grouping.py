@@ -15,7 +15,7 @@ from server.engine.block_manager import BlockAllocator
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import SamplingParams, SeqStatus, Sequence
 from server.engine.slots import SlotManager
-from tests.engine.test_slot_fairness import drain_bound, step
+from tests.engine.test_slot_fairness import drain_bound, run_arrivals, step
 
 
 def seq(adapter: str | None, pages: int = 1, prompt: int = 4, max_tokens: int = 6) -> Sequence:
@@ -165,17 +165,7 @@ def test_grouping_fuzz_64_adapters_8_slots_loads_no_more_than_arrival_order(seed
         pending = [seq(f"a{rng.choices(range(64), weights)[0]}" if rng.random() < 0.9 else None,
                        pages=rng.choice([1, 2]), prompt=rng.randint(1, 12), max_tokens=rng.randint(1, 12))
                    for _ in range(300)]
-        everyone = list(pending)
-        steps = 0
-        while pending or sched.has_work:
-            for _ in range(rng.randint(0, 3)):
-                if pending:
-                    sched.add(pending.pop(0))
-            step(sched)
-            sm.check()
-            steps += 1
-            assert steps < 20_000
-        assert all(s.status is SeqStatus.FINISHED and len(s.output_ids) == s.params.max_tokens for s in everyone)
+        everyone = run_arrivals(sched, pending, rng, 3)
         assert sm.num_in_use == 0
         return sm.loads, max(s.admit_step - s.arrival_step for s in everyone)
 

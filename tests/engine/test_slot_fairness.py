@@ -37,6 +37,22 @@ def step(sched: Scheduler) -> SchedulerOutput:
     return out
 
 
+def run_arrivals(sched: Scheduler, pending: list[Sequence], rng: random.Random, max_per_step: int) -> list[Sequence]:
+    """Feed `pending` in order, 0..max_per_step a step, and step until all are done; the slot manager's
+    invariants hold every step and every request ends with all its tokens. Returns the requests."""
+    everyone, steps = list(pending), 0
+    while pending or sched.has_work:
+        for _ in range(rng.randint(0, max_per_step)):
+            if pending:
+                sched.add(pending.pop(0))
+        step(sched)
+        sched.slots.check()
+        steps += 1
+        assert steps < 20_000
+    assert all(s.status is SeqStatus.FINISHED and len(s.output_ids) == s.params.max_tokens for s in everyone)
+    return everyone
+
+
 def drain_bound(sched: Scheduler, max_model_len: int) -> int:
     """The bound the scheduler's docstring states for a starved request's wait, in steps."""
     return sched.max_slot_wait + max_model_len + math.ceil(sched.max_num_seqs * max_model_len / sched.max_batch_tokens)
