@@ -359,7 +359,8 @@ class Scheduler:
         """The order waiting requests are considered in this step: aged ones in arrival order; then, in arrival
         order, base requests and those whose adapter is resident (or being loaded: skipped); then the rest
         grouped by adapter, the adapter with the most waiting requests first (ties: the oldest request
-        first), so that one load serves every request of the group. Without slots or grouping: arrival order."""
+        first), so that one load serves every request of the group. When every waiting adapter fits free slots
+        and pages (no load evicts or waits for another), arrival order. Without slots or grouping: arrival order."""
         if self.slots is None or not self.group_loads:
             return list(self.waiting)
         aged: list[Sequence] = []
@@ -372,9 +373,18 @@ class Scheduler:
                 ready.append(q)
             else:  # parked adapters too: a parked group of one must not take a slot before a bigger group
                 cold.setdefault(q.adapter_key, []).append(q)
+        if cold and not aged and self._all_fit_free(cold):
+            return list(self.waiting)  # nobody's load takes room from another: arrival order
         # the biggest group first; among equals a parked one (no weights left to write), then the oldest
         groups = sorted(cold.values(), key=lambda g: (-len(g), not self.slots.is_parked(g[0].adapter_key)))
         return aged + ready + [q for g in groups for q in g]
+
+    def _all_fit_free(self, cold: dict) -> bool:
+        """Whether the waiting adapters in `cold` ({key: requests}) all fit the free slots and free pages at once."""
+        assert self.slots is not None
+        if any(self.slots.is_parked(k) for k in cold) or len(cold) > self.slots.free_slots:
+            return False
+        return self.slots.num_pages is None or sum(g[0].adapter_pages for g in cold.values()) <= self.slots.pages_free
 
     # ---- prefetch: load the next adapters ahead of need ------------------------------------------
     def _prefetch(self, out: SchedulerOutput) -> None:

@@ -78,6 +78,11 @@ class SlotManager:
         """A slot is free or held by an idle adapter."""
         return None in self._key or bool(self._idle)
 
+    @property
+    def free_slots(self) -> int:
+        """Slots holding no adapter (taking one evicts nothing)."""
+        return sum(1 for k in self._key if k is None)
+
     def idle_pages(self, exclude: Collection[Hashable] = ()) -> int:
         """Pages held by idle adapters and landed parked ones (reclaimable), but those in `exclude`."""
         return (sum(len(self._pages[s]) for s in self._idle if self._key[s] not in exclude)

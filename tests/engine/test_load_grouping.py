@@ -79,6 +79,19 @@ def test_the_biggest_group_is_loaded_first():
     assert all(q.status is SeqStatus.RUNNING for q in crowd) and lone.status is SeqStatus.WAITING
 
 
+def test_arrival_order_while_every_waiting_adapter_fits_free_room():
+    """Grouping only decides who goes first when loads compete for room: with a free slot and pages for every
+    waiting adapter, the older lone request goes first (the sequence cap admits two)."""
+    sched = Scheduler(BlockAllocator(256, 4), max_num_seqs=2, max_batch_tokens=64,
+                      slots=SlotManager(2, num_pages=2), max_slot_wait=64)
+    lone, crowd = seq("lone", pages=1), [seq("crowd", pages=1) for _ in range(3)]
+    for q in (lone, *crowd):
+        sched.add(q)
+    step(sched)
+    assert lone.status is SeqStatus.RUNNING and crowd[0].status is SeqStatus.RUNNING
+    assert crowd[1].status is SeqStatus.WAITING
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("stage", [False, True], ids=["sync-loads", "staged-loads"])
 def test_cold_request_admitted_within_the_bound_under_endless_resident_traffic(seed, stage):
