@@ -169,10 +169,6 @@ class StackCache:
             self.seen.popitem(last=False)
         return False
 
-    def fits(self, nbytes: int) -> bool:
-        """Whether `nbytes` more can be kept now, with no eviction."""
-        return self.used + nbytes <= self.max_bytes
-
     def clear(self) -> None:
         self._d.clear()
         self.seen.clear()
