@@ -251,6 +251,33 @@ def profile_decode(runner, graphs, prompts: list[list[int]], slots: list[int], b
     return out
 
 
+def graph_divergence(runner, graphs, twin, adapters: list, prompts: list[list[int]], slots: list[int],  # noqa: ANN001
+                     args: argparse.Namespace, total_len: int) -> dict[str, Any]:
+    """Teacher-forced eager vs graphs logits of one workload, and (with `twin`) both against the float32 twin on
+    the first `--ref-seqs` sequences; the verdict (`bench.gpu_diag.verdict`)."""
+    import torch
+
+    from bench.gpu_diag import compare_logits, verdict
+
+    tf = teacher_forced(runner, graphs, prompts, slots, args.tf_steps, args.budget, total_len)
+    out: dict[str, Any] = {"teacher_forced": compare_logits(tf["eager"].flatten(0, 1), tf["graphs"].flatten(0, 1))}
+    ref = None
+    if twin is not None:
+        refs, es, gs = [], [], []
+        p = args.prompt_len
+        for i in range(min(args.ref_seqs, args.num_seqs)):
+            twin.set_adapter(adapters[slots[i]].weights() if slots[i] >= 0 else None)
+            # decode step k fed token p + k at position p + k: the twin's row p + k predicts the same token
+            refs.append(twin.logits(tf["seqs"][i][:p + args.tf_steps])[p:p + args.tf_steps].cpu())
+            es.append(tf["eager"][:, i])
+            gs.append(tf["graphs"][:, i])
+        ref_rows = torch.cat(refs)
+        ref = out["fp32"] = {"eager": compare_logits(ref_rows, torch.cat(es)),
+                             "graphs": compare_logits(ref_rows, torch.cat(gs))}
+    out["verdict"] = verdict(out["teacher_forced"], ref)
+    return out
+
+
 def _p50(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -290,7 +317,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     import torch
 
-    from bench.gpu_diag import Fp32Twin, compare_logits, first_diffs, verdict
+    from bench.gpu_diag import Fp32Twin, first_diffs
     from server.model.runner import ModelRunner
 
     cuda = torch.cuda.is_available() and not args.dry_run
@@ -387,23 +414,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         fd = first_diffs(outputs[(name, "eager")], outputs[(name, "graphs")])
         entry: dict[str, Any] = {"first_diff": fd}
         if args.tf_steps:
-            tf = teacher_forced(runner, graphs, prompts, slots, args.tf_steps, args.budget, total_len)
-            e_rows, g_rows = tf["eager"].flatten(0, 1), tf["graphs"].flatten(0, 1)
-            entry["teacher_forced"] = compare_logits(e_rows, g_rows)
-            ref = None
-            if twin is not None:
-                refs, es, gs = [], [], []
-                for i in range(min(args.ref_seqs, args.num_seqs)):
-                    twin.set_adapter(adapters[slots[i]].weights() if slots[i] >= 0 else None)
-                    p = args.prompt_len
-                    refs.append(twin.logits(tf["seqs"][i][:p + args.tf_steps])[p:p + args.tf_steps].cpu())
-                    es.append(tf["eager"][:, i])
-                    gs.append(tf["graphs"][:, i])
-                ref_rows = torch.cat(refs)
-                ref = {"eager": compare_logits(ref_rows, torch.cat(es)),
-                       "graphs": compare_logits(ref_rows, torch.cat(gs))}
-                entry["fp32"] = ref
-            entry["verdict"] = verdict(entry["teacher_forced"], ref)
+            try:  # a diagnostic that fails must not cost the run's other figures: say why and go on
+                entry.update(graph_divergence(runner, graphs, twin, adapters, prompts, slots, args, total_len))
+            except Exception as e:  # noqa: BLE001
+                entry["error"] = f"{type(e).__name__}: {e}"
+                print(f"{name} teacher-forced check failed: {entry['error']}")
         diverge[name] = entry
         row = next(r for r in rows if r.workload == name and r.mode == "graphs")
         row.notes.append(f"{args.num_seqs - fd['differ']}/{args.num_seqs} sequences equal to eager")
@@ -416,8 +431,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.profile:
         prof = {}
         for name, mode in (("mixed", "eager"), ("mixed", "graphs"), ("base", "graphs")):
-            prof[f"{name} {mode}"] = profile_decode(runner, graphs, prompts, workloads[name], args.budget, mode,
-                                                    args.profile_steps, total_len)
+            try:
+                prof[f"{name} {mode}"] = profile_decode(runner, graphs, prompts, workloads[name], args.budget, mode,
+                                                        args.profile_steps, total_len)
+            except Exception as e:  # noqa: BLE001
+                diag.setdefault("errors", []).append(f"profile {name} {mode}: {type(e).__name__}: {e}")
+                print(diag["errors"][-1])
         diag["profile"] = prof
     runner.graphs = graphs
 

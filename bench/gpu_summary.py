@@ -87,9 +87,56 @@ def summarise(out: str) -> list[dict[str, Any]]:
             rows.append(dict(name=f"batch-1 ITL eager / graphs ({name})", value=eager_b1 / graph_b1, target=">= 2x",
                              met=eager_b1 / graph_b1 >= 2,
                              detail=f"{eager_b1:.2f} ms -> {graph_b1:.2f} ms; LoRA graph replays {lora}"))
+        diag = _diagnostic_rows(e)
+        rows += diag
         if e["args"].get("dry_run"):  # CPU figures of a tiny model say nothing about the targets
-            for r in rows[-3:]:
+            for r in rows[-3 - len(diag):]:
                 r["met"], r["detail"] = None, "dry run on CPU (no CUDA graphs): plumbing only; " + r["detail"]
+    return rows
+
+
+def _diagnostic_rows(e: dict[str, Any]) -> list[dict[str, Any]]:
+    """gpu_e2e's diagnostics as rows: graphs vs eager per workload (rounding or a bug), prefill step time with
+    the graphs attached vs eager (prefill never replays one), and the profiled decode device time."""
+    rows: list[dict[str, Any]] = []
+    d = e.get("diagnostics") or {}
+    rep = d.get("eager_repeat_mixed")
+    for name, g in (d.get("graphs_vs_eager") or {}).items():
+        fd, v = g["first_diff"], g.get("verdict")
+        detail = (f"{fd['seqs'] - fd['differ']}/{fd['seqs']} sequences equal"
+                  + (f", first differing token min {fd['min']} median {fd['median']} ({fd['at_token_0']} at 0, "
+                     f"{fd['at_token_1']} at 1)" if fd["differ"] else ""))
+        if name == "mixed" and rep:
+            detail += f"; eager vs eager again: {rep['seqs'] - rep['differ']}/{rep['seqs']} equal"
+        if v is None:
+            rows.append(dict(name=f"graph decode vs eager ({name})", value=None, target="rounding", met=None,
+                             detail=detail + "; no teacher-forced check"))
+            continue
+        tf = g["teacher_forced"]
+        rows.append(dict(name=f"graph decode vs eager ({name}): teacher-forced argmax agree %",
+                         value=100 * tf["argmax_agree"], target="rounding (graph err vs fp32 <= 2x eager's)",
+                         met=v["ok"], detail=f"{v['text']}; {detail}"))
+    by = {(r["workload"], r["mode"]): r for r in e["rows"]}
+    pe, pg = (by.get(("mixed", m), {}).get("prefill_ms") for m in ("eager", "graphs"))
+    if pe and pg:
+        me, mg = statistics.median(pe), statistics.median(pg)
+        he, hg = (statistics.median(by[("mixed", m)]["prefill_host_ms"]) for m in ("eager", "graphs"))
+        detail = f"p50 step {me:.1f} -> {mg:.1f} ms (host {he:.1f} -> {hg:.1f} ms)"
+        probe = d.get("prefill_probe_mixed")
+        if probe:
+            detail += (f"; alternated after captures: eager {probe['eager']['step_ms_p50']:.1f}, graphs "
+                       f"{probe['graphs']['step_ms_p50']:.1f} ms")
+        rows.append(dict(name="mixed prefill step, graphs mode / eager (no prefill graph)", value=mg / me,
+                         target="~1 (<= 1.2)", met=mg / me <= 1.2, detail=detail))
+    prof = d.get("profile") or {}
+    mixed, base = prof.get("mixed graphs"), prof.get("base graphs")
+    if mixed and base:
+        gap = (mixed["total_us_per_step"] - base["total_us_per_step"]) / 1e3
+        top = ", ".join(f"{t['name'][:40]} {t['us_per_step']:.0f} us" for t in mixed["top"][:3])
+        rows.append(dict(name=f"mixed - base profiled {mixed['activity']} time per decode step, graphs (ms)",
+                         value=gap, target="(diagnostic)", met=None,
+                         detail=f"mixed {mixed['total_us_per_step'] / 1e3:.2f} ms, base "
+                                f"{base['total_us_per_step'] / 1e3:.2f} ms; mixed top: {top}"))
     return rows
 
 
