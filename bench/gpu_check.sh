@@ -7,7 +7,9 @@
 #   2. shrink/expand micro-benchmark (tokens 1-256, hidden 4096, ranks 8-64, 1-64 adapters; % of HBM roofline)
 #   3. paged decode attention micro-benchmark (context 512-8k; GB/s of KV read, % of HBM peak)
 #   4. end to end: ~1B random Llama, 64 distinct r=16 adapters, base vs mixed, eager vs CUDA graphs (LoRA decode
-#      steps replay their own graphs: batch-1 ITL eager vs graphs for base and for mixed)
+#      steps replay their own graphs: batch-1 ITL eager vs graphs for base and for mixed), with diagnostics:
+#      where graph outputs part from eager and whether that is rounding (teacher-forced logits, fp32 twin),
+#      per-step prefill times (graphs attached vs not), and a profile of a few decode steps (top kernels)
 #   5. summary.md (a short table with the targets) + summary.json
 # Installs nothing: uses ./.venv if it has CUDA torch + triton, else python3.
 # Everything lands in $OUT (default ./gpu_out) as at most 8 files (what the device tool returns):
@@ -62,7 +64,7 @@ if [[ $DRY -eq 1 ]]; then
   step "bench_attention --dry-run" 300 "$PY" -m bench.bench_attention --dry-run --out "$OUT/bench_attention.json"
   step "pytest capturable LoRA (fixed-shape launches, graph template)" 600 "$PY" -m pytest -q -p no:cacheprovider \
     tests/kernels/test_capturable_lora.py tests/model/test_lora_graphs.py -k "decode or twins"
-  step "gpu_e2e --dry-run" 600 "$PY" -m bench.gpu_e2e --dry-run --out "$OUT/gpu_e2e.json"
+  step "gpu_e2e --dry-run --profile" 600 "$PY" -m bench.gpu_e2e --dry-run --profile --out "$OUT/gpu_e2e.json"
   step "compile_check (real Triton to sm_90 cubins, no GPU)" 900 env -u TRITON_INTERPRET "$PY" -m bench.compile_check
 else
   unset TRITON_INTERPRET  # the interpreter would run the kernels on the host
@@ -81,7 +83,8 @@ else
     tests/model/test_paged_backend.py tests/model/test_lora_graphs.py -q -rs --durations=5 \
     -p no:cacheprovider
   # the end-to-end run before the micro-benchmarks: the budget cuts the least important steps last
-  step "gpu_e2e" 180 "$PY" -m bench.gpu_e2e --out "$OUT/gpu_e2e.json"
+  # ~37 s of runs (2026-11-29 H200) + ~30 s of diagnostics (fp32 twin, teacher-forced steps, profiles)
+  step "gpu_e2e --profile" 240 "$PY" -m bench.gpu_e2e --profile --out "$OUT/gpu_e2e.json"
   step "bench_kernels (bf16)" 90 "$PY" -m bench.bench_kernels --dtype bfloat16 --ranks r8 r16 r64 mixed \
     --iters 30 --out "$OUT/bench_kernels.json"
   step "bench_fused (bf16: q/k/v eager, fixed, fused; fixed and fused from CUDA graphs)" 45 "$PY" -m bench.bench_fused \
