@@ -222,33 +222,42 @@ def teacher_forced(runner, graphs, prompts: list[list[int]], slots: list[int], s
     return {"eager": torch.stack(eager), "graphs": torch.stack(graph), "seqs": seqs}
 
 
-def profile_decode(runner, graphs, prompts: list[list[int]], slots: list[int], budget: int, mode: str,  # noqa: ANN001
-                   steps: int, total_len: int) -> dict:
-    """torch.profiler over `steps` decode steps (after the prefill and one unprofiled step): the top kernels
-    by device time on CUDA, the top CPU ops elsewhere (`bench.gpu_diag.top_ops`), plus the wall ms per step."""
+def profile_steps(runner, graphs, prompts: list[list[int]], slots: list[int], budget: int, mode: str,  # noqa: ANN001
+                  phase: str, steps: int, total_len: int) -> dict:
+    """torch.profiler over the whole chunked prefill (`phase` "prefill") or over `steps` decode steps after the
+    prefill and one unprofiled step ("decode"). Returns per step: the top CUDA kernels by device time (on CUDA)
+    and the top CPU-side entries by self CPU time (ops and CUDA runtime calls: a cudaMalloc or a stream sync
+    shows there), plus the wall ms per step under the profiler (`bench.gpu_diag.top_ops`)."""
     from torch.profiler import ProfilerActivity, profile
 
     from bench.gpu_diag import top_ops
 
     runner.graphs = graphs if mode == "graphs" else None
     tables = block_tables(runner, len(prompts), total_len)
-    seqs, _, _, _ = prefill(runner, prompts, slots, budget, tables)
-
-    def step() -> None:
-        for s, t in zip(seqs, decode_step(runner, seqs, tables, slots).argmax(-1).tolist(), strict=True):
-            s.append(t)
-
-    step()
     cuda = runner.device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        wall = time.perf_counter() - t
-    out = top_ops(prof.key_averages(), steps, cuda)
-    out["wall_ms_per_step"] = 1e3 * wall / steps  # with the profiler's overhead
-    return out
+    if phase == "prefill":
+        with profile(activities=acts) as prof:
+            t = time.perf_counter()
+            _, _, pre, _ = prefill(runner, prompts, slots, budget, tables)
+            wall = time.perf_counter() - t
+        steps = len(pre)
+    else:
+        seqs, _, _, _ = prefill(runner, prompts, slots, budget, tables)
+
+        def step() -> None:
+            for s, t in zip(seqs, decode_step(runner, seqs, tables, slots).argmax(-1).tolist(), strict=True):
+                s.append(t)
+
+        step()
+        with profile(activities=acts) as prof:
+            t = time.perf_counter()
+            for _ in range(steps):
+                step()
+            wall = time.perf_counter() - t
+    avg = prof.key_averages()
+    return {"phase": phase, "steps": steps, "wall_ms_per_step": 1e3 * wall / steps,  # with the profiler's overhead
+            "kernels": top_ops(avg, steps, True) if cuda else None, "cpu": top_ops(avg, steps, False)}
 
 
 def graph_divergence(runner, graphs, twin, adapters: list, prompts: list[list[int]], slots: list[int],  # noqa: ANN001
@@ -301,7 +310,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     ap.add_argument("--ref-seqs", type=int, default=4,
                     help="sequences per workload also compared against a float32 Hugging Face twin (0: none)")
     ap.add_argument("--profile", action="store_true",
-                    help="torch.profiler over a few decode steps: mixed eager, mixed graphs, base graphs")
+                    help="torch.profiler over a few decode steps (mixed eager, mixed graphs, base graphs) and over "
+                         "the mixed prefill (eager, graphs attached): top kernels and CPU-side calls")
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--cache", default="/tmp/peftserve-bench")
     ap.add_argument("--out", default=None)
@@ -430,12 +440,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     if args.profile:
         prof = {}
-        for name, mode in (("mixed", "eager"), ("mixed", "graphs"), ("base", "graphs")):
+        for name, mode, phase in (("mixed", "eager", "decode"), ("mixed", "graphs", "decode"),
+                                  ("base", "graphs", "decode"), ("mixed", "eager", "prefill"),
+                                  ("mixed", "graphs", "prefill")):
             try:
-                prof[f"{name} {mode}"] = profile_decode(runner, graphs, prompts, workloads[name], args.budget, mode,
-                                                        args.profile_steps, total_len)
+                prof[f"{name} {mode} {phase}"] = profile_steps(runner, graphs, prompts, workloads[name], args.budget,
+                                                               mode, phase, args.profile_steps, total_len)
             except Exception as e:  # noqa: BLE001
-                diag.setdefault("errors", []).append(f"profile {name} {mode}: {type(e).__name__}: {e}")
+                diag.setdefault("errors", []).append(f"profile {name} {mode} {phase}: {type(e).__name__}: {e}")
                 print(diag["errors"][-1])
         diag["profile"] = prof
     runner.graphs = graphs
@@ -497,11 +509,14 @@ def print_diagnostics(rows: list[Row], diag: dict[str, Any]) -> None:
         print(line)
         print(f"{name} verdict: {d['verdict']['text']}")
     for key, p in diag.get("profile", {}).items():
-        print(f"\nprofile {key}: {p['steps']} decode steps, {p['activity']} {p['total_us_per_step']:.0f} us/step "
-              f"(wall {p['wall_ms_per_step']:.2f} ms/step under the profiler)")
-        print(f"  {'us/step':>9} {'calls/step':>10}  name")
-        for t in p["top"]:
-            print(f"  {t['us_per_step']:9.1f} {t['calls_per_step']:10.1f}  {t['name']}")
+        for table in (p["kernels"], p["cpu"]):
+            if table is None:
+                continue
+            print(f"\nprofile {key}: {p['steps']} steps, {table['activity']} {table['total_us_per_step']:.0f} us/step "
+                  f"(wall {p['wall_ms_per_step']:.2f} ms/step under the profiler)")
+            print(f"  {'us/step':>9} {'calls/step':>10}  name")
+            for t in table["top"]:
+                print(f"  {t['us_per_step']:9.1f} {t['calls_per_step']:10.1f}  {t['name']}")
 
 
 if __name__ == "__main__":

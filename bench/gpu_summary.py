@@ -129,14 +129,29 @@ def _diagnostic_rows(e: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(dict(name="mixed prefill step, graphs mode / eager (no prefill graph)", value=mg / me,
                          target="~1 (<= 1.2)", met=mg / me <= 1.2, detail=detail))
     prof = d.get("profile") or {}
-    mixed, base = prof.get("mixed graphs"), prof.get("base graphs")
+    mixed, base = prof.get("mixed graphs decode"), prof.get("base graphs decode")
     if mixed and base:
-        gap = (mixed["total_us_per_step"] - base["total_us_per_step"]) / 1e3
-        top = ", ".join(f"{t['name'][:40]} {t['us_per_step']:.0f} us" for t in mixed["top"][:3])
-        rows.append(dict(name=f"mixed - base profiled {mixed['activity']} time per decode step, graphs (ms)",
+        mt, bt = (p["kernels"] or p["cpu"] for p in (mixed, base))
+        gap = (mt["total_us_per_step"] - bt["total_us_per_step"]) / 1e3
+        top = ", ".join(f"{t['name'][:40]} {t['us_per_step']:.0f} us" for t in mt["top"][:3])
+        rows.append(dict(name=f"mixed - base profiled {mt['activity']} time per decode step, graphs (ms)",
                          value=gap, target="(diagnostic)", met=None,
-                         detail=f"mixed {mixed['total_us_per_step'] / 1e3:.2f} ms, base "
-                                f"{base['total_us_per_step'] / 1e3:.2f} ms; mixed top: {top}"))
+                         detail=f"mixed {mt['total_us_per_step'] / 1e3:.2f} ms, base "
+                                f"{bt['total_us_per_step'] / 1e3:.2f} ms; mixed top: {top}"))
+    pe_, pg_ = prof.get("mixed eager prefill"), prof.get("mixed graphs prefill")
+    if pe_ and pg_:
+        te, tg = (p["kernels"] or p["cpu"] for p in (pe_, pg_))
+        cpu_top = ", ".join(f"{t['name'][:30]} {t['us_per_step']:.0f} us" for t in pg_["cpu"]["top"][:3])
+        rows.append(dict(name=f"mixed prefill profiled {te['activity']} per step, graphs attached / eager",
+                         value=tg["total_us_per_step"] / te["total_us_per_step"] if te["total_us_per_step"] else None,
+                         target="(diagnostic)", met=None,
+                         detail=f"wall {pe_['wall_ms_per_step']:.1f} -> {pg_['wall_ms_per_step']:.1f} ms/step; "
+                                f"graphs-attached CPU top: {cpu_top}"))
+    errors = list(d.get("errors") or []) + ([f"fp32 twin: {d['fp32_twin_error']}"] if d.get("fp32_twin_error") else [])
+    errors += [f"{n}: {g['error']}" for n, g in (d.get("graphs_vs_eager") or {}).items() if g.get("error")]
+    if errors:
+        rows.append(dict(name="gpu_e2e diagnostics that failed", value=len(errors), target="0", met=False,
+                         detail="; ".join(errors)[:400]))
     return rows
 
 

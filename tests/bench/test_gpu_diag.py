@@ -119,10 +119,19 @@ def test_summary_rows_from_the_diagnostics(tmp_path: Path) -> None:
             "mixed": {"first_diff": first_diffs([[1, 2]] * 4, [[1, 3]] * 4), "teacher_forced": tf, "fp32": fp32,
                       "verdict": verdict(tf, fp32)}},
         "prefill_probe_mixed": {m: {"step_ms_p50": 50.0} for m in ("eager", "graphs")},
-        "profile": {f"{w} graphs": {"activity": "cuda kernels", "steps": 2, "total_us_per_step": us,
-                                    "top": [{"name": "lora_kernel", "calls_per_step": 32.0, "us_per_step": us}]}
+        "profile": {f"{w} graphs decode": {"phase": "decode", "steps": 2, "wall_ms_per_step": 9.0, "cpu": None,
+                                           "kernels": {"activity": "cuda kernels", "steps": 2, "total_us_per_step": us,
+                                                       "top": [{"name": "lora_kernel", "calls_per_step": 32.0,
+                                                                "us_per_step": us}]}}
                     for w, us in (("mixed", 5000.0), ("base", 2500.0))},
+        "errors": ["profile base graphs decode: RuntimeError: CUPTI"],
     }
+    for mode, us in (("eager", 8000.0), ("graphs", 12000.0)):
+        diag["profile"][f"mixed {mode} prefill"] = {
+            "phase": "prefill", "steps": 4, "wall_ms_per_step": us / 1e3,
+            "kernels": {"activity": "cuda kernels", "steps": 4, "total_us_per_step": us, "top": []},
+            "cpu": {"activity": "cpu ops", "steps": 4, "total_us_per_step": 1.0,
+                    "top": [{"name": "cudaMalloc", "calls_per_step": 9.0, "us_per_step": 700.0}]}}
     e2e = {"args": {"dry_run": False}, "rows": [row("base", "eager", [10.0] * 4), row("mixed", "eager", [30.0] * 4),
                                                  row("base", "graphs", [10.0] * 4), row("mixed", "graphs", [60.0] * 4)],
            "diagnostics": diag}
@@ -136,3 +145,7 @@ def test_summary_rows_from_the_diagnostics(tmp_path: Path) -> None:
     assert p["value"] == 2.0 and p["met"] is False and "host 15.0 -> 30.0 ms" in p["detail"]
     gap = rows["mixed - base profiled cuda kernels time per decode step, graphs (ms)"]
     assert gap["value"] == 2.5 and gap["met"] is None and "lora_kernel 5000 us" in gap["detail"]
+    pp = rows["mixed prefill profiled cuda kernels per step, graphs attached / eager"]
+    assert pp["value"] == 1.5 and "8.0 -> 12.0 ms/step" in pp["detail"] and "cudaMalloc 700 us" in pp["detail"]
+    err = rows["gpu_e2e diagnostics that failed"]
+    assert err["value"] == 1 and err["met"] is False and "CUPTI" in err["detail"]
