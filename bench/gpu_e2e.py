@@ -410,6 +410,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
             mode: {"step_ms_p50": _p50(probe[mode]), "host_ms_p50": _p50(probe_host[mode]),
                    "build_ms_p50": _p50(probe_build[mode]), "step_ms": probe[mode]} for mode in probe}
         diag["prefill_probe_mixed"]["allocator"] = {k: alloc1[k] - alloc0[k] for k in alloc1}
+        # then without any captured graph (their private memory pool freed): fast again -> the captures' state
+        dropped = len(graphs.graphs)
+        graphs.graphs.clear()  # the next graph step captures anew
+        if cuda:
+            torch.cuda.empty_cache()
+        runner.graphs = None
+        after: list[float] = []
+        for _ in range(2):
+            r = run_workload(runner, prompts, workloads["mixed"], 1, args.budget)
+            after += [p["ms"] for p in r["prefill_steps"]]
+        diag["prefill_probe_mixed"]["eager_after_dropping_graphs"] = {"graphs_dropped": dropped,
+                                                                      "step_ms_p50": _p50(after), "step_ms": after}
 
     # question 1: the same tokens either way (greedy)? where they part, and whether that is rounding
     diverge: dict[str, Any] = {}
@@ -490,7 +502,9 @@ def print_diagnostics(rows: list[Row], diag: dict[str, Any]) -> None:
         print("mixed prefill probe (after all captures, modes alternated): "
               + "; ".join(f"{m} wall {probe[m]['step_ms_p50']:.2f} host {probe[m]['host_ms_p50']:.2f} "
                           f"build {probe[m]['build_ms_p50']:.2f} ms" for m in ("eager", "graphs"))
-              + f"; allocator {probe['allocator'] or '-'}")
+              + f"; allocator {probe['allocator'] or '-'}; eager after dropping "
+              f"{probe['eager_after_dropping_graphs']['graphs_dropped']} captured graphs: wall "
+              f"{probe['eager_after_dropping_graphs']['step_ms_p50']:.2f} ms")
     rep = diag.get("eager_repeat_mixed")
     if rep:
         print(f"mixed eager run twice: {rep['seqs'] - rep['differ']}/{rep['seqs']} sequences equal"

@@ -126,6 +126,8 @@ def _diagnostic_rows(e: dict[str, Any]) -> list[dict[str, Any]]:
         if probe:
             detail += (f"; alternated after captures: eager {probe['eager']['step_ms_p50']:.1f}, graphs "
                        f"{probe['graphs']['step_ms_p50']:.1f} ms")
+            if "eager_after_dropping_graphs" in probe:
+                detail += f", eager with no captured graph {probe['eager_after_dropping_graphs']['step_ms_p50']:.1f} ms"
         rows.append(dict(name="mixed prefill step, graphs mode / eager (no prefill graph)", value=mg / me,
                          target="~1 (<= 1.2)", met=mg / me <= 1.2, detail=detail))
     prof = d.get("profile") or {}

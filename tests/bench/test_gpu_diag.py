@@ -118,7 +118,8 @@ def test_summary_rows_from_the_diagnostics(tmp_path: Path) -> None:
             "base": {"first_diff": first_diffs([[1, 2]] * 4, [[1, 2]] * 4)},
             "mixed": {"first_diff": first_diffs([[1, 2]] * 4, [[1, 3]] * 4), "teacher_forced": tf, "fp32": fp32,
                       "verdict": verdict(tf, fp32)}},
-        "prefill_probe_mixed": {m: {"step_ms_p50": 50.0} for m in ("eager", "graphs")},
+        "prefill_probe_mixed": {**{m: {"step_ms_p50": 50.0} for m in ("eager", "graphs")},
+                                "eager_after_dropping_graphs": {"graphs_dropped": 4, "step_ms_p50": 25.0}},
         "profile": {f"{w} graphs decode": {"phase": "decode", "steps": 2, "wall_ms_per_step": 9.0, "cpu": None,
                                            "kernels": {"activity": "cuda kernels", "steps": 2, "total_us_per_step": us,
                                                        "top": [{"name": "lora_kernel", "calls_per_step": 32.0,
@@ -143,6 +144,7 @@ def test_summary_rows_from_the_diagnostics(tmp_path: Path) -> None:
     assert rows["graph decode vs eager (base)"]["detail"].startswith("4/4 sequences equal")
     p = rows["mixed prefill step, graphs mode / eager (no prefill graph)"]
     assert p["value"] == 2.0 and p["met"] is False and "host 15.0 -> 30.0 ms" in p["detail"]
+    assert "graphs 50.0 ms, eager with no captured graph 25.0 ms" in p["detail"]
     gap = rows["mixed - base profiled cuda kernels time per decode step, graphs (ms)"]
     assert gap["value"] == 2.5 and gap["met"] is None and "lora_kernel 5000 us" in gap["detail"]
     pp = rows["mixed prefill profiled cuda kernels per step, graphs attached / eager"]
