@@ -447,6 +447,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
         if fd["differ"]:
             row.notes.append(f"first differing token min {fd['min']} median {fd['median']} "
                              f"({fd['at_token_0']} at token 0, {fd['at_token_1']} at 1)")
+        v = entry.get("verdict")
+        if v is not None:
+            x = v["graph_over_eager_err"]
+            row.notes.append(f"verdict: {'rounding' if v['ok'] else 'SUSPECT'} (teacher-forced argmax agree "
+                             f"{100 * entry['teacher_forced']['argmax_agree']:.0f} %"
+                             + (f", err vs fp32 {x:.2f}x eager's)" if x is not None else ")"))
     diag["graphs_vs_eager"] = diverge
     del twin
 
