@@ -13,6 +13,18 @@ each eagerly (`--enforce-eager`) and with CUDA graphs for decode: base steps rep
 their bucket, mixed steps the LoRA graph (fixed-shape LoRA metadata, `kernels/capturable.py`), so the
 batch-1 ITL is compared eager vs graphs for both workloads.
 
+Diagnostics (in the JSON's "diagnostics" and printed after the table; `bench/gpu_diag.py`):
+  graphs vs eager  per sequence the first differing greedy token; the mixed eager run repeated (does eager
+                   even repeat itself?); teacher-forced decode steps (same tokens, positions and KV history)
+                   through the graphs and eagerly: max |logit diff| against the logits' scale and argmax
+                   agreement; both against a float32 Hugging Face twin on `--ref-seqs` sequences; a verdict
+                   (rounding when the graph path's error vs fp32 is <= 2x eager's and flips are near ties);
+  prefill          per step of each measured run: wall, host (execute returned) and build_step ms, graph
+                   captures and caching-allocator counters; the mixed prefill alternated with and without the
+                   graphs attached after every capture, then again with every captured graph dropped;
+  --profile        torch.profiler over a few decode steps (mixed eager, mixed graphs, base graphs) and the
+                   mixed prefill (eager, graphs attached): top CUDA kernels and top CPU-side calls per step.
+
 Default model: hidden 2048, 16 layers, 32 heads / 8 KV heads (head_dim 64), MLP 8192 (~0.97B
 parameters without the embedding; byte vocabulary). `--dry-run`: tiny shapes on CPU, attention
 through the Triton interpreter, the graph path through its eager template (same buffers, same
