@@ -193,6 +193,15 @@ def decode_step(runner, seqs: list[list[int]], tables: list[list[int]], slots: l
                            for i, s in enumerate(seqs)])
 
 
+def decode_bytes_bound(params: int, adapters: list, distinct: int, itemsize: int) -> dict[str, float]:  # noqa: ANN001
+    """What a memory-bound decode step reads: the base weights once, plus the A/B of every distinct adapter in
+    the batch (the first `distinct` adapters; all alike here). `ratio` = base / (base + LoRA) bytes: the
+    mixed/base tokens/s a step reaches when both stream their weights at the same bandwidth (KV ignored)."""
+    lora = sum(sum(w.a.numel() + w.b.numel() for w in ad.modules.values()) for ad in adapters[:distinct]) * itemsize
+    base = params * itemsize
+    return {"base_mb": base / 1e6, "lora_mb": lora / 1e6, "distinct": distinct, "ratio": base / (base + lora)}
+
+
 def run_workload(runner, prompts: list[list[int]], slots: list[int], output_len: int, budget: int,  # noqa: ANN001
                  builds: list[float] | None = None) -> dict:
     """Prefill (chunked under `budget` tokens per step), then decode all; timings in seconds."""
@@ -364,6 +373,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu (dry run)'}; dtype {runner.dtype}; "
           f"{params / 1e9:.2f}B params; {args.adapters} adapters r{args.rank}; "
           f"set-up {time.perf_counter() - t_build:.1f}s")
+    bound = decode_bytes_bound(params, adapters, min(args.num_seqs, args.adapters), runner.dtype.itemsize)
+    print(f"a full decode step reads {bound['base_mb']:.1f} MB of base weights and {bound['lora_mb']:.1f} MB of "
+          f"LoRA A/B ({bound['distinct']} distinct adapters): mixed/base is at most {bound['ratio']:.2f} when "
+          "both run at the same bandwidth")
 
     import random
 
@@ -501,7 +514,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print_diagnostics(rows, diag)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "dtype": str(runner.dtype), "params": params,
+            json.dump({"args": vars(args), "dtype": str(runner.dtype), "params": params, "decode_bytes_bound": bound,
                        "rows": [asdict(r) for r in rows], "diagnostics": diag}, f, indent=1)
         print(f"wrote {args.out}")
     return rows

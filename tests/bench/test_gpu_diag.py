@@ -135,7 +135,8 @@ def test_summary_rows_from_the_diagnostics(tmp_path: Path) -> None:
                     "top": [{"name": "cudaMalloc", "calls_per_step": 9.0, "us_per_step": 700.0}]}}
     e2e = {"args": {"dry_run": False}, "rows": [row("base", "eager", [10.0] * 4), row("mixed", "eager", [30.0] * 4),
                                                  row("base", "graphs", [10.0] * 4), row("mixed", "graphs", [60.0] * 4)],
-           "diagnostics": diag}
+           "diagnostics": diag, "decode_bytes_bound": {"base_mb": 1946.0, "lora_mb": 1443.0, "distinct": 64,
+                                                        "ratio": 0.574}}
     (tmp_path / "gpu_e2e.json").write_text(json.dumps(e2e))
     rows = {r["name"]: r for r in summarise(str(tmp_path))}
     v = rows["graph decode vs eager (mixed): teacher-forced argmax agree %"]
@@ -149,5 +150,24 @@ def test_summary_rows_from_the_diagnostics(tmp_path: Path) -> None:
     assert gap["value"] == 2.5 and gap["met"] is None and "lora_kernel 5000 us" in gap["detail"]
     pp = rows["mixed prefill profiled cuda kernels per step, graphs attached / eager"]
     assert pp["value"] == 1.5 and "8.0 -> 12.0 ms/step" in pp["detail"] and "cudaMalloc 700 us" in pp["detail"]
+    assert "bytes bound 0.57 (1443 MB LoRA / 1946 MB base a step)" in rows[
+        "mixed 64 adapters / base tokens/s (graphs mode)"]["detail"]
     err = rows["gpu_e2e diagnostics that failed"]
     assert err["value"] == 1 and err["met"] is False and "CUPTI" in err["detail"]
+
+
+def test_decode_bytes_bound_counts_each_distinct_adapter_once(tmp_path: Path) -> None:
+    """The mixed/base ceiling of a memory-bound decode step: base weights + the A/B of the distinct adapters
+    in the batch, by hand for a 2-layer shape; and the summary row names it."""
+    from bench.gpu_e2e import decode_bytes_bound, random_lora
+    from server.model.shapes import BaseModelInfo
+
+    info = BaseModelInfo(model_type="llama", num_layers=2, hidden_size=64, intermediate_size=128,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256)
+    adapters = [random_lora(info, 4, seed=s) for s in range(3)]
+    # per layer: A = r x (5 x 64 + 128 + 64 (o's input: 4 heads x 16)), B = r x (64 + 32 + 32 + 64 + 128 + 128 + 64)
+    per_adapter = 2 * 4 * ((64 * 5 + 128 + 64) + (64 + 32 + 32 + 64 + 128 + 128 + 64))
+    got = decode_bytes_bound(10_000, adapters, 2, 2)
+    assert got["lora_mb"] * 1e6 == 2 * per_adapter * 2  # two distinct adapters, 2 bytes an element
+    assert got["ratio"] == 20_000 / (20_000 + 4 * per_adapter)
+    assert decode_bytes_bound(10_000, adapters, 3, 2)["ratio"] < got["ratio"]  # one more adapter, more bytes
