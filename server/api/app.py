@@ -84,7 +84,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics(request: Request) -> Response:
         """Prometheus text format; gauges are sampled from the engine now."""
         peft = request.app.state.peft
-        text = peft.metrics.render()
+        text = peft.metrics_text() if peft.metrics_text is not None else peft.metrics.render()
         if peft.tenants is not None:  # a tenant key sees only its own tenant's and adapters' series
             text = peft.tenants.filter_metrics(principal_of(request), text)
         return Response(text, media_type=CONTENT_TYPE_LATEST)

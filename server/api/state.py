@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,9 @@ class ServerState:
     finetune: Any = None  # server.train.manager.FineTuning: files and fine-tuning jobs
     assistants: Any = None  # server.api.assistants.Assistants when the store is enabled
     tenants: Any = None  # server.tenants.service.Tenants: tenant keys, quotas, ownership (with the store)
+    # what /metrics renders when not this process's own registry (the Ray writer: every replica's, merged);
+    # the same key check and per-tenant filter apply to it
+    metrics_text: Callable[[], bytes] | None = None
 
     @property
     def model(self) -> ModelInfo:

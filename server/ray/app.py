@@ -157,6 +157,9 @@ class StoreWriter:
         s = _settings(settings, device="cpu", kv_cache_blocks=None, max_num_seqs=1)
         self.state, self.app = _start_state(s, fine_tuning=True)
         self.reports: dict[str, tuple[float, str]] = {}
+        # the ingress relays /metrics here: the replicas' merged text, behind the single server's key check
+        # (--metrics-require-key) and per-tenant filter
+        self.state.metrics_text = lambda: merge_metrics(self.metrics()).encode()
 
     def base_name(self) -> str:
         return self.state.base_name
@@ -381,6 +384,13 @@ ingress_app = FastAPI(title="peftserve (Ray Serve)", docs_url=None, redoc_url=No
 _HOP = {"content-length", "transfer-encoding", "connection"}
 
 
+def _asgi_request(request: Request, body: bytes) -> dict[str, Any]:
+    """What `http` of a writer or replica replays through its ASGI app (`server/ray/asgi.py`)."""
+    return {"method": request.method, "path": request.url.path, "query": request.url.query.encode(),
+            "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()],
+            "body": body}
+
+
 @serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=1024)
 @serve.ingress(ingress_app)
 class Ingress:
@@ -434,18 +444,15 @@ class Ingress:
         return {"status": "ok"}
 
     @ingress_app.get("/metrics")
-    async def metrics(self) -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        reports = await self.writer.metrics.remote()
-        return Response(merge_metrics(reports), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(self, request: Request) -> Response:
+        """Every replica's metrics merged (a `replica` label), through the writer's app: a tenant key sees only
+        its own series and `--metrics-require-key` closes it, as on a single server."""
+        return await self._relay(self.writer.options(stream=True).http, _asgi_request(request, b""), retry=False)
 
     @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def forward(self, request: Request, path: str) -> Response:
         body = await request.body()
-        fwd = {"method": request.method, "path": request.url.path, "query": request.url.query.encode(),
-               "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()],
-               "body": body}
+        fwd = _asgi_request(request, body)
         p = request.url.path
         if p.startswith(WRITER_PREFIXES) or p in ("/v1/evals",):
             resp = await self._relay(self.writer.options(stream=True).http, fwd, retry=False)

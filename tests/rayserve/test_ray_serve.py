@@ -503,6 +503,21 @@ def test_tenant_keys_on_replicas(cluster: httpx.Client, adapters: dict[str, Any]
         wait_for(lambda: usage()["requests"] >= served, "acme's usage to count the replicas' requests")
         assert usage()["rejected"] == {"storage_bytes": 1}
 
+        # /metrics through the ingress (every replica's, merged by the writer): filtered per tenant key as on a
+        # single server. The admin sees acme's series from both replicas; acme sees its own; globex none of them.
+        def scrape(c: httpx.Client) -> str:
+            r = c.get("/metrics")
+            assert r.status_code == 200, r.text
+            return r.text
+
+        everything = scrape(cluster)
+        assert 'adapter="acme.lora"' in everything and 'tenant="acme"' in everything
+        assert {ln.split('replica="')[1].split('"')[0] for ln in everything.splitlines()
+                if 'adapter="acme.lora"' in ln} == set(got), "acme's series from both replicas"
+        mine, theirs = scrape(acme), scrape(globex)
+        assert 'adapter="acme.lora"' in mine and 'tenant="acme"' in mine and "globex.lora" not in mine
+        assert "acme" not in theirs and 'replica="' in theirs
+
         # requests_per_minute is per replica: each replica admits one, then refuses
         rpm = new_key("acme", requests_per_minute=1)
         with httpx.Client(base_url=base_url, timeout=120, headers=_auth(rpm["key"])) as one:
