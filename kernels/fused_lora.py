@@ -20,11 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.capturable import FIXED_BLOCK_R, FixedLoRAMeta, _check, shrink_fixed_config
+from kernels.capturable import FIXED_BLOCK_R, FixedLoRAMeta, LaunchConfig, _check, expand_launch, shrink_launch
 from kernels.pages import resolve_pages
 from kernels.triton_common import expand_add, load_tile_at, page_offsets, shrink_acc
-from kernels.triton_expand import expand_config
-from kernels.triton_shrink import _split_k
 
 MAX_MODULES = 3
 
@@ -163,6 +161,7 @@ def lora_apply_fused(
     meta: FixedLoRAMeta,
     *,
     split_k: int | None = None,
+    config: LaunchConfig | None = None,  # tuning overrides of both launches (None: the tables')
 ) -> None:
     """ys[m][t] += scales_m[s] * (x[t] @ A_m,s.T) @ B_m,s.T for every adapter row t of slot s, every module m,
     in one shrink launch and one expand launch (grids from shapes only: capturable)."""
@@ -190,27 +189,23 @@ def lora_apply_fused(
     if any(r[6] != r_max for r in resolved):
         raise ValueError(f"modules differ in R_max {[r[6] for r in resolved]}: the fused h holds one width per module")
     k = x.shape[1]
-    block_k, num_warps = shrink_fixed_config(k)
     n_rb = triton.cdiv(r_max, FIXED_BLOCK_R)
     n_tiles = meta.tiles.shape[0]
     programs = nm * n_tiles * n_rb
-    if split_k is None:
-        split_k = _split_k(programs, k, block_k, x.device)
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)
+    sl = shrink_launch(k, programs, x.device, config, split_k)
     h = torch.zeros(x.shape[0], nm * r_max, dtype=torch.float32, device=x.device)
     cols = [list(c) for c in zip(*resolved, strict=True)]  # a, b, ranks, scales, pages, page_rank, r_max
     a_s, b_s, r_s, c_s, p_s, pr_s = (_pad3(c) for c in cols[:6])
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    _fused_shrink_kernel[(programs, split_k)](
+    _fused_shrink_kernel[(programs, sl.split_k)](
         x, meta.token_indices, meta.tiles, h, *a_s, *p_s, *r_s,
         *[t.stride(0) for t in a_s], *[t.stride(1) for t in a_s], *[t.stride(0) for t in p_s], *pr_s,
-        k, x.stride(0), h.stride(0), r_max, n_rb, k_per_split,
-        NUM_MODULES=nm, BLOCK_M=meta.block_m, BLOCK_R=FIXED_BLOCK_R, BLOCK_K=block_k, ATOMIC=split_k > 1,
-        PRECISION=prec, num_warps=num_warps,
+        k, x.stride(0), h.stride(0), r_max, n_rb, sl.k_per_split,
+        NUM_MODULES=nm, BLOCK_M=meta.block_m, BLOCK_R=FIXED_BLOCK_R, BLOCK_K=sl.block_k, ATOMIC=sl.split_k > 1,
+        PRECISION=prec, **sl.kw,
     )
     ns = [y.shape[1] for y in ys]
-    _, block_n, block_r, warps = expand_config(meta.block_m, max(ns))
+    block_n, block_r, kw = expand_launch(meta.block_m, max(ns), config)
     nbs = [triton.cdiv(n, block_n) for n in ns]
     y_s = _pad3(list(ys))
     ns3, nbs3 = _pad3(ns), nbs + [0] * (MAX_MODULES - nm)
@@ -218,5 +213,5 @@ def lora_apply_fused(
         h, meta.token_indices, meta.tiles, *b_s, *y_s, *p_s, *r_s, *c_s, *ns3, nbs3[0], nbs3[1],
         *[t.stride(0) for t in b_s], *[t.stride(1) for t in b_s], *[t.stride(2) for t in b_s],
         *[t.stride(0) for t in y_s], *[t.stride(0) for t in p_s], *pr_s, h.stride(0), r_max,
-        BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=block_r, PRECISION=prec, num_warps=warps,
+        BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=block_r, PRECISION=prec, **kw,
     )
