@@ -11,10 +11,14 @@
 #      where graph outputs part from eager and whether that is rounding (teacher-forced logits, fp32 twin),
 #      per-step prefill times (graphs attached vs not), and a profile of a few decode steps (top kernels)
 #   5. summary.md (a short table with the issue's targets) + summary.json
+#   6. (last, ~100 s) bench.tune_lora: a bounded sweep of the fixed/fused LoRA launches' block sizes, warps and
+#      split-K (kernels.capturable.LaunchConfig) at decode shapes, from CUDA graphs, each config checked against
+#      the default's output; its budget is what the script has left (at most 75 s)
 # Installs nothing: uses ./.venv if it has CUDA torch + triton, else python3.
 # Everything lands in $OUT (default ./gpu_out) as at most 8 files (what the device tool returns):
 #   gpu_check.log, bench_kernels.json, bench_fused.json, bench_attention.json, gpu_e2e.json, summary.json,
-#   summary.md (bench_bottleneck.json too on the GPU: 8 files)
+#   summary.md (bench_bottleneck.json too on the GPU: 8 files). The tune sweep writes no file of its own: its
+#   JSON goes under the key "tune" of bench_fused.json (created with that key alone if bench_fused did not run).
 #
 # Usage: bench/gpu_check.sh             on the GPU machine
 #        bench/gpu_check.sh --dry-run   the whole script on CPU with tiny shapes (Triton interpreter)
@@ -49,6 +53,12 @@ step() {  # step NAME TIMEOUT CMD...: run within what is left of the budget, log
   return 0
 }
 status=0
+tune_budget() {  # the sweep's own --budget-s: what the script has left after its step's start-up margin, <= 75 s
+  local left=$((BUDGET - 30 - ($(date +%s) - START) - 25))
+  [[ $left -gt 75 ]] && left=75
+  [[ $left -lt 5 ]] && left=5
+  echo "$left"
+}
 
 if [[ $DRY -eq 1 ]]; then
   PY=python3
@@ -66,6 +76,8 @@ if [[ $DRY -eq 1 ]]; then
     tests/kernels/test_capturable_lora.py tests/model/test_lora_graphs.py -k "decode or twins"
   step "gpu_e2e --dry-run --profile" 600 "$PY" -m bench.gpu_e2e --dry-run --profile --out "$OUT/gpu_e2e.json"
   step "compile_check (real Triton to sm_90 cubins, no GPU)" 900 env -u TRITON_INTERPRET "$PY" -m bench.compile_check
+  step "tune_lora --dry-run (LaunchConfig sweep plumbing, into bench_fused.json)" 300 "$PY" -m bench.tune_lora \
+    --dry-run --into "$OUT/bench_fused.json"
 else
   unset TRITON_INTERPRET  # the interpreter would run the kernels on the host
   PY=python3
@@ -94,6 +106,9 @@ else
   step "pytest paged attention grid (real Triton, fp16)" 90 "$PY" -m pytest tests/kernels/test_paged_attention.py \
     -q -p no:cacheprovider -k "not float32"
   step "bench_bottleneck (bf16)" 45 "$PY" -m bench.bench_bottleneck --dtype bfloat16 --out "$OUT/bench_bottleneck.json"
+  # last: the sweep stops itself at its budget and rewrites its JSON after every shape (a kill keeps those)
+  step "tune_lora (LaunchConfig sweep from CUDA graphs, into bench_fused.json)" 100 "$PY" -m bench.tune_lora \
+    --budget-s "$(tune_budget)" --into "$OUT/bench_fused.json"
 fi
 log "summary ($(date -u +%H:%M:%S))"  # always runs: it reports what the budget cut
 timeout 30 "$PY" -m bench.gpu_summary "$OUT" 2>&1 | tee -a "$LOG"

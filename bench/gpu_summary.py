@@ -58,7 +58,7 @@ def summarise(out: str) -> list[dict[str, Any]]:
                          detail=f"{len(vals)} shapes, min {min(vals):.1f} %" if vals else
                          f"no roofline on {k['device']} (CPU or unknown GPU)"))
     fz = _load(out, "bench_fused.json")
-    if fz is not None:  # fused q/k/v from a CUDA graph (what LoRA decode graphs replay); no separate target
+    if fz is not None and "rows" in fz:  # fused q/k/v from a CUDA graph (what LoRA decode graphs replay)
         dec = [r for r in fz["rows"] if r["tokens"] <= 16 and r["fused_graph_pct_roof"] is not None]
         vals = [r["fused_graph_pct_roof"] for r in dec]
         med = statistics.median(vals) if vals else None
@@ -67,6 +67,8 @@ def summarise(out: str) -> list[dict[str, Any]]:
                          target=">= 70 %", met=None if med is None else med >= 70,
                          detail=(f"{len(vals)} shapes; 3 fixed pairs / fused: median "
                                  f"{statistics.median(gain):.2f}x") if gain else f"no graph figures on {fz['device']}"))
+    if fz is not None and fz.get("tune"):
+        rows.append(_tune_row(fz["tune"]))
     a = _load(out, "bench_attention.json")
     if a is None:
         rows.append(dict(name="paged decode attention % of HBM peak at 4k", value=None, target=">= 70 %",
@@ -102,6 +104,26 @@ def summarise(out: str) -> list[dict[str, Any]]:
             for r in rows[-3 - len(diag):]:
                 r["met"], r["detail"] = None, "dry run on CPU (no CUDA graphs): plumbing only; " + r["detail"]
     return rows
+
+
+def _tune_row(t: dict[str, Any]) -> dict[str, Any]:
+    """bench.tune_lora's sweep (bench_fused.json "tune"): the best fused q/k/v launch config against the default,
+    both replayed from a CUDA graph (paired re-time), as the median speed-up over the q/k/v shapes swept."""
+    qkv = [s for s in t["shapes"] if s["group"] == "qkv" and s.get("speedup")]
+    med = statistics.median(s["speedup"] for s in qkv) if qkv else None
+    parts = [f"{s['model']} {s['tokens']}x{s['adapters']}: {s['default_us']:.1f} -> {s['best_us']:.1f} us "
+             f"({s['best_label']})" for s in qkv[:3]]
+    g = (t.get("summary") or {}).get("groups", {}).get("qkv")
+    if g:
+        parts.append(f"most often best {g['most_common_best']} ({g['times_best']}/{g['shapes']})")
+    wrong = sum(len(s["wrong"]) for s in t["shapes"])
+    parts.append(f"{len(t['shapes'])} shapes swept in {t.get('elapsed_s', 0):.0f} s, {wrong} configs refused"
+                 + ("" if t.get("complete") else f"; stopped: {t.get('stopped')}"))
+    detail = "; ".join(parts) if qkv else "no q/k/v shape finished: " + "; ".join(parts)
+    if t.get("dry_run"):
+        detail = "dry run on CPU (interpreter): plumbing only; " + detail
+    return dict(name="best fused q/k/v config vs default (graph), speed-up (median)", value=med,
+                target="(diagnostic)", met=None, detail=detail)
 
 
 def _diagnostic_rows(e: dict[str, Any]) -> list[dict[str, Any]]:
