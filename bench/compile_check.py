@@ -7,7 +7,8 @@ global inside a kernel, an unsupported dtype mix in tl.dot, a block below the MM
 shared memory). This script builds each kernel of `kernels/paged_attention.py` through Triton's real
 compiler down to a cubin (Triton ships ptxas) for the configurations the GPU path launches (bf16,
 fp16, and fp32 with --fp32; head_dim 64 and 128; splits, window, soft-capping) and prints the shared memory each
-needs, then the LoRA shrink/expand kernels at their decode configs (bf16, split-K atomics). Run it in a
+needs, then the LoRA shrink/expand kernels at their decode configs (bf16, split-K atomics) and at the edges of
+bench/tune_lora.py's sweep (BLOCK_K 256 with 8 warps and 2 stages, BLOCK_N 256 with 2 and 8 warps). Run it in a
 process without TRITON_INTERPRET (it refuses otherwise).
 """
 
@@ -46,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
                            options=dict(num_warps=num_warps, num_stages=num_stages))
         shown = {key: consts[key] for key in ("HEAD_DIM", "NUM_SPLITS", "USE_WINDOW", "SOFTCAP", "PRECISION")
                  if key in consts}
-        shown = shown or {key: v for key, v in consts.items() if key in ("ATOMIC", "FIXED", "BLOCK_N", "BLOCK_K")}
+        if "BLOCK_R" in consts:  # the LoRA kernels: their tile sizes and split-K / fixed-shape flags
+            shown = {key: v for key, v in consts.items() if key in ("ATOMIC", "FIXED", "BLOCK_N", "BLOCK_K")}
         first_ptr = next(t for t in types.values() if t.startswith("*"))
-        print(f"{fn.__name__:<22} {first_ptr:<6} {shown} ok "
+        print(f"{fn.__name__:<22} {first_ptr:<6} {shown} w{num_warps}/s{num_stages} ok "
               f"({time.perf_counter() - t0:.1f}s, shared {k.metadata.shared} B)")
 
     dtypes = ["bf16"] if args.quick else ["bf16", "fp16"] + (["fp32"] if args.fp32 else [])
@@ -139,7 +141,27 @@ def extra_kernels(build: Any) -> int:
                     **{f"r{i}_ptr": "*i32" for i in range(3)}, **{f"c{i}_ptr": "*fp32" for i in range(3)})
         build(fused._fused_expand_kernel, _types(fused._fused_expand_kernel, ptrs, consts), consts, 4)
         n += 1
+    n += tuned_kernels(build)
     return n
+
+
+def tuned_kernels(build: Any) -> int:
+    """The edges of bench/tune_lora.py's sweep (LaunchConfig overrides) in bf16: the widest shrink K block with
+    8 warps and 2 stages (split-K atomics), the widest expand N block with 2 and 8 warps."""
+    from kernels import fused_lora as fused
+
+    p = "*bf16"
+    consts = dict(NUM_MODULES=3, BLOCK_M=16, BLOCK_R=16, BLOCK_K=256, ATOMIC=True, PRECISION="tf32")
+    ptrs = dict(x_ptr=p, tok_ptr="*i64", tiles_ptr="*i32", h_ptr="*fp32", **{f"a{i}_ptr": p for i in range(3)},
+                **{f"p{i}_ptr": "*i32" for i in range(3)}, **{f"r{i}_ptr": "*i32" for i in range(3)})
+    build(fused._fused_shrink_kernel, _types(fused._fused_shrink_kernel, ptrs, consts), consts, 8, 2)
+    ptrs = dict(h_ptr="*fp32", tok_ptr="*i64", tiles_ptr="*i32", **{f"b{i}_ptr": p for i in range(3)},
+                **{f"y{i}_ptr": p for i in range(3)}, **{f"p{i}_ptr": "*i32" for i in range(3)},
+                **{f"r{i}_ptr": "*i32" for i in range(3)}, **{f"c{i}_ptr": "*fp32" for i in range(3)})
+    for warps in (2, 8):
+        consts = dict(BLOCK_M=16, BLOCK_N=256, BLOCK_R=16, PRECISION="tf32")
+        build(fused._fused_expand_kernel, _types(fused._fused_expand_kernel, ptrs, consts), consts, warps)
+    return 3
 
 
 if __name__ == "__main__":
