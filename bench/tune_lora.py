@@ -8,7 +8,7 @@ gpu_e2e Llama, kv 512, MLP 8192; hidden 4096 = Llama-3-8B, kv 1024, MLP 14336) t
 the fused gate/up pair and the fixed down pair; tokens x distinct adapters (64x64 = the e2e's decode step first,
 then 1x1, 16x8, 64x8, 16x1, 64x1). Per shape the sweep is coordinate-wise, so it fits a budget:
   1. shrink: BLOCK_K {64, 128, 256} x split-K {auto, 1, 2x auto, auto / 2} (expand at its default);
-  2. shrink warps {2, 8} around the best of 1;
+  2. shrink warps {2, 8} and stages {2, 4} around the best of 1;
   3. expand: BLOCK_N {64, 128, 256} x warps {2, 4, 8} on the best shrink;
 then the default and the best are timed again, alternated (paired: the speed-up survives drift).
 Each configuration's output (y0 + delta, bf16) must match the default's within 2 bf16 ulps of the largest
@@ -19,8 +19,9 @@ default itself is held to a float32 torch reference (`default_err`). Times are p
 `--budget-s` (default 90, compiles included) is checked before each configuration: the sweep stops there and
 still writes what it has; the JSON is rewritten after every shape, so even a killed run leaves the shapes done.
 `--into FILE` stores the result under the key "tune" of an existing JSON (gpu_check.sh: bench_fused.json).
-`--dry-run`: CPU, Triton interpreter, fp32, tiny shapes, three configurations (plumbing and the check only;
-times measure the interpreter).
+`--dry-run`: CPU, Triton interpreter, fp32, tiny shapes (one 4x2 case), the same sweep over a one-value grid
+(BLOCK_K 32 with split-K 1 and 2, warps 2, stages 2, BLOCK_N 32): plumbing and the check only; times are one
+interpreted call each.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ CASES = [(64, 64), (1, 1), (16, 8), (64, 8), (16, 1), (64, 1)]  # (tokens, disti
 MODELS = {"h2048": (2048, 512, 8192), "h4096": (4096, 1024, 14336)}  # hidden, kv out, MLP
 DRY_MODELS = {"tiny": (64, 16, 128)}
 GROUPS = ("qkv", "gate_up", "down")
+# the sweep's values per stage (None, the default, is always tried first)
+GRID = dict(block_k=(64, 128, 256), shrink_warps=(2, 8), shrink_stages=(2, 4), block_n=(64, 128, 256),
+            expand_warps=(2, 4, 8))
+DRY_GRID = dict(block_k=(32,), shrink_warps=(2,), shrink_stages=(2,), block_n=(32,), expand_warps=(2,))
 
 
 @dataclass
@@ -196,22 +201,21 @@ class Tuner:
                           default_err=float((ref.float() - want).abs().max()))
         run.ref, run.res = ref, res
         default = LaunchConfig()
-        if self.args.dry_run:
-            for cfg in _dry_configs(LaunchConfig):
-                run.trial(cfg)
-        else:
-            stage1 = [run.trial(default)]  # shrink: BLOCK_K x split-K, expand at its default
-            for bk in (64, 128, 256):
-                auto = _split_k(programs, k, bk, self.device)
-                for sk in (None, 1, 2 * auto, max(1, auto // 2)):
-                    stage1.append(run.trial(LaunchConfig(block_k=bk, split_k=sk)))
-            b1 = _best(stage1)
-            base = run.cfgs[b1.label] if b1 else default
-            b2 = _best([b1] + [run.trial(dataclasses.replace(base, shrink_warps=w)) for w in (2, 8)])
-            base = run.cfgs[b2.label] if b2 else base
-            for bn in (64, 128, 256):  # expand on the best shrink
-                for w in (2, 4, 8):
-                    run.trial(dataclasses.replace(base, block_n=bn, expand_warps=w))
+        grid = DRY_GRID if self.args.dry_run else GRID
+        stage1 = [run.trial(default)]  # 1. shrink: BLOCK_K x split-K {auto, 1, 2x auto, auto / 2}
+        for bk in grid["block_k"]:
+            auto = _split_k(programs, k, bk, self.device)
+            for sk in (None, 1, 2 * auto, max(1, auto // 2)):
+                stage1.append(run.trial(LaunchConfig(block_k=bk, split_k=sk)))
+        b1 = _best(stage1)
+        base = run.cfgs[b1.label] if b1 else default
+        stage2 = [b1] + [run.trial(dataclasses.replace(base, shrink_warps=w)) for w in grid["shrink_warps"]]
+        stage2 += [run.trial(dataclasses.replace(base, shrink_stages=st)) for st in grid["shrink_stages"]]
+        b2 = _best(stage2)  # 2. shrink warps, stages around the best of 1
+        base = run.cfgs[b2.label] if b2 else base
+        for bn in grid["block_n"]:  # 3. expand on the best shrink
+            for w in grid["expand_warps"]:
+                run.trial(dataclasses.replace(base, block_n=bn, expand_warps=w))
         best = _best(res.trials)
         if best is None:
             return res
@@ -288,11 +292,13 @@ class _Shape:
         tr = Trial(label=cfg.label(), launch=launch)
         try:
             y = self.y0.clone()
+            t0 = time.perf_counter()
             self.apply(y, cfg)
+            eager_us = (time.perf_counter() - t0) * 1e6  # the dry run's time (the interpreter's, one call)
             tr.max_err = float((y.float() - self.ref.float()).abs().max())
             tr.ok = bool(torch.isfinite(y).all()) and tr.max_err <= res.tol
             if tr.ok:
-                tr.us = self.time(cfg)
+                tr.us = self.time(cfg) if tn.cuda else eager_us
         except Exception as e:  # noqa: BLE001 - a config that fails is reported, the sweep goes on
             tr.ok, tr.error = False, f"{type(e).__name__}: {str(e)[:200]}"
             if tn.cuda:
@@ -363,13 +369,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out or args.into:
         print(f"wrote {args.out or args.into}" + (" (key 'tune')" if args.into else ""))
     return result
-
-
-def _dry_configs(launch_config: Any) -> list[Any]:
-    """The dry run's three configurations (tiny K = 64 / 128, N = 16..128): split-K with small K blocks and
-    stages, and narrow expand blocks."""
-    return [launch_config(), launch_config(block_k=32, split_k=2, shrink_warps=2, shrink_stages=2),
-            launch_config(block_n=32, expand_warps=2)]
 
 
 def _torch_reference(x: Any, y0: Any, mods: list, token_slots: list[int], ns: list[int], pages: Any, rank: int,

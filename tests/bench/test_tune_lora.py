@@ -15,7 +15,7 @@ import kernels.fused_lora as fl
 from bench import gpu_summary, tune_lora
 from tests.kernels.test_paged_lora import needs_interp
 
-WRONG = "block_n=32,expand_warps=2"  # the dry run's third configuration
+WRONG = "block_n=32,expand_warps=2"  # the dry grid's expand override (stage 3)
 
 
 @needs_interp
@@ -23,9 +23,10 @@ def test_dry_run_rows_and_a_wrong_config_refused(tmp_path: Path, monkeypatch: py
     real = fl.lora_apply_fused
 
     def broken(x: Any, ys: Any, modules: Any, meta: Any, **kw: Any) -> None:
-        """The WRONG configuration skips the kernels (so it is the fastest) and writes a wrong answer."""
+        """A configuration with the WRONG expand skips the kernels (so it is the fastest) and writes a wrong
+        answer."""
         cfg = kw.get("config")
-        if cfg is not None and cfg.label() == WRONG:
+        if cfg is not None and cfg.block_n == 32:
             ys[0].add_(1.0)
             return
         real(x, ys, modules, meta, **kw)
@@ -41,19 +42,21 @@ def test_dry_run_rows_and_a_wrong_config_refused(tmp_path: Path, monkeypatch: py
     assert [(s["group"], s["tokens"], s["adapters"]) for s in t["shapes"]] == [
         ("qkv", 4, 2), ("gate_up", 4, 2), ("down", 4, 2)]
     for s in t["shapes"]:
-        labels = [tr["label"] for tr in s["trials"]]
-        assert labels == ["default", "block_k=32,shrink_warps=2,shrink_stages=2,split_k=2", WRONG]
+        by = {tr["label"]: tr for tr in s["trials"]}
+        assert len(by) == 6 and list(by)[:3] == ["default", "block_k=32", "block_k=32,split_k=2"]
         assert s["default_err"] < 1e-4  # the default matches the float32 torch reference
-        split = s["trials"][1]
+        split = by["block_k=32,split_k=2"]  # CPU: auto split-K is 1, so 2x auto is 2
         assert split["launch"]["split_k"] == 2 and split["launch"]["block_k"] == 32 and split["ok"]
         assert split["max_err"] <= s["tol"] and split["us"] > 0
-        if s["group"] == "down":  # the fixed launches are not wrapped: all three agree
+        assert {tr["launch"]["shrink_warps"] for tr in s["trials"]} == {2, 4}
+        last = s["trials"][-1]
+        assert last["label"].endswith(WRONG) and last["launch"]["block_n"] == 32
+        if s["group"] == "down":  # the fixed launches are not wrapped: all six agree
             assert s["wrong"] == [] and all(tr["ok"] for tr in s["trials"])
         else:
-            assert s["wrong"] == [WRONG]
-            bad = s["trials"][2]
-            assert not bad["ok"] and bad["max_err"] >= 1.0 and bad["us"] is None
-            assert s["best_label"] != WRONG
+            assert s["wrong"] == [last["label"]]
+            assert not last["ok"] and last["max_err"] >= 1.0 and last["us"] is None
+            assert WRONG not in s["best_label"] and s["best_launch"]["block_n"] == 64
     assert t["summary"]["wrong"] == 2
     rows = gpu_summary.summarise(str(tmp_path))
     row = next(r for r in rows if r["name"].startswith("best fused q/k/v config vs default"))
