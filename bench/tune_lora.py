@@ -14,12 +14,17 @@ then the default and the best are timed again, alternated (paired: the speed-up 
 Each configuration's output (y0 + delta, bf16) must match the default's within 2 bf16 ulps of the largest
 value (split-K only reorders fp32 sums); one that does not is listed under `wrong` and never chosen. The
 default itself is held to a float32 torch reference (`default_err`). Times are per launch pair, from a graph of
-`--reps` back-to-back applications (device time as a decode graph sees it: no host launch cost).
+`--reps` back-to-back applications (device time as a decode graph sees it: no host launch cost). The
+applications of one graph rotate over `--copies` copies of the A/B pools and as many slot sets (each shifted
+by D slots), so the adapters' weights come from HBM rather than L2 as in a decode step, where the whole model
+streams between two uses of a layer's adapters (64x64 at hidden 2048: 8 x 10.5 MB per replay against a ~50 MB
+L2; the smallest cases stay L2-resident and launch-bound). bench_fused replays one application on one pool
+(L2-warm), so its figures are not these.
 
 `--budget-s` (default 90, compiles included) is checked before each configuration: the sweep stops there and
 still writes what it has; the JSON is rewritten after every shape, so even a killed run leaves the shapes done.
 `--into FILE` stores the result under the key "tune" of an existing JSON (gpu_check.sh: bench_fused.json).
-`--dry-run`: CPU, Triton interpreter, fp32, tiny shapes (one 4x2 case), the same sweep over a one-value grid
+`--dry-run`: CPU, Triton interpreter, fp32, tiny shapes (one 2x2 case), the same sweep over a one-value grid
 (BLOCK_K 32 with split-K 1 and 2, warps 2, stages 2, BLOCK_N 32): plumbing and the check only; times are one
 interpreted call each.
 """
@@ -103,7 +108,8 @@ class Tuner:
         name = torch.cuda.get_device_name() if self.cuda else "cpu (interpreter)"
         self.peak = next((v for k, v in HBM_GBPS.items() if k in name), None) if self.cuda else None
         self.models = DRY_MODELS if args.dry_run else {m: MODELS[m] for m in (args.models or MODELS)}
-        self.reps = args.reps or (10 if self.cuda else 1)
+        self.reps = args.reps or (16 if self.cuda else 1)
+        self.copies = args.copies or (8 if self.cuda else 2)  # dry run: 2, so the rotation is exercised
         self.rank, self.slots, self.page_rank = (16, 64, 8) if self.cuda else (16, 8, 8)
         mp = -(-self.rank // self.page_rank)
         self.pages = torch.arange(self.slots * mp, dtype=torch.int32, device=self.device).view(self.slots, mp)
@@ -111,14 +117,14 @@ class Tuner:
         self.scales = torch.full((self.slots,), 2.0, device=self.device)
         self.gen = torch.Generator(device=self.device).manual_seed(0)
         self.host_gen = torch.Generator().manual_seed(1)
-        self.pools: dict[tuple[str, str], list[tuple[Any, Any]]] = {}
+        self.pools: dict[tuple[str, str], list[list[tuple[Any, Any]]]] = {}
         # bf16: 2 ulps (eps 2^-7) of the largest output; fp32 (interpreter): 1e-4 relative to it
         self.rel_tol = 2 * 2.0 ** -7 if self.dtype == torch.bfloat16 else 1e-4
         self.stop: str | None = None
         self.result: dict[str, Any] = {
             "device": name, "dtype": str(self.dtype), "peak_gbps": self.peak, "budget_s": args.budget_s,
-            "reps": self.reps, "rank": self.rank, "slots": self.slots, "page_rank": self.page_rank,
-            "dry_run": args.dry_run, "complete": False, "stopped": None, "shapes": []}
+            "reps": self.reps, "copies": self.copies, "rank": self.rank, "slots": self.slots,
+            "page_rank": self.page_rank, "dry_run": args.dry_run, "complete": False, "stopped": None, "shapes": []}
 
     def over_budget(self) -> bool:
         return time.perf_counter() - self.t_start > self.args.budget_s
@@ -135,32 +141,37 @@ class Tuner:
             doc["tune"] = self.result
             _write(self.args.into, doc)
 
-    def pool(self, model: str, group: str) -> list[tuple[Any, Any]]:
-        """Per module (A pool [P, PR, K], B pool [P, N, PR] view), random, built once per model and group."""
+    def pool(self, model: str, group: str) -> list[list[tuple[Any, Any]]]:
+        """`copies` x per module (A pool [P, PR, K], B pool [P, N, PR] view), random, built once per model and
+        group."""
         torch = self.torch
         if (model, group) not in self.pools:
             k, ns = group_shape(group, *self.models[model])
-            mods = []
-            for n in ns:
-                shape = (self.slots * self.pages.shape[1], self.page_rank)
-                a = torch.randn(*shape, k, generator=self.gen, device=self.device) / k ** 0.5
-                b = torch.randn(*shape, n, generator=self.gen, device=self.device) / self.rank ** 0.5
-                mods.append((a.to(self.dtype), b.to(self.dtype).transpose(1, 2)))
-            self.pools[(model, group)] = mods
+            copies = []
+            for _ in range(self.copies):
+                mods = []
+                for n in ns:
+                    shape = (self.slots * self.pages.shape[1], self.page_rank)
+                    a = torch.randn(*shape, k, generator=self.gen, device=self.device) / k ** 0.5
+                    b = torch.randn(*shape, n, generator=self.gen, device=self.device) / self.rank ** 0.5
+                    mods.append((a.to(self.dtype), b.to(self.dtype).transpose(1, 2)))
+                copies.append(mods)
+            self.pools[(model, group)] = copies
         return self.pools[(model, group)]
 
-    def time_fn(self, fn: Callable[[], None]) -> float:
-        """µs per call: on CUDA from a graph of `reps` calls (best of 5 replays); on CPU one eager call."""
+    def time_fn(self, fn: Callable[[int], None]) -> float:
+        """µs per call of fn(j): on CUDA from a graph of fn(0) .. fn(reps - 1) (best of 5 replays); on CPU one
+        eager call of fn(1) (the dry run: the rotation's second copy)."""
         torch = self.torch
         if not self.cuda:
             t0 = time.perf_counter()
-            fn()
+            fn(1)
             return (time.perf_counter() - t0) * 1e6
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            for _ in range(self.reps):
-                fn()
+            for j in range(self.reps):
+                fn(j)
         graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         best = float("inf")
@@ -181,17 +192,21 @@ class Tuner:
         from kernels.triton_shrink import _split_k
 
         k, ns = group_shape(group, *self.models[model])
-        mods = self.pool(model, group)
+        copies = self.pool(model, group)
         used = torch.randperm(self.slots, generator=self.host_gen)[:d].tolist()
-        meta = LoRAMeta.from_token_slots([used[i % d] for i in range(t)], device=self.device)
-        tiles = fixed_tiles(meta)
-        tiles += [(0, 0, 0, 0, 0)] * (max_fixed_tiles(t, self.slots) - len(tiles))
-        fm = FixedLoRAMeta(token_indices=meta.token_indices, num_tokens=t,
-                           tiles=torch.tensor(tiles, dtype=torch.int32, device=self.device).view(-1, 5))
+        fms = []
+        for j in range(self.copies):  # rotation j: the slot set shifted by j * D (distinct slots within a step)
+            meta = LoRAMeta.from_token_slots([(used[i % d] + j * d) % self.slots for i in range(t)],
+                                             device=self.device)
+            tiles = fixed_tiles(meta)
+            tiles += [(0, 0, 0, 0, 0)] * (max_fixed_tiles(t, self.slots) - len(tiles))
+            fms.append(FixedLoRAMeta(token_indices=meta.token_indices, num_tokens=t,
+                                     tiles=torch.tensor(tiles, dtype=torch.int32, device=self.device).view(-1, 5)))
+        fm, mods = fms[0], copies[0]
         x = torch.randn(t, k, generator=self.host_gen).to(self.dtype).to(self.device)
         y0 = torch.randn(t, sum(ns), generator=self.host_gen).to(self.dtype).to(self.device)
         programs = len(ns) * fm.tiles.shape[0] * -(-self.rank // 16)
-        run = _Shape(self, fm, x, y0, mods, ns, programs)
+        run = _Shape(self, fms, x, y0, copies, ns, programs)
         ref = y0.clone()
         run.apply(ref, None)
         want = _torch_reference(x, y0, mods, [used[i % d] for i in range(t)], ns, self.pages, self.rank, self.scales)
@@ -242,8 +257,10 @@ class Tuner:
 class _Shape:
     """One shape's inputs and its trials (deduplicated by the launch they resolve to)."""
 
-    def __init__(self, tuner: Tuner, fm: Any, x: Any, y0: Any, mods: list, ns: list[int], programs: int) -> None:
-        self.tuner, self.fm, self.x, self.y0, self.mods, self.ns, self.programs = tuner, fm, x, y0, mods, ns, programs
+    def __init__(self, tuner: Tuner, fms: list, x: Any, y0: Any, copies: list, ns: list[int], programs: int
+                 ) -> None:
+        self.tuner, self.fms, self.x, self.y0, self.copies, self.ns = tuner, fms, x, y0, copies, ns
+        self.programs = programs
         self.cols = [0]
         for n in ns:
             self.cols.append(self.cols[-1] + n)
@@ -252,22 +269,23 @@ class _Shape:
         self.ref: Any = None
         self.res: ShapeResult | None = None
 
-    def apply(self, y: Any, cfg: Any) -> None:
+    def apply(self, y: Any, cfg: Any, j: int = 0) -> None:
+        """y += the LoRA deltas of rotation j (pool copy j, slot set j); the check and the reference use 0."""
         from kernels import capturable, fused_lora  # looked up per call (tests wrap them)
 
         tn = self.tuner
+        mods, fm = self.copies[j % len(self.copies)], self.fms[j % len(self.fms)]
         ys = [y[:, self.cols[i]:self.cols[i + 1]] for i in range(len(self.ns))]
         if len(self.ns) == 1:
-            a, b = self.mods[0]
-            capturable.lora_apply_fixed(self.x, ys[0], a, b, tn.ranks, tn.scales, self.fm, pages=tn.pages,
-                                        config=cfg)
+            a, b = mods[0]
+            capturable.lora_apply_fixed(self.x, ys[0], a, b, tn.ranks, tn.scales, fm, pages=tn.pages, config=cfg)
         else:
-            fused_lora.lora_apply_fused(self.x, ys, [(a, b, tn.ranks, tn.scales, tn.pages) for a, b in self.mods],
-                                        self.fm, config=cfg)
+            fused_lora.lora_apply_fused(self.x, ys, [(a, b, tn.ranks, tn.scales, tn.pages) for a, b in mods], fm,
+                                        config=cfg)
 
     def time(self, cfg: Any) -> float:
         buf = self.y0.clone()
-        return self.tuner.time_fn(lambda: self.apply(buf, cfg))
+        return self.tuner.time_fn(lambda j: self.apply(buf, cfg, j))
 
     def resolved(self, cfg: Any) -> dict[str, int]:
         from kernels.capturable import expand_launch, shrink_launch
@@ -292,13 +310,11 @@ class _Shape:
         tr = Trial(label=cfg.label(), launch=launch)
         try:
             y = self.y0.clone()
-            t0 = time.perf_counter()
             self.apply(y, cfg)
-            eager_us = (time.perf_counter() - t0) * 1e6  # the dry run's time (the interpreter's, one call)
             tr.max_err = float((y.float() - self.ref.float()).abs().max())
             tr.ok = bool(torch.isfinite(y).all()) and tr.max_err <= res.tol
             if tr.ok:
-                tr.us = self.time(cfg) if tn.cuda else eager_us
+                tr.us = self.time(cfg)
         except Exception as e:  # noqa: BLE001 - a config that fails is reported, the sweep goes on
             tr.ok, tr.error = False, f"{type(e).__name__}: {str(e)[:200]}"
             if tn.cuda:
@@ -327,7 +343,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--models", nargs="+", default=None, choices=list(MODELS))
     ap.add_argument("--groups", nargs="+", default=None, choices=GROUPS)
     ap.add_argument("--cases", nargs="+", default=None, help="TxD, e.g. 64x64 1x1 (default: the six decode cases)")
-    ap.add_argument("--reps", type=int, default=None, help="applications per timed graph (default 10)")
+    ap.add_argument("--reps", type=int, default=None, help="applications per timed graph (default 16)")
+    ap.add_argument("--copies", type=int, default=None,
+                    help="A/B pool copies (and slot sets) the applications rotate over (default 8: L2-cold)")
     out = ap.add_mutually_exclusive_group()
     out.add_argument("--out", default=None, help="write the JSON here")
     out.add_argument("--into", default=None, help="store the JSON under 'tune' of this (existing or new) JSON file")
@@ -335,10 +353,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     cases = ([tuple(int(v) for v in c.split("x")) for c in args.cases] if args.cases else
-             ([(4, 2)] if args.dry_run else CASES))
+             ([(2, 2)] if args.dry_run else CASES))
     tn = Tuner(args)
     print(f"device: {tn.result['device']}; dtype {tn.dtype}; r={tn.rank}, {tn.slots} slots, page rank "
-          f"{tn.page_rank}; budget {args.budget_s:.0f} s; {tn.reps} applications per timed graph"
+          f"{tn.page_rank}; budget {args.budget_s:.0f} s; {tn.reps} applications per timed graph over "
+          f"{tn.copies} pool copies"
           + (f"; HBM peak {tn.peak:.0f} GB/s" if tn.peak else ""))
     head = (f"{'model':<6} {'group':<7} {'T':>3} {'D':>3} | {'default':>8} {'best':>8} {'x':>5} | {'GB/s':>6} "
             f"{'%roof':>5} | {'tried':>5} {'wrong':>5} | best config")

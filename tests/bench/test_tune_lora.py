@@ -40,7 +40,7 @@ def test_dry_run_rows_and_a_wrong_config_refused(tmp_path: Path, monkeypatch: py
     t = doc["tune"]
     assert t["complete"] and t["stopped"] is None and t["dry_run"]
     assert [(s["group"], s["tokens"], s["adapters"]) for s in t["shapes"]] == [
-        ("qkv", 4, 2), ("gate_up", 4, 2), ("down", 4, 2)]
+        ("qkv", 2, 2), ("gate_up", 2, 2), ("down", 2, 2)]
     for s in t["shapes"]:
         by = {tr["label"]: tr for tr in s["trials"]}
         assert len(by) == 6 and list(by)[:3] == ["default", "block_k=32", "block_k=32,split_k=2"]
@@ -69,5 +69,5 @@ def test_spent_budget_stops_cleanly(tmp_path: Path) -> None:
     result = tune_lora.main(["--dry-run", "--budget-s", "0", "--out", str(path)])
     saved = json.loads(path.read_text())
     assert saved == json.loads(json.dumps(result))
-    assert not saved["complete"] and saved["stopped"].startswith("budget of 0 s spent before tiny qkv 4x2")
+    assert not saved["complete"] and saved["stopped"].startswith("budget of 0 s spent before tiny qkv 2x2")
     assert saved["shapes"] == []
