@@ -65,9 +65,13 @@ def test_dry_run_rows_and_a_wrong_config_refused(tmp_path: Path, monkeypatch: py
 
 @needs_interp
 def test_spent_budget_stops_cleanly(tmp_path: Path) -> None:
-    path = tmp_path / "tune.json"
-    result = tune_lora.main(["--dry-run", "--budget-s", "0", "--out", str(path)])
+    path = tmp_path / "bench_fused.json"  # bench_fused did not run: the file holds the sweep alone
+    result = tune_lora.main(["--dry-run", "--budget-s", "0", "--into", str(path)])
     saved = json.loads(path.read_text())
-    assert saved == json.loads(json.dumps(result))
-    assert not saved["complete"] and saved["stopped"].startswith("budget of 0 s spent before tiny qkv 2x2")
-    assert saved["shapes"] == []
+    assert list(saved) == ["tune"] and saved["tune"] == json.loads(json.dumps(result))
+    t = saved["tune"]
+    assert not t["complete"] and t["stopped"].startswith("budget of 0 s spent before tiny qkv 2x2")
+    assert t["shapes"] == []
+    row = next(r for r in gpu_summary.summarise(str(tmp_path)) if r["name"].startswith("best fused q/k/v"))
+    assert row["value"] is None and "no q/k/v shape finished" in row["detail"]
+    assert "stopped: budget of 0 s" in row["detail"]
