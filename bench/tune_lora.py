@@ -45,7 +45,8 @@ PEAK_GBPS = 4800.0  # H200 HBM3e; other devices use bench_kernels.HBM_GBPS
 CASES = [(64, 64), (1, 1), (16, 8), (64, 8), (16, 1), (64, 1)]  # (tokens, distinct adapters), most wanted first
 MODELS = {"h2048": (2048, 512, 8192), "h4096": (4096, 1024, 14336)}  # hidden, kv out, MLP
 DRY_MODELS = {"tiny": (64, 16, 128)}
-GROUPS = ("qkv", "gate_up", "down")
+GROUPS = ("qkv", "gate_up", "down")  # swept by default
+ALL_GROUPS = GROUPS + ("o",)  # o: fixed, K = N = hidden (--groups o)
 # the sweep's values per stage (None, the default, is always tried first)
 GRID = dict(block_k=(64, 128, 256), shrink_warps=(2, 8), shrink_stages=(2, 4), block_n=(64, 128, 256),
             expand_warps=(2, 4, 8))
@@ -87,7 +88,8 @@ class ShapeResult:
 
 def group_shape(group: str, hidden: int, kv: int, inter: int) -> tuple[int, list[int]]:
     """(K, output widths) of a module group."""
-    return {"qkv": (hidden, [hidden, kv, kv]), "gate_up": (hidden, [inter, inter]), "down": (inter, [hidden])}[group]
+    return {"qkv": (hidden, [hidden, kv, kv]), "gate_up": (hidden, [inter, inter]), "down": (inter, [hidden]),
+            "o": (hidden, [hidden])}[group]
 
 
 class Tuner:
@@ -341,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--budget-s", type=float, default=90.0, help="stop the sweep after this many seconds")
     ap.add_argument("--models", nargs="+", default=None, choices=list(MODELS))
-    ap.add_argument("--groups", nargs="+", default=None, choices=GROUPS)
+    ap.add_argument("--groups", nargs="+", default=None, choices=ALL_GROUPS)
     ap.add_argument("--cases", nargs="+", default=None, help="TxD, e.g. 64x64 1x1 (default: the six decode cases)")
     ap.add_argument("--reps", type=int, default=None, help="applications per timed graph (default 16)")
     ap.add_argument("--copies", type=int, default=None,
@@ -412,7 +414,7 @@ def _torch_reference(x: Any, y0: Any, mods: list, token_slots: list[int], ns: li
 def _summary(shapes: list[dict[str, Any]]) -> dict[str, Any]:
     """Per group the median speed-up and the most frequent best launch (what to make the default)."""
     lines, per_group = [], {}
-    for group in GROUPS:
+    for group in ALL_GROUPS:
         rows = [s for s in shapes if s["group"] == group and s["speedup"]]
         if not rows:
             continue
