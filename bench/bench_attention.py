@@ -22,8 +22,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-HBM_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # peak HBM bandwidth, GB/s (datasheets)
-
 
 @dataclass
 class Result:
@@ -61,6 +59,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
     import torch
 
+    from bench.bench_kernels import hbm_peak_gbps
     from kernels.paged_attention import decode_config, decode_splits, paged_attention_ref, paged_decode_attention
 
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         dtype = getattr(torch, args.dtype or "bfloat16")
     bs = args.block_size
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
-    peak = next((v for k, v in HBM_GBPS.items() if k in name), None)
+    peak = hbm_peak_gbps(name)
     print(f"device: {name}; dtype {str(dtype).removeprefix('torch.')}; heads {heads}/{kv_heads} x {head_dim}; "
           f"block {bs}" + (f"; HBM peak {peak:.0f} GB/s" if peak else ""))
 

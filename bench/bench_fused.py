@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     import torch
 
-    from bench.bench_kernels import HBM_GBPS, _timer
+    from bench.bench_kernels import _timer, hbm_peak_gbps
     from kernels import LoRAMeta
     from kernels.capturable import FixedLoRAMeta, fixed_tiles, lora_apply_fixed, max_fixed_tiles
     from kernels.fused_lora import lora_apply_fused
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     iters = args.iters or (50 if cuda else 1)
     timer = _timer(device, iters, warmup=max(3, iters // 5) if cuda else 1, repeats=5 if cuda else 1)
     name = torch.cuda.get_device_name() if cuda else "cpu (interpreter)"
-    peak = next((v for k, v in HBM_GBPS.items() if k in name), None) if cuda else None
+    peak = hbm_peak_gbps(name) if cuda else None
     g = torch.Generator().manual_seed(0)
     mp = -(-rank // page_rank)
     pages = torch.arange(slots * mp, dtype=torch.int32).view(slots, mp).to(device)  # slot s: pages s*MP...

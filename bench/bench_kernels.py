@@ -22,6 +22,11 @@ import torch
 from kernels import LoRAMeta, lora_expand, lora_shrink
 
 HBM_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # peak HBM bandwidth, GB/s
+
+
+def hbm_peak_gbps(device_name: str) -> float | None:
+    """The datasheet HBM bandwidth of a CUDA device by its name (None: not in HBM_GBPS, or not a GPU)."""
+    return next((v for key, v in HBM_GBPS.items() if key in device_name), None)
 RANK_MODES = {"r8": [8], "r16": [16], "r64": [64], "mixed": [8, 16, 32, 64]}
 
 
@@ -129,8 +134,7 @@ def _peak(device: torch.device) -> tuple[str, float | None]:
     if device.type != "cuda":
         return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)", None
     name = torch.cuda.get_device_name(device)
-    peak = next((v for key, v in HBM_GBPS.items() if key in name), None)
-    return name, peak
+    return name, hbm_peak_gbps(name)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

@@ -41,7 +41,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-PEAK_GBPS = 4800.0  # H200 HBM3e; other devices use bench_kernels.HBM_GBPS
 CASES = [(64, 64), (1, 1), (16, 8), (64, 8), (16, 1), (64, 1)]  # (tokens, distinct adapters), most wanted first
 MODELS = {"h2048": (2048, 512, 8192), "h4096": (4096, 1024, 14336)}  # hidden, kv out, MLP
 DRY_MODELS = {"tiny": (64, 16, 128)}
@@ -98,7 +97,7 @@ class Tuner:
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
 
-        from bench.bench_kernels import HBM_GBPS
+        from bench.bench_kernels import hbm_peak_gbps
 
         self.torch, self.args = torch, args
         self.t_start = time.perf_counter()
@@ -108,7 +107,7 @@ class Tuner:
         self.device = torch.device("cuda" if self.cuda else "cpu")
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         name = torch.cuda.get_device_name() if self.cuda else "cpu (interpreter)"
-        self.peak = next((v for k, v in HBM_GBPS.items() if k in name), None) if self.cuda else None
+        self.peak = hbm_peak_gbps(name) if self.cuda else None
         self.models = DRY_MODELS if args.dry_run else {m: MODELS[m] for m in (args.models or MODELS)}
         self.reps = args.reps or (16 if self.cuda else 1)
         self.copies = args.copies or (8 if self.cuda else 2)  # dry run: 2, so the rotation is exercised
