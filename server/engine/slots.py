@@ -172,16 +172,7 @@ class SlotManager:
         fit = self._fits(0, protect)
         if fit is None:
             return None
-        victims = fit[0]
-        free = [i for i, k in enumerate(self._key) if k is None]
-        evicted_by_slot = {v: self._evict(v) for v in victims}
-        slot = free[0] if free else victims[0]
-        evicted = evicted_by_slot.get(slot)
-        if evicted is not None:
-            self._cleared.remove(slot)  # reused at once: the activation replaces it
-        self._key[slot] = key
-        self._slot_of[key] = slot
-        self._refs[slot] = 1
+        slot, evicted = self._seat(key, fit[0], refs=1)
         self._pages[slot] = self._parked.pop(key)
         self.activations += 1
         return slot, evicted
@@ -223,23 +214,33 @@ class SlotManager:
             return None
         victims, reclaimed = fit
         for k in reclaimed:  # landed parked adapters give back their pages (after every idle one)
-            self.drop_parked(k)
-            self._dropped.append(k)
+            self._reclaim_parked(k)
             self.evictions += 1
-        free = [i for i, k in enumerate(self._key) if k is None]
-        evicted_by_slot = {v: self._evict(v) for v in victims}
-        slot = free[0] if free else victims[0]  # a free slot first; else the least recently used idle one
-        evicted = evicted_by_slot.get(slot)
-        if evicted is not None:
-            self._cleared.remove(slot)  # reused at once: the load replaces it
-        self._key[slot] = key
-        self._slot_of[key] = slot
-        self._refs[slot] = 0 if stage else 1
+        slot, evicted = self._seat(key, victims, refs=0 if stage else 1)
         if stage:
             self._loading.add(slot)
         self._pages[slot] = self._take_pages(pages)
         self.loads += 1
         return slot, evicted, True
+
+    def _seat(self, key: Hashable, victims: list[int], refs: int) -> tuple[int, Hashable | None]:
+        """Evict `victims` and give `key` a free slot, else the least recently used victim's (reused at once:
+        not cleared). Returns (slot, the adapter evicted from that slot or None); the caller sets its pages."""
+        free = [i for i, k in enumerate(self._key) if k is None]
+        evicted_by_slot = {v: self._evict(v) for v in victims}
+        slot = free[0] if free else victims[0]
+        evicted = evicted_by_slot.get(slot)
+        if evicted is not None:
+            self._cleared.remove(slot)  # its new adapter replaces it: nothing to clear
+        self._key[slot] = key
+        self._slot_of[key] = slot
+        self._refs[slot] = refs
+        return slot, evicted
+
+    def _reclaim_parked(self, key: Hashable) -> None:
+        """Free a landed parked adapter's pages; the engine forgets its staged state (`take_dropped`)."""
+        self.drop_parked(key)
+        self._dropped.append(key)
 
     def _evict(self, slot: int) -> Hashable:
         key = self._key[slot]
@@ -280,8 +281,7 @@ class SlotManager:
         """Forget an idle adapter (deleted or replaced): its slot and pages are free. Returns the slot, or None."""
         slot = self._slot_of.get(key)
         if slot is None and key in self._parked and key not in self._parking:
-            self.drop_parked(key)
-            self._dropped.append(key)
+            self._reclaim_parked(key)
             return None
         if slot is None or self._refs[slot] > 0 or slot in self._loading:
             return None
