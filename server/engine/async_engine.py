@@ -472,25 +472,25 @@ class AsyncEngine:
         for slot, seq in out.stages:
             handle: AdapterHandle = seq.adapter
             pages = self.slots.pages_of(slot)
-            self.runner.device_form(handle.adapter.family)  # created on this thread, used by the loader
-            t0 = time.monotonic()
-            self.staging += 1
-            fut = self._loader.submit(self._stage_job, handle.adapter, pages)
-            fut.add_done_callback(lambda f, slot=slot, handle=handle, pages=pages, t0=t0: self.call_in_worker(
-                lambda: self._staged(slot, handle, pages, f, t0)))
+            self._submit_stage(handle, pages, lambda f, t0, slot=slot, handle=handle, pages=pages:
+                               self._staged(slot, handle, pages, f, t0))
         out.stages = []
         for key in self.slots.take_dropped():  # parked adapters reclaimed before a slot took them
             self._park_state.pop(key, None)
         for seq in out.parks:  # weights ahead of a slot: written now, activated when a slot frees
             handle = seq.adapter
-            pages = self.slots.parked_pages(seq.adapter_key)
-            self.runner.device_form(handle.adapter.family)
-            t0 = time.monotonic()
-            self.staging += 1
-            fut = self._loader.submit(self._stage_job, handle.adapter, pages)
-            fut.add_done_callback(lambda f, handle=handle, t0=t0: self.call_in_worker(
-                lambda: self._parked(handle, f, t0)))
+            self._submit_stage(handle, self.slots.parked_pages(seq.adapter_key),
+                               lambda f, t0, handle=handle: self._parked(handle, f, t0))
         out.parks = []
+
+    def _submit_stage(self, handle: AdapterHandle, pages: list[int], done: Callable[[Future, float], None]) -> None:
+        """Write `handle`'s weights into `pages` on the loader thread; `done(future, t0)` runs on the engine
+        thread between two steps."""
+        self.runner.device_form(handle.adapter.family)  # created on this thread, used by the loader
+        t0 = time.monotonic()
+        self.staging += 1
+        fut = self._loader.submit(self._stage_job, handle.adapter, pages)
+        fut.add_done_callback(lambda f: self.call_in_worker(lambda: done(f, t0)))
 
     def _parked(self, handle: AdapterHandle, fut: Future, t0: float) -> None:
         """A parked adapter's pages are written (between steps): usable by the next slot that frees."""
